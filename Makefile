@@ -1,0 +1,43 @@
+# Every target builds .venv itself on a fresh machine (Python >= 3.11, g++ for DeepSpeed's CPU ops).
+VENV     ?= .venv
+PYTHON   ?= python3
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+# DeepSpeed JIT-builds its CPU communication op at first launch; keep the build between runs.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export DS_ACCELERATOR ?= cpu
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: demo test lint bench venv clean crd
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first, pinned: an unpinned resolve pulls a several-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[trainer,operator,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/pretrain run examples/tiny-cpu.yaml --output runs/tiny-cpu
+	$(BIN)/pretrain generate --model runs/tiny-cpu/checkpoints/final --prompt "ROMEO:" --max-new-tokens 200 --seed 1
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy --strict src/pretrain
+
+test: lint
+	$(BIN)/python -m pytest -q -m "not gpu and not docker" --timeout 900
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_throughput.py
+
+crd: $(STAMP)
+	$(BIN)/pretrain crd > crds/pretrainjob.yaml
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache .mypy_cache .ruff_cache

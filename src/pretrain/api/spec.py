@@ -1,0 +1,431 @@
+"""Pydantic models of the PretrainJob resource: the single source of truth.
+
+Every other part of pretrain (the CRD schema, the operator's planner, the trainer, the local
+launcher) reads a job through these models and nothing re-parses YAML. Field names are
+snake_case in Python and camelCase on the wire, as Kubernetes APIs are. Each field documents
+itself where it is declared; those descriptions flow into the CRD and the API reference.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic.alias_generators import to_camel
+
+GROUP = "pretrain.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "PretrainJob"
+PLURAL = "pretrainjobs"
+SINGULAR = "pretrainjob"
+SHORT_NAMES = ["ptj"]
+
+#: Longest job name: pods are named ``<job>-a<attempt>-n<rank>`` and must stay DNS labels.
+MAX_NAME_LENGTH = 45
+
+DNS_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+
+
+class Spec(BaseModel):
+    """Base of every section: camelCase on the wire, unknown fields rejected, values checked on
+    assignment so that ``--set`` overrides go through the same rules as the file."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        use_enum_values=True,
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelSpec(Spec):
+    """The network: a transformers family, sized by a preset and/or explicit dimensions."""
+
+    family: Literal["gpt2", "llama", "bert"] = Field(
+        "gpt2", description="Architecture family: gpt2 and llama are causal, bert is bidirectional."
+    )
+    preset: str | None = Field(
+        None,
+        description="Size preset (see pretrain.api.presets): tiny, small, gpt2-124m, gpt2-350m, "
+        "llama-1b, llama-7b, bert-base, bert-large. Explicit dimensions override it.",
+    )
+    layers: PositiveInt | None = Field(None, description="Number of transformer blocks.")
+    heads: PositiveInt | None = Field(None, description="Attention heads per block.")
+    kv_heads: PositiveInt | None = Field(None, description="Key/value heads (grouped-query attention; llama only).")
+    hidden: PositiveInt | None = Field(None, description="Hidden (model) dimension.")
+    intermediate: PositiveInt | None = Field(None, description="Feed-forward inner dimension.")
+    vocab_size: PositiveInt | None = Field(
+        None, description="Vocabulary size; defaults to the tokenizer's (rounded up to a multiple of 64)."
+    )
+    max_positions: PositiveInt | None = Field(None, description="Longest sequence the model accepts.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 for pre-training).")
+    init_from: str | None = Field(
+        None,
+        max_length=2048,
+        description="Start from weights in a Hugging Face model directory or object-storage URI "
+        "(for instance the final/ export of an earlier job) instead of random initialisation.",
+    )
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention implementation passed to transformers."
+    )
+
+
+class ObjectiveSpec(Spec):
+    """What the model learns to predict."""
+
+    type: Literal["clm", "mlm"] | None = Field(
+        None, description="clm (next token) or mlm (masked tokens); defaults to mlm for bert, else clm."
+    )
+    mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens selected for masking (mlm).")
+
+
+class TokenizerSpec(Spec):
+    """How text becomes token ids."""
+
+    type: Literal["bytes", "chars", "bpe", "pretrained"] = Field(
+        "bytes",
+        description="bytes: 256 byte tokens; chars: one token per character seen in the data; "
+        "bpe: train a byte-level BPE tokenizer on the data; pretrained: load from path.",
+    )
+    vocab_size: PositiveInt = Field(8192, le=1_000_000, description="Vocabulary size of a trained bpe tokenizer.")
+    path: str | None = Field(None, max_length=2048, description="Tokenizer directory or URI (type pretrained).")
+    sample_bytes: PositiveInt = Field(
+        100_000_000, description="How much of the corpus a bpe or chars tokenizer is trained on."
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DataSourceSpec(Spec):
+    """One corpus: a local path, glob or URI (file://, s3://, gs://, hf://, builtin://)."""
+
+    uri: str = Field(..., min_length=1, max_length=2048, description="Path, glob or URI of the corpus.")
+    weight: PositiveFloat = Field(1.0, description="Relative sampling weight among sources.")
+    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
+        "auto", description="File format; auto picks by extension (.jsonl/.json, .parquet, else text)."
+    )
+    text_field: str = Field("text", min_length=1, max_length=256, description="Column holding the text.")
+
+
+class DataSpec(Spec):
+    """The corpus and how it is cut into training sequences."""
+
+    sources: list[DataSourceSpec] = Field(..., min_length=1, max_length=64, description="Corpora to train on.")
+    sequence_length: PositiveInt = Field(1024, description="Tokens per training sequence (packed).")
+    validation_split: float = Field(0.01, ge=0.0, lt=1.0, description="Share of sequences held out for evaluation.")
+    validation_sources: list[DataSourceSpec] = Field(
+        default_factory=list,
+        max_length=64,
+        description="Held-out corpora; when set, validationSplit is ignored.",
+    )
+    shuffle_seed: NonNegativeInt = Field(1234, description="Seed of the sequence order.")
+    cache_uri: str | None = Field(
+        None,
+        max_length=2048,
+        description="Where prepared shards go; default <checkpoint.uri>/data.",
+    )
+
+
+# --------------------------------------------------------------------------- training
+
+
+class OptimizerSpec(Spec):
+    """AdamW; weight decay is never applied to biases and norms."""
+
+    lr: PositiveFloat = Field(3e-4, description="Peak learning rate.")
+    betas: list[float] = Field(
+        default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2, description="Adam beta1, beta2."
+    )
+    eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
+    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay.")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: list[float]) -> list[float]:
+        if any(not 0.0 <= b < 1.0 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+
+class ScheduleSpec(Spec):
+    """Linear warm-up then decay to minLr."""
+
+    warmup_steps: NonNegativeInt = Field(0, description="Steps of linear warm-up from 0.")
+    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="Shape of the decay.")
+    min_lr: float = Field(0.0, ge=0.0, description="Learning rate at the last step.")
+
+
+class ZeroSpec(Spec):
+    """DeepSpeed ZeRO partitioning."""
+
+    stage: int = Field(1, ge=0, le=3, description="0: plain data parallel; 1: optimizer; 2: +grads; 3: +params.")
+    offload_optimizer: bool = Field(False, description="Keep optimizer state in CPU memory (stage 1-3).")
+    offload_params: bool = Field(False, description="Keep parameters in CPU memory (stage 3 only).")
+
+
+class TrainingSpec(Spec):
+    """The recipe: how long, how big a batch, which optimizer and schedule."""
+
+    max_steps: PositiveInt | None = Field(None, description="Optimizer steps to run.")
+    token_budget: PositiveInt | None = Field(
+        None, description="Tokens to train on; maxSteps is derived when maxSteps is unset."
+    )
+    global_batch_size: PositiveInt = Field(8, description="Sequences per optimizer step, all ranks together.")
+    micro_batch_size: PositiveInt = Field(
+        1, description="Sequences per forward pass on one rank; accumulation is derived."
+    )
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer settings.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Training precision.")
+    zero: ZeroSpec = Field(default_factory=ZeroSpec, description="ZeRO settings.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this (0 turns it off).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    seed: NonNegativeInt = Field(1234, description="Seed of initialisation, masking and dropout.")
+    eval_interval: NonNegativeInt = Field(0, description="Evaluate every N steps (0: only at the end).")
+    eval_steps: PositiveInt = Field(10, description="Micro batches per evaluation and rank.")
+    log_interval: PositiveInt = Field(10, description="Log every N steps.")
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+class CheckpointSpec(Spec):
+    """Where and how often state is saved, and what a restarted job resumes from."""
+
+    uri: str | None = Field(
+        None,
+        max_length=2048,
+        description="Directory or URI (file://, s3://, gs://); local runs default to ./runs/<name>/checkpoints.",
+    )
+    interval_steps: PositiveInt = Field(1000, description="Save every N steps (and at the end).")
+    keep_last: PositiveInt = Field(3, description="Complete checkpoints to keep.")
+    keep_every: PositiveInt | None = Field(None, description="Also keep every checkpoint whose step is a multiple.")
+    resume: int | str = Field(
+        "auto",
+        description="auto: newest verified checkpoint; never: start fresh; a number: that step.",
+    )
+    fail_on_error: bool = Field(False, description="Stop training when a checkpoint cannot be saved.")
+    credentials_secret: str | None = Field(
+        None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="Secret whose keys become environment variables (AWS_ACCESS_KEY_ID, ...).",
+    )
+    storage_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="fsspec storage options (for example endpoint_url); never credentials.",
+    )
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_policy(cls, v: Any) -> int | str:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return v
+        if isinstance(v, str) and v in ("auto", "never"):
+            return v
+        if isinstance(v, str) and v.isdigit():
+            return int(v)
+        raise ValueError(f"must be auto, never or a step number, not {v!r}")
+
+
+# --------------------------------------------------------------------------- resources
+
+
+class ResourceList(Spec):
+    cpu: Quantity | None = Field(None, description="CPU quantity, e.g. 8 or 500m.")
+    memory: Quantity | None = Field(None, description="Memory quantity, e.g. 64Gi.")
+
+
+class EnvVar(Spec):
+    name: str = Field(..., pattern=ENV_NAME, max_length=256, description="Variable name.")
+    value: str = Field("", max_length=32768, description="Literal value (use credentialsSecret for secrets).")
+
+
+class ResourcesSpec(Spec):
+    """The pods: how many, how big, where they may run."""
+
+    nodes: PositiveInt = Field(1, le=4096, description="Pods (torchrun agents), one per node.")
+    procs_per_node: PositiveInt = Field(1, le=64, description="Trainer processes per pod (GPUs per pod).")
+    accelerator: Literal["gpu", "cpu"] = Field(
+        "gpu", description="gpu requests procsPerNode GPUs per pod and uses NCCL; cpu uses gloo."
+    )
+    gpu_resource: str = Field("nvidia.com/gpu", max_length=253, description="Extended resource name of a GPU.")
+    image: str = Field(
+        "ghcr.io/pretrain-io/pretrain-trainer:0.1.0",
+        min_length=1,
+        max_length=1024,
+        description="Trainer image.",
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="Image pull policy."
+    )
+    requests: ResourceList = Field(default_factory=ResourceList, description="Per-pod requests.")
+    limits: ResourceList = Field(default_factory=ResourceList, description="Per-pod limits.")
+    shm_size: Quantity = Field("8Gi", description="Size of /dev/shm (memory-backed emptyDir).")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
+    priority_class_name: str | None = Field(None, max_length=253, description="Pod priorityClassName.")
+    scheduler_name: str | None = Field(None, max_length=253, description="Pod schedulerName (e.g. volcano).")
+    service_account_name: str | None = Field(None, max_length=253, description="Pod serviceAccountName.")
+    queue_name: str | None = Field(
+        None, max_length=63, description="Kueue LocalQueue; becomes the kueue.x-k8s.io/queue-name label."
+    )
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment.")
+
+
+class RunPolicySpec(Spec):
+    """What happens on failure, over time, and at the end."""
+
+    max_restarts: NonNegativeInt = Field(3, le=1000, description="Gang restarts before the job fails.")
+    restart_backoff_seconds: NonNegativeInt = Field(10, description="First wait before a restart (doubles).")
+    max_restart_backoff_seconds: NonNegativeInt = Field(300, description="Cap of the restart wait.")
+    active_deadline_seconds: PositiveInt | None = Field(None, description="Fail the job after this long.")
+    ttl_seconds_after_finished: NonNegativeInt | None = Field(
+        None, description="Delete the job's children this long after it ends."
+    )
+    suspend: bool = Field(False, description="Delete pods and hold the job; resumes when unset.")
+    clean_pod_policy: Literal["None", "Running", "All"] = Field(
+        "Running", description="Pods deleted when the job ends: All, Running (still running ones) or None."
+    )
+    scheduling_timeout_seconds: PositiveInt = Field(
+        600, description="Pending pods older than this raise the Unschedulable condition."
+    )
+
+
+class MonitoringSpec(Spec):
+    """Prometheus metrics of the trainer."""
+
+    metrics_port: int = Field(9464, ge=1024, le=65535, description="Port of the /metrics endpoint on every rank.")
+    pod_monitor: bool = Field(False, description="Create a Prometheus Operator PodMonitor.")
+    peak_flops: PositiveFloat | None = Field(
+        None, description="Peak FLOP/s of one device for MFU; default from a table of GPUs."
+    )
+
+
+class PretrainJobSpec(Spec):
+    """Desired state of a PretrainJob."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The network.")
+    objective: ObjectiveSpec = Field(default_factory=ObjectiveSpec, description="The training objective.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="The tokenizer.")
+    data: DataSpec = Field(..., description="The corpus.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="The recipe.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoints and resume.")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Pods and placement.")
+    run_policy: RunPolicySpec = Field(default_factory=RunPolicySpec, description="Restarts, deadline, clean-up.")
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec, description="Metrics.")
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.nodes * self.resources.procs_per_node
+
+    @property
+    def objective_type(self) -> Literal["clm", "mlm"]:
+        if self.objective.type is not None:
+            return self.objective.type
+        return "mlm" if self.model.family == "bert" else "clm"
+
+
+# --------------------------------------------------------------------------- status
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RESTARTING = "Restarting"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class Condition(Spec):
+    """A Kubernetes-style condition (type, status, reason, message, lastTransitionTime)."""
+
+    type: str = Field(..., max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field("", max_length=1024)
+    message: str = Field("", max_length=32768)
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class Progress(Spec):
+    step: int | None = Field(None, description="Last optimizer step reported by rank 0.")
+    total_steps: int | None = None
+    loss: float | None = None
+    tokens_per_second: float | None = None
+    percent: float | None = None
+    eta_seconds: float | None = None
+    updated_time: str | None = None
+
+
+class CheckpointRef(Spec):
+    step: int | None = None
+    uri: str | None = None
+    time: str | None = None
+
+
+class PretrainJobStatus(Spec):
+    """Observed state of a PretrainJob, written only by the operator."""
+
+    phase: Phase | None = None
+    message: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    attempt: int | None = None
+    restarts: int | None = None
+    progress: Progress | None = None
+    last_checkpoint: CheckpointRef | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    observed_generation: int | None = None
+
+
+class ObjectMeta(BaseModel):
+    """The part of metadata pretrain reads; the rest passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(..., min_length=1, max_length=MAX_NAME_LENGTH, pattern=DNS_LABEL)
+    namespace: str | None = Field(None, max_length=63, pattern=DNS_LABEL)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_label(cls, v: str) -> str:
+        if not re.match(DNS_LABEL, v):
+            raise ValueError("must be a DNS-1035 label: lower-case letters, digits and '-', starting with a letter")
+        return v
+
+
+class PretrainJob(Spec):
+    """A whole PretrainJob document, as in a YAML file or the Kubernetes API."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_assignment=True)
+
+    api_version: Literal["pretrain.io/v1alpha1"] = Field("pretrain.io/v1alpha1", alias="apiVersion")
+    kind: Literal["PretrainJob"] = "PretrainJob"
+    metadata: ObjectMeta
+    spec: PretrainJobSpec
+    status: PretrainJobStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name

@@ -1,0 +1,385 @@
+"""Loading a job from YAML, `--set` overrides, and the cross-field rules.
+
+Every failure is a `SpecError` whose `str()` is one line: ``<field path>: <reason>``. The CLI
+prints it; the operator writes it into the Invalid condition. Field paths are camelCase, as the
+user wrote them in YAML.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import ValidationError
+
+from pretrain.api.presets import MissingDimension, resolve_dims
+from pretrain.api.spec import PretrainJob, PretrainJobSpec
+
+#: Token ids a built-in byte tokenizer uses: 256 bytes and 4 special tokens.
+BYTE_VOCAB_SIZE = 260
+
+#: Schemes the data layer reads besides fsspec's own.
+DATA_SCHEMES = {"", "file", "builtin", "hf", "s3", "gs", "gcs", "az", "abfs", "http", "https", "memory"}
+CHECKPOINT_SCHEMES = {"", "file", "s3", "gs", "gcs", "az", "abfs", "memory"}
+
+#: Environment variables the launcher sets; a user value would break rendezvous.
+RESERVED_ENV = {
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+    "NODE_RANK", "PRETRAIN_JOB_NAME", "PRETRAIN_ATTEMPT", "PRETRAIN_CONFIG",
+}  # fmt: skip
+
+_CREDENTIAL_WORDS = re.compile(r"secret|password|passwd|token|credential|access_?key|api_?key|^key$", re.I)
+
+
+class SpecError(ValueError):
+    """An invalid job: `path` is the camelCase field path, `reason` says what is wrong."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_document(text: str, source: str = "<input>") -> dict[str, Any]:
+    """Parse one YAML (or JSON) document that must be a mapping."""
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else "document"
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError(where, f"not valid YAML: {problem}") from None
+    if not docs:
+        raise SpecError("document", f"{source} is empty: expected a PretrainJob mapping")
+    if len(docs) > 1:
+        raise SpecError("document", f"{source} holds {len(docs)} documents: expected one PretrainJob")
+    doc = docs[0]
+    if not isinstance(doc, dict):
+        raise SpecError("document", f"expected a mapping (apiVersion, kind, metadata, spec), got {_kind(doc)}")
+    return doc
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+        type(value), type(value).__name__
+    )
+
+
+_TOP_LEVEL = {"apiVersion", "kind", "metadata", "spec", "status"}
+
+
+def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``path.to.field=value`` overrides (values parsed as YAML scalars) to a document.
+
+    Paths are camelCase as in the YAML; a path that does not start at a top-level key is taken
+    relative to ``spec``. List items are addressed by index (``data.sources.0.uri``).
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise SpecError("--set", f"expected path=value, got {item!r}")
+        path, raw = item.split("=", 1)
+        parts = [p for p in path.strip().split(".") if p]
+        if not parts:
+            raise SpecError("--set", f"empty field path in {item!r}")
+        if parts[0] not in _TOP_LEVEL:
+            parts = ["spec", *parts]
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node: Any = doc
+        for i, key in enumerate(parts[:-1]):
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                node = _list_item(node, key, where)
+            elif isinstance(node, dict):
+                node = node.setdefault(key, {})
+            else:
+                raise SpecError(where, f"is a {_kind(node)[2:] if _kind(node).startswith('a ') else _kind(node)}, "
+                                       "cannot set a field inside it")  # fmt: skip
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = _index(last, ".".join(parts))
+            if idx >= len(node):
+                raise SpecError(".".join(parts), f"index {idx} is past the end of a list of {len(node)}")
+            node[idx] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise SpecError(".".join(parts[:-1]), "is not a mapping, cannot set a field inside it")
+    return doc
+
+
+def _index(key: str, where: str) -> int:
+    if not key.isdigit():
+        raise SpecError(where, f"is a list: address an item by number, not {key!r}")
+    return int(key)
+
+
+def _list_item(node: list[Any], key: str, where: str) -> Any:
+    idx = _index(key, where)
+    if idx >= len(node):
+        raise SpecError(where, f"index {idx} is past the end of a list of {len(node)}")
+    return node[idx]
+
+
+def load_job(
+    source: str | Path,
+    overrides: Iterable[str] = (),
+    *,
+    check_backends: bool = True,
+) -> PretrainJob:
+    """Read, override and fully validate a job file."""
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), "no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(str(path), f"cannot read: {e.__class__.__name__}") from None
+    doc = apply_overrides(read_document(text, str(path)), overrides)
+    return parse_job(doc, check_backends=check_backends)
+
+
+def parse_job(doc: dict[str, Any], *, check_backends: bool = True) -> PretrainJob:
+    """Validate a document (types, then cross-field rules); raise the first problem."""
+    try:
+        job = PretrainJob.model_validate(doc)
+    except ValidationError as e:
+        raise _first_error(e, doc) from None
+    for err in check_spec(job.spec, check_backends=check_backends):
+        raise err
+    return job
+
+
+def parse_spec(spec: dict[str, Any], *, check_backends: bool = False) -> PretrainJobSpec:
+    """Validate a bare spec (as the operator receives it)."""
+    try:
+        parsed = PretrainJobSpec.model_validate(spec)
+    except ValidationError as e:
+        raise _first_error(e, spec, prefix="spec") from None
+    for err in check_spec(parsed, check_backends=check_backends):
+        raise err
+    return parsed
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in part or part in {"int", "str", "float", "bool"} or part.startswith(("function-", "literal")):
+            continue  # union/validator tags, not field names
+        else:
+            out += ("." if out else "") + part
+    return out or "document"
+
+
+def _first_error(e: ValidationError, doc: dict[str, Any], prefix: str = "") -> SpecError:
+    errors = e.errors(include_url=False)
+    # Prefer an error on a field the user wrote over a "missing" one higher up.
+    err = errors[0]
+    path = _format_loc(tuple(err["loc"]))
+    if prefix:
+        path = f"{prefix}.{path}" if path != "document" else prefix
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        name = str(err["loc"][-1])
+        if _CREDENTIAL_WORDS.search(name):
+            reason = ("credentials are never accepted inline; put them in a Secret and name it in "
+                      "spec.checkpoint.credentialsSecret")  # fmt: skip
+        else:
+            reason = "unknown field"
+    elif kind == "missing":
+        reason = "required field is missing"
+    else:
+        reason = err["msg"].splitlines()[0].removeprefix("Value error, ")
+        if kind != "value_error" and "input" in err and not isinstance(err["input"], dict | list):
+            reason += f" (got {err['input']!r})"
+    more = len(errors) - 1
+    if more:
+        reason += f" (and {more} more problem{'s' if more > 1 else ''})"
+    return SpecError(path, reason)
+
+
+# --------------------------------------------------------------------------- cross-field rules
+
+
+def check_spec(spec: PretrainJobSpec, *, check_backends: bool = True) -> Iterator[SpecError]:
+    """Yield every cross-field problem of a type-valid spec, most fundamental first."""
+    yield from _check_model(spec)
+    yield from _check_training(spec)
+    yield from _check_data(spec, check_backends)
+    yield from _check_checkpoint(spec, check_backends)
+    yield from _check_resources(spec)
+
+
+def _check_model(spec: PretrainJobSpec) -> Iterator[SpecError]:
+    m = spec.model
+    try:
+        dims = resolve_dims(m)
+    except MissingDimension as e:
+        yield SpecError(f"spec.model.{e.field}", str(e))
+        return
+    if dims.hidden % dims.heads:
+        yield SpecError("spec.model.heads", f"{dims.heads} heads do not divide hidden size {dims.hidden}")
+    if m.kv_heads is not None and m.family != "llama":
+        yield SpecError("spec.model.kvHeads", f"grouped-query attention is llama-only, not {m.family}")
+    if dims.heads % dims.kv_heads:
+        yield SpecError("spec.model.kvHeads", f"{dims.kv_heads} kv heads do not divide {dims.heads} heads")
+    if spec.data.sequence_length > dims.max_positions:
+        yield SpecError(
+            "spec.data.sequenceLength",
+            f"{spec.data.sequence_length} is above model.maxPositions ({dims.max_positions})",
+        )
+    if m.attention == "flash_attention_2" and spec.resources.accelerator == "cpu":
+        yield SpecError("spec.model.attention", "flash_attention_2 needs accelerator gpu")
+    objective = spec.objective_type
+    if objective == "mlm" and m.family != "bert":
+        yield SpecError("spec.objective.type", f"mlm needs a bidirectional family (bert), not causal {m.family}")
+    if objective == "clm" and m.family == "bert":
+        yield SpecError("spec.objective.type", "clm needs a causal family (gpt2, llama), not bert")
+    tok = spec.tokenizer
+    if tok.type == "pretrained" and not tok.path:
+        yield SpecError("spec.tokenizer.path", "required when tokenizer.type is pretrained")
+    if tok.type != "pretrained" and tok.path:
+        yield SpecError("spec.tokenizer.path", f"only used with type pretrained, not {tok.type}")
+    known_vocab = BYTE_VOCAB_SIZE if tok.type == "bytes" else tok.vocab_size if tok.type == "bpe" else None
+    if m.vocab_size is not None and known_vocab is not None and m.vocab_size < known_vocab:
+        yield SpecError("spec.model.vocabSize", f"{m.vocab_size} is below the tokenizer's vocabulary ({known_vocab})")
+    if m.init_from is not None:
+        yield from _check_uri("spec.model.initFrom", m.init_from, CHECKPOINT_SCHEMES | {"hf"}, False)
+
+
+def _check_training(spec: PretrainJobSpec) -> Iterator[SpecError]:
+    t = spec.training
+    world = spec.world_size
+    if t.max_steps is None and t.token_budget is None:
+        yield SpecError("spec.training.maxSteps", "set maxSteps or tokenBudget")
+    per_step = t.micro_batch_size * world
+    if t.global_batch_size % per_step:
+        yield SpecError(
+            "spec.training.globalBatchSize",
+            f"{t.global_batch_size} is not divisible by microBatchSize x world size "
+            f"({t.micro_batch_size} x {world} = {per_step})",
+        )
+    tokens_per_step = t.global_batch_size * spec.data.sequence_length
+    if t.max_steps is None and t.token_budget is not None and t.token_budget < tokens_per_step:
+        yield SpecError(
+            "spec.training.tokenBudget",
+            f"{t.token_budget} is less than one step ({tokens_per_step} tokens)",
+        )
+    if t.schedule.min_lr > t.optimizer.lr:
+        yield SpecError("spec.training.schedule.minLr", f"{t.schedule.min_lr} is above optimizer.lr ({t.optimizer.lr})")
+    if t.zero.offload_params and t.zero.stage != 3:
+        yield SpecError("spec.training.zero.offloadParams", f"needs zero.stage 3, not {t.zero.stage}")
+    if t.zero.offload_optimizer and t.zero.stage == 0:
+        yield SpecError("spec.training.zero.offloadOptimizer", "needs zero.stage 1, 2 or 3")
+    if t.precision == "fp16" and spec.resources.accelerator == "cpu":
+        yield SpecError("spec.training.precision", "fp16 needs accelerator gpu; use bf16 or fp32 on cpu")
+
+
+def total_steps(spec: PretrainJobSpec) -> int | None:
+    """Optimizer steps of the run: maxSteps, else the token budget over tokens per step."""
+    t = spec.training
+    if t.max_steps is not None:
+        return t.max_steps
+    if t.token_budget is not None:
+        return max(1, t.token_budget // (t.global_batch_size * spec.data.sequence_length))
+    return None
+
+
+def _check_data(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecError]:
+    for field, sources in (
+        ("sources", spec.data.sources),
+        ("validationSources", spec.data.validation_sources),
+    ):
+        for i, src in enumerate(sources):
+            yield from _check_uri(f"spec.data.{field}[{i}].uri", src.uri, DATA_SCHEMES, check_backends)
+    if spec.data.cache_uri:
+        yield from _check_uri("spec.data.cacheUri", spec.data.cache_uri, CHECKPOINT_SCHEMES, check_backends)
+
+
+def _check_checkpoint(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecError]:
+    c = spec.checkpoint
+    if c.uri is not None:
+        yield from _check_uri("spec.checkpoint.uri", c.uri, CHECKPOINT_SCHEMES, check_backends)
+    for key in c.storage_options:
+        if _CREDENTIAL_WORDS.search(key):
+            yield SpecError(
+                f"spec.checkpoint.storageOptions.{key}",
+                "credentials are never accepted inline; put them in a Secret and name it in "
+                "spec.checkpoint.credentialsSecret",
+            )
+    if spec.resources.nodes > 1 and c.uri is not None and _scheme(c.uri) in {"", "file", "memory"}:
+        yield SpecError(
+            "spec.checkpoint.uri",
+            f"{spec.resources.nodes} nodes need shared storage (s3://, gs://, ...), not a local path",
+        )
+
+
+def _check_resources(spec: PretrainJobSpec) -> Iterator[SpecError]:
+    r = spec.resources
+    for i, var in enumerate(r.env):
+        if var.name in RESERVED_ENV:
+            yield SpecError(f"spec.resources.env[{i}].name", f"{var.name} is set by the launcher")
+        if _CREDENTIAL_WORDS.search(var.name):
+            yield SpecError(
+                f"spec.resources.env[{i}].name",
+                "credentials are never accepted inline; use spec.checkpoint.credentialsSecret",
+            )
+    rp = spec.run_policy
+    if rp.restart_backoff_seconds > rp.max_restart_backoff_seconds:
+        yield SpecError(
+            "spec.runPolicy.restartBackoffSeconds",
+            f"{rp.restart_backoff_seconds} is above maxRestartBackoffSeconds ({rp.max_restart_backoff_seconds})",
+        )
+
+
+def _scheme(uri: str) -> str:
+    if re.match(r"^[A-Za-z]:[\\/]", uri):  # a Windows drive letter is not a scheme
+        return ""
+    return urlsplit(uri).scheme.lower() if "://" in uri else ""
+
+
+def _check_uri(path: str, uri: str, allowed: set[str], check_backends: bool) -> Iterator[SpecError]:
+    scheme = _scheme(uri)
+    parts = urlsplit(uri) if scheme else None
+    if parts is not None and (parts.password or parts.username):
+        yield SpecError(path, "credentials are never accepted inline in a URI; use spec.checkpoint.credentialsSecret")
+        return
+    if scheme not in allowed:
+        yield SpecError(
+            path,
+            f"unsupported scheme {scheme!r}:// (supported: {', '.join(sorted(s for s in allowed if s))})",
+        )
+        return
+    if scheme in {"s3", "gs", "gcs", "az", "abfs"} and parts is not None and not parts.netloc:
+        yield SpecError(path, f"{uri!r} names no bucket")
+        return
+    if check_backends and scheme not in {"", "file", "builtin", "memory", "http", "https"}:
+        reason = _backend_missing(scheme)
+        if reason:
+            yield SpecError(path, reason)
+
+
+def _backend_missing(scheme: str) -> str | None:
+    """Why no installed fsspec backend serves `scheme`, or None when one does."""
+    try:
+        import fsspec
+    except ImportError:
+        return "object storage needs fsspec: pip install 'pretrain[trainer]'"
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError as e:
+        return f"no installed fsspec backend handles {scheme}:// ({str(e).splitlines()[0]})"
+    except ValueError:
+        return f"no fsspec backend is known for {scheme}://"
+    return None

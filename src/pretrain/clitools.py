@@ -1,0 +1,50 @@
+"""Shared pieces of the `pretrain` command line: one-line errors and the --set option."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from pretrain.api.validation import SpecError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UserError(Exception):
+    """Bad input or an environment problem the user can fix: printed as one line, exit 1."""
+
+
+def fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+def friendly_errors(func: F) -> F:
+    """Turn SpecError/UserError into one line on stderr and exit code 1, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SpecError as e:
+            fail(str(e))
+        except UserError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="PATH=VALUE",
+    help="Override a field (camelCase path as in the YAML, e.g. training.maxSteps=100); repeatable.",
+)

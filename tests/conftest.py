@@ -1,0 +1,32 @@
+"""Shared fixtures: paths, example jobs, and an isolated environment for subprocesses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT
+
+
+def subprocess_env(tmp: Path) -> dict[str, str]:
+    """Environment for a trainer subprocess: offline, CPU, temp files inside `tmp`."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "TMPDIR": str(tmp),
+            "HF_HUB_OFFLINE": "1",
+            "DS_ACCELERATOR": "cpu",
+            "TOKENIZERS_PARALLELISM": "false",
+            "TORCH_EXTENSIONS_DIR": env.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+            "OMP_NUM_THREADS": "1",
+        }
+    )
+    return env
