@@ -30,3 +30,6 @@ def subprocess_env(tmp: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+from tests.s3server import s3  # noqa: E402,F401  (fixture)

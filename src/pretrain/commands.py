@@ -4,4 +4,6 @@ from __future__ import annotations
 
 import click
 
-COMMANDS: list[click.Command] = []
+from pretrain.launch import generate, run
+
+COMMANDS: list[click.Command] = [run, generate]

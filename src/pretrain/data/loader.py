@@ -1,0 +1,186 @@
+"""The training loader: prepared shards, memory-mapped, in one global order that every rank cuts.
+
+The order is a *stream*: epoch e is a seeded permutation of the rows (a weighted draw when
+there are several sources), epochs follow one another, and optimizer step s consumes stream
+items [s*G, (s+1)*G) where G is the global batch. Rank r takes, for micro step m, the items at
+offset (m*world + r)*micro within that window. So ranks never overlap, an epoch covers every
+row, and the loader's whole state is one number (`consumed`): a resumed run sees exactly the
+sequences an uninterrupted one would, even at another world size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.data.sources import DataError
+
+
+class PackedSplit:
+    """Rows of one split (train or val) across its shards, opened lazily with np.memmap."""
+
+    def __init__(self, directory: Path, split: str) -> None:
+        manifest_path = directory / "manifest.json"
+        try:
+            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{manifest_path}: unreadable dataset manifest ({e.__class__.__name__})") from None
+        self.directory = directory
+        self.seq_len: int = self.manifest["sequence_length"]
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.shards: list[dict[str, Any]] = self.manifest["splits"][split]["shards"]
+        rows = [s["rows"] for s in self.shards]
+        self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self.sources = np.array([s["source"] for s in self.shards], dtype=np.int64)
+        self._maps: dict[int, np.memmap[Any, Any]] = {}
+        for s in self.shards:
+            path = directory / s["file"]
+            expected = s["rows"] * self.seq_len * self.dtype.itemsize
+            size = path.stat().st_size if path.exists() else -1
+            if size != expected:
+                what = "missing" if size < 0 else f"{size} bytes, expected {expected}: truncated or corrupt"
+                raise DataError(f"shard {path}: {what}")
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _map(self, shard: int) -> np.memmap[Any, Any]:
+        if shard not in self._maps:
+            s = self.shards[shard]
+            self._maps[shard] = np.memmap(
+                self.directory / s["file"], dtype=self.dtype, mode="r", shape=(s["rows"], self.seq_len)
+            )
+        return self._maps[shard]
+
+    def rows(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """Rows at global indices `index`, as int64 (len(index), seq_len)."""
+        out = np.empty((len(index), self.seq_len), dtype=np.int64)
+        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
+        for k, (i, sh) in enumerate(zip(index, shard_of, strict=True)):
+            out[k] = self._map(int(sh))[int(i - self.offsets[sh])]
+        return out
+
+    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
+        """Global row indices of each source."""
+        out: dict[int, list[np.ndarray[Any, Any]]] = {}
+        for k, src in enumerate(self.sources):
+            out.setdefault(int(src), []).append(np.arange(self.offsets[k], self.offsets[k + 1]))
+        return {s: np.concatenate(v) for s, v in out.items()}
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest (reads them all)."""
+        import hashlib
+
+        for s in self.shards:
+            h = hashlib.sha256()
+            with open(self.directory / s["file"], "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+            if h.hexdigest() != s["sha256"]:
+                raise DataError(f"shard {self.directory / s['file']}: checksum mismatch (corrupt)")
+
+
+def epoch_order(split: PackedSplit, weights: list[float], seed: int, epoch: int) -> np.ndarray[Any, Any]:
+    """The rows of one epoch in training order: a seeded shuffle, mixing sources by weight."""
+    rng = np.random.default_rng([seed, epoch])
+    ranges = split.source_ranges()
+    if len(ranges) <= 1:
+        return rng.permutation(len(split)).astype(np.int64)
+    total = len(split)
+    w = np.array([weights[s] if s < len(weights) else 1.0 for s in ranges], dtype=np.float64)
+    counts = np.floor(w / w.sum() * total).astype(np.int64)
+    counts[: total - counts.sum()] += 1  # hand the rounding remainder out
+    picks = []
+    for (_, rows), n in zip(ranges.items(), counts, strict=True):
+        reps = -(-int(n) // len(rows))
+        pool = np.concatenate([rng.permutation(rows) for _ in range(max(reps, 1))])
+        picks.append(pool[:n])
+    mixed = np.concatenate(picks)
+    return mixed[rng.permutation(len(mixed))]
+
+
+class DistributedLoader:
+    """Gives one rank its micro-batches, step by step, from the global stream."""
+
+    def __init__(
+        self,
+        split: PackedSplit,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch: int,
+        accumulation: int,
+        seed: int,
+        weights: list[float] | None = None,
+    ) -> None:
+        if len(split) == 0:
+            raise DataError(f"{split.directory}: the training split is empty")
+        self.split = split
+        self.rank, self.world, self.micro, self.accum, self.seed = rank, world_size, micro_batch, accumulation, seed
+        self.weights = weights or []
+        self.global_batch = micro_batch * accumulation * world_size
+        self.consumed = 0
+        self._orders: dict[int, np.ndarray[Any, Any]] = {}
+
+    def _order(self, epoch: int) -> np.ndarray[Any, Any]:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
+            self._orders[epoch] = epoch_order(self.split, self.weights, self.seed, epoch)
+        return self._orders[epoch]
+
+    def stream(self, start: int, count: int) -> np.ndarray[Any, Any]:
+        """Global row indices at stream positions [start, start+count)."""
+        n = len(self.split)
+        pos = np.arange(start, start + count, dtype=np.int64)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(pos // n):
+            sel = pos // n == epoch
+            out[sel] = self._order(int(epoch))[pos[sel] % n]
+        return out
+
+    @property
+    def epoch(self) -> int:
+        return self.consumed // len(self.split)
+
+    def next_step(self) -> list[np.ndarray[Any, Any]]:
+        """This rank's `accumulation` micro-batches (int64 arrays micro x seq_len) for one step."""
+        batches = []
+        for m in range(self.accum):
+            start = self.consumed + (m * self.world + self.rank) * self.micro
+            batches.append(self.split.rows(self.stream(start, self.micro)))
+        self.consumed += self.global_batch
+        return batches
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": self.consumed,
+            "seed": self.seed,
+            "rows": len(self.split),
+            "global_batch": self.global_batch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["rows"] != len(self.split) or state["seed"] != self.seed:
+            raise DataError(
+                f"{self.split.directory}: the checkpoint's loader state is for another dataset "
+                f"({state['rows']} rows, seed {state['seed']}; this one has {len(self.split)}, seed {self.seed})"
+            )
+        self.consumed = int(state["consumed"])
+
+
+def eval_batches(
+    split: PackedSplit, *, rank: int, world_size: int, micro_batch: int, steps: int
+) -> list[np.ndarray[Any, Any]]:
+    """A fixed evaluation set: the first steps x world x micro validation rows, strided by rank."""
+    n = len(split)
+    if n == 0:
+        return []
+    out = []
+    for s in range(steps):
+        start = (s * world_size + rank) * micro_batch
+        idx = np.arange(start, start + micro_batch) % n
+        out.append(split.rows(idx))
+    return out

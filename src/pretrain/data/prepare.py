@@ -1,0 +1,247 @@
+"""Tokenize and pack a corpus into fixed-length sequences stored as memory-mappable shards.
+
+Layout of a prepared directory (named by the fingerprint of everything that shapes it)::
+
+    <cache>/<fingerprint>/manifest.json      written last: a directory without it is ignored
+    <cache>/<fingerprint>/train-000000.bin    raw uint16/uint32 tokens, `sequence_length` per row
+    <cache>/<fingerprint>/val-000000.bin
+
+Documents are joined with EOS and cut into rows of exactly `sequence_length` tokens (the last
+partial row of a source is dropped). Labels and masking are the collator's business, so one
+prepared set serves CLM and MLM alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.api.spec import DataSourceSpec, DataSpec
+from pretrain.data.sources import DataError, SourceFile, iter_documents, resolve_files, source_fingerprint
+
+FORMAT_VERSION = 1
+#: Rows per shard file (about 64M tokens at sequence length 1024).
+DEFAULT_SHARD_ROWS = 65536
+#: Documents handed to the tokenizer at once (its Rust side runs a batch on all cores).
+ENCODE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Shard:
+    file: str
+    rows: int
+    source: int
+    sha256: str
+
+
+def token_dtype(vocab_size: int) -> np.dtype[Any]:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def dataset_fingerprint(
+    spec: DataSpec, source_prints: list[str], val_prints: list[str], tokenizer_fingerprint: str
+) -> str:
+    key = {
+        "version": FORMAT_VERSION,
+        "sources": source_prints,
+        "val_sources": val_prints,
+        "tokenizer": tokenizer_fingerprint,
+        "sequence_length": spec.sequence_length,
+        "validation_split": spec.validation_split if not spec.validation_sources else None,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def iter_all_documents(src: DataSourceSpec, files: list[SourceFile]) -> Iterator[str]:
+    for f in files:
+        yield from iter_documents(src, f)
+
+
+def text_sample(spec: DataSpec, max_bytes: int) -> Iterator[str]:
+    """Up to `max_bytes` of text from the sources, in order: what chars/bpe tokenizers learn from."""
+    seen = 0
+    for src in spec.sources:
+        for doc in iter_all_documents(src, resolve_files(src)):
+            yield doc[: max_bytes - seen]
+            seen += len(doc)
+            if seen >= max_bytes:
+                return
+
+
+class _ShardWriter:
+    """Appends rows to numbered shard files of one split, hashing as it goes."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype[Any], seq_len: int, shard_rows: int) -> None:
+        self.directory, self.split, self.dtype, self.seq_len, self.shard_rows = (
+            directory,
+            split,
+            dtype,
+            seq_len,
+            shard_rows,
+        )
+        self.shards: list[Shard] = []
+        self._fh: Any = None
+        self._hash: Any = None
+        self._rows = 0
+        self._source = -1
+        self._name = ""
+
+    def _open(self, source: int) -> None:
+        self._name = f"{self.split}-{len(self.shards):06d}.bin"
+        self._fh = open(self.directory / self._name, "wb")  # noqa: SIM115 - closed in _close
+        self._hash = hashlib.sha256()
+        self._rows = 0
+        self._source = source
+
+    def _close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self.shards.append(Shard(self._name, self._rows, self._source, self._hash.hexdigest()))
+            self._fh = None
+
+    def write(self, rows: np.ndarray[Any, Any], source: int) -> None:
+        start = 0
+        while start < len(rows):
+            if self._fh is None or self._rows >= self.shard_rows or self._source != source:
+                self._close()
+                self._open(source)
+            take = min(len(rows) - start, self.shard_rows - self._rows)
+            data = np.ascontiguousarray(rows[start : start + take], dtype=self.dtype).tobytes()
+            self._fh.write(data)
+            self._hash.update(data)
+            self._rows += take
+            start += take
+
+    def close(self) -> list[Shard]:
+        self._close()
+        return self.shards
+
+
+def _pack_source(
+    src: DataSourceSpec,
+    files: list[SourceFile],
+    tokenizer: Any,
+    seq_len: int,
+    tmp: Path,
+    dtype: np.dtype[Any],
+) -> tuple[Path, int, int]:
+    """Tokenize one source into a flat file of rows; returns (file, rows, documents)."""
+    eos = tokenizer.eos_token_id
+    out = tmp / f"rows-{source_fingerprint(src, files)}.bin"
+    carry = np.zeros(0, dtype=np.int64)
+    rows = docs = 0
+    with open(out, "wb") as fh:
+        batch: list[str] = []
+
+        def flush() -> None:
+            nonlocal carry, rows
+            if not batch:
+                return
+            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            parts = [carry]
+            for ids in encoded:
+                parts.append(np.asarray(ids, dtype=np.int64))
+                parts.append(np.asarray([eos], dtype=np.int64))
+            stream = np.concatenate(parts)
+            n = len(stream) // seq_len
+            if n:
+                fh.write(stream[: n * seq_len].astype(dtype).tobytes())
+                rows += n
+            carry = stream[n * seq_len :]
+            batch.clear()
+
+        for doc in iter_all_documents(src, files):
+            if doc:
+                batch.append(doc)
+                docs += 1
+            if len(batch) >= ENCODE_BATCH:
+                flush()
+        flush()
+    return out, rows, docs
+
+
+def prepare(
+    spec: DataSpec,
+    tokenizer: Any,
+    tokenizer_fingerprint: str,
+    cache_dir: Path,
+    *,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
+) -> Path:
+    """Prepare (or reuse) the packed dataset for `spec`; return its directory."""
+    files = [resolve_files(s) for s in spec.sources]
+    val_files = [resolve_files(s) for s in spec.validation_sources]
+    prints = [source_fingerprint(s, f) for s, f in zip(spec.sources, files, strict=True)]
+    val_prints = [source_fingerprint(s, f) for s, f in zip(spec.validation_sources, val_files, strict=True)]
+    fp = dataset_fingerprint(spec, prints, val_prints, tokenizer_fingerprint)
+    target = cache_dir / fp
+    if (target / "manifest.json").is_file():
+        return target
+    vocab = len(tokenizer)
+    dtype = token_dtype(vocab)
+    seq = spec.sequence_length
+    work = cache_dir / f".{fp}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    train = _ShardWriter(work, "train", dtype, seq, shard_rows)
+    val = _ShardWriter(work, "val", dtype, seq, shard_rows)
+    source_entries = []
+    for i, (src, fs) in enumerate(zip(spec.sources, files, strict=True)):
+        flat, rows, docs = _pack_source(src, fs, tokenizer, seq, work, dtype)
+        if rows == 0:
+            raise DataError(f"{src.uri}: too little text for one sequence of {seq} tokens ({docs} documents)")
+        data = np.memmap(flat, dtype=dtype, mode="r", shape=(rows, seq))
+        n_val = 0 if spec.validation_sources else math.ceil(rows * spec.validation_split)
+        if n_val and rows - n_val < 1:
+            raise DataError(f"{src.uri}: {rows} sequences leave none for training after the validation split")
+        train.write(data[: rows - n_val], i)
+        if n_val:
+            val.write(data[rows - n_val :], i)
+        del data
+        flat.unlink()
+        source_entries.append(
+            {"uri": src.uri, "fingerprint": prints[i], "weight": src.weight, "documents": docs,
+             "files": [f.uri for f in fs], "rows": rows, "val_rows": n_val}
+        )  # fmt: skip
+    for j, (src, fs) in enumerate(zip(spec.validation_sources, val_files, strict=True)):
+        flat, rows, _ = _pack_source(src, fs, tokenizer, seq, work, dtype)
+        if rows == 0:
+            raise DataError(f"{src.uri}: too little text for one validation sequence of {seq} tokens")
+        data = np.memmap(flat, dtype=dtype, mode="r", shape=(rows, seq))
+        val.write(data, len(spec.sources) + j)
+        del data
+        flat.unlink()
+    train_shards, val_shards = train.close(), val.close()
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "fingerprint": fp,
+        "sequence_length": seq,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "tokenizer_fingerprint": tokenizer_fingerprint,
+        "sources": source_entries,
+        "validation_sources": val_prints,
+        "splits": {
+            name: {
+                "rows": sum(s.rows for s in shards),
+                "tokens": sum(s.rows for s in shards) * seq,
+                "shards": [s.__dict__ for s in shards],
+            }
+            for name, shards in (("train", train_shards), ("val", val_shards))
+        },
+    }
+    (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if target.exists():  # another process finished first
+        shutil.rmtree(work, ignore_errors=True)
+        return target
+    work.rename(target)
+    return target

@@ -1,0 +1,187 @@
+"""Reading documents from a source: local paths and globs, fsspec URIs, Hugging Face datasets,
+and corpora bundled with the package (`builtin://name`).
+
+A document is a string. Plain-text files are one document each (read in line-aligned chunks so
+that a multi-GB file never sits in memory whole); JSONL and Parquet give one document per row.
+Every problem raises `DataError` with one line naming the source.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from pretrain.api.spec import DataSourceSpec
+
+#: Plain text is handed to the tokenizer in pieces of about this many characters.
+TEXT_CHUNK_CHARS = 1 << 20
+
+
+class DataError(ValueError):
+    """A source that cannot be read as asked; the message names it."""
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of a source: where it is and what identifies its content."""
+
+    uri: str
+    size: int
+    version: str  # mtime, ETag or similar: changes when the content does
+
+
+def _builtin_path(name: str) -> Path:
+    corpora = resources.files("pretrain") / "corpora"
+    path = Path(str(corpora / f"{name}.txt"))
+    if not path.is_file():
+        known = sorted(p.name.removesuffix(".txt") for p in Path(str(corpora)).glob("*.txt"))
+        raise DataError(f"builtin://{name}: no such bundled corpus (bundled: {', '.join(known)})")
+    return path
+
+
+def resolve_files(src: DataSourceSpec) -> list[SourceFile]:
+    """Expand a source into its files, sorted; raise DataError if it names none."""
+    uri = src.uri
+    if uri.startswith("builtin://"):
+        p = _builtin_path(uri.removeprefix("builtin://").strip("/"))
+        st = p.stat()
+        return [SourceFile(str(p), st.st_size, f"{st.st_size}-{int(st.st_mtime)}")]
+    if uri.startswith("hf://") and not _looks_like_files(uri):
+        return [SourceFile(uri, 0, "hf")]
+    import fsspec
+
+    try:
+        fs, _, paths = fsspec.get_fs_token_paths(uri)
+    except (ImportError, ValueError) as e:
+        raise DataError(f"{uri}: cannot open ({str(e).splitlines()[0]})") from None
+    except OSError as e:
+        raise DataError(f"{uri}: cannot read ({e.__class__.__name__}: {e})") from None
+    files = []
+    try:
+        for path in sorted(paths):
+            info = fs.info(path)
+            if info.get("type") == "directory":
+                for child in sorted(fs.find(path)):
+                    files.append(_file(fs, child, fs.info(child)))
+            else:
+                files.append(_file(fs, path, info))
+    except FileNotFoundError:
+        raise DataError(f"{uri}: no such file or directory") from None
+    except OSError as e:
+        raise DataError(f"{uri}: cannot read ({e.__class__.__name__}: {e})") from None
+    if not files:
+        raise DataError(f"{uri}: matches no files")
+    return files
+
+
+def _looks_like_files(uri: str) -> bool:
+    return any(ch in uri for ch in "*?[") or uri.rsplit("/", 1)[-1].count(".") > 0
+
+
+def _file(fs: Any, path: str, info: dict[str, Any]) -> SourceFile:
+    version = str(info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("created") or "")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+    return SourceFile(uri, int(info.get("size") or 0), version)
+
+
+def source_fingerprint(src: DataSourceSpec, files: list[SourceFile]) -> str:
+    h = hashlib.sha256(json.dumps([src.model_dump(), [(f.uri, f.size, f.version) for f in files]]).encode())
+    return h.hexdigest()[:16]
+
+
+def _format(src: DataSourceSpec, uri: str) -> str:
+    if src.format != "auto":
+        return src.format
+    name = uri.lower().removesuffix(".gz").removesuffix(".zst")
+    if name.endswith((".jsonl", ".json", ".ndjson")):
+        return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
+    return "text"
+
+
+def iter_documents(src: DataSourceSpec, file: SourceFile) -> Iterator[str]:
+    """Documents of one file (text in line-aligned chunks, one per JSONL line or Parquet row)."""
+    if file.uri.startswith("hf://") and file.version == "hf":
+        yield from _iter_hf(src)
+        return
+    fmt = _format(src, file.uri)
+    import fsspec
+
+    try:
+        if fmt == "parquet":
+            yield from _iter_parquet(src, file.uri)
+            return
+        with fsspec.open(file.uri, "rt", encoding="utf-8", compression="infer") as f:
+            if fmt == "jsonl":
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{file.uri}:{lineno}: not valid JSON ({e.msg})") from None
+                    yield _field(row, src.text_field, f"{file.uri}:{lineno}")
+            else:
+                while True:
+                    chunk = f.read(TEXT_CHUNK_CHARS)
+                    if not chunk:
+                        break
+                    tail = f.readline()  # end the chunk on a line boundary
+                    yield chunk + tail
+    except UnicodeDecodeError:
+        raise DataError(f"{file.uri}: not UTF-8 text (set format: parquet or jsonl?)") from None
+    except FileNotFoundError:
+        raise DataError(f"{file.uri}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{file.uri}: cannot read ({e.__class__.__name__}: {e})") from None
+
+
+def _field(row: Any, field: str, where: str) -> str:
+    if not isinstance(row, dict) or field not in row:
+        keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
+        raise DataError(f"{where}: no text field {field!r} (fields: {keys})")
+    value = row[field]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} is {type(value).__name__}, not text")
+    return value
+
+
+def _iter_parquet(src: DataSourceSpec, uri: str) -> Iterator[str]:
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(uri, "rb") as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # pyarrow raises ArrowInvalid and friends
+            raise DataError(f"{uri}: not a Parquet file ({str(e).splitlines()[0]})") from None
+        if src.text_field not in pf.schema_arrow.names:
+            raise DataError(f"{uri}: no text field {src.text_field!r} (fields: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(columns=[src.text_field], batch_size=4096):
+            for value in batch.column(0).to_pylist():
+                if value:
+                    yield str(value)
+
+
+def _iter_hf(src: DataSourceSpec) -> Iterator[str]:
+    """A Hugging Face dataset by name or local directory: hf://owner/name[/split]."""
+    import datasets
+
+    name = src.uri.removeprefix("hf://")
+    split = "train"
+    parts = name.split("/")
+    if len(parts) == 3:
+        name, split = "/".join(parts[:2]), parts[2]
+    try:
+        ds = datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # the hub client raises many kinds; all mean "cannot read"
+        raise DataError(f"{src.uri}: cannot load dataset ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+    for i, row in enumerate(ds):
+        yield _field(row, src.text_field, f"{src.uri} row {i}")

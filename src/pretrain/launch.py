@@ -1,0 +1,164 @@
+"""`pretrain run` (the job on this machine, through torchrun) and `pretrain generate`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from pretrain.api.validation import load_job, parse_job
+from pretrain.clitools import UserError, friendly_errors, set_option
+from pretrain.trainer.command import trainer_command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@click.command()
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Processes (default: nodes x procsPerNode).")
+@click.option(
+    "--output",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Run folder (default ./runs/<name>).",
+)
+@set_option
+@friendly_errors
+def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str, ...]) -> None:
+    """Run a PretrainJob on this machine with torchrun (CPU or GPU).
+
+    A second run of the same job resumes from its newest verified checkpoint. Ctrl-C or SIGTERM
+    saves a checkpoint and stops.
+    """
+    job = load_job(file, overrides)
+    doc: dict[str, Any] = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc.pop("status", None)
+    res = doc["spec"]["resources"]
+    procs = nproc or job.spec.world_size
+    res["nodes"], res["procsPerNode"] = 1, procs  # one machine: all processes on "node 0"
+    out = (output or Path("runs") / job.metadata.name).resolve()
+    ckpt = doc["spec"]["checkpoint"]
+    ckpt.setdefault("uri", str(out / "checkpoints"))
+    job = parse_job(doc)  # re-check batch arithmetic at this world size
+    out.mkdir(parents=True, exist_ok=True)
+    config = out / "job.json"
+    config.write_text(job.model_dump_json(by_alias=True, exclude_none=True, indent=1))
+    cmd = trainer_command(
+        nnodes=1, nproc_per_node=procs, node_rank=0, master_addr="127.0.0.1", master_port=free_port(),
+        config=str(config), workdir=str(out / "work"),
+    )  # fmt: skip
+    env = dict(os.environ)
+    if job.spec.resources.accelerator == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    tmp = out / "tmp"  # torchelastic leaves folders in TMPDIR
+    tmp.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(tmp)
+    click.echo(f"run folder: {out}", err=True)
+    click.echo(f"checkpoints: {job.spec.checkpoint.uri}", err=True)
+    click.echo(f"metrics: http://127.0.0.1:{job.spec.monitoring.metrics_port}/metrics (rank 0)", err=True)
+    code = _supervise([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env)
+    if code == 0:
+        final = f"{job.spec.checkpoint.uri}/final"
+        if (Path(final) / "config.json").exists() or "://" in final:
+            click.echo(f"final model: {final}", err=True)
+            click.echo(f"try: pretrain generate --model {final} --prompt 'ROMEO:'", err=True)
+        return
+    if code in (130, -signal.SIGINT, 128 + signal.SIGTERM):
+        click.echo("stopped: the last checkpoint was saved; run the same command again to resume", err=True)
+        sys.exit(130)
+    raise UserError(f"training failed (exit code {code}); the trainer's last lines above say why")
+
+
+def _supervise(cmd: list[str], env: dict[str, str]) -> int:
+    """Run torchrun, forwarding SIGTERM and Ctrl-C so the workers can checkpoint and exit."""
+    proc = subprocess.Popen(cmd, env=env)
+    interrupted = False
+
+    def forward(signum: int, _frame: Any) -> None:
+        nonlocal interrupted
+        interrupted = True
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    old_term = signal.signal(signal.SIGTERM, forward)
+    old_int = signal.signal(signal.SIGINT, forward)
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:
+                forward(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+    return 130 if interrupted else code
+
+
+@click.command()
+@click.option("--model", "model_uri", required=True, help="An exported model directory or URI (…/final).")
+@click.option("--prompt", default="", help="Text to continue.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True, help="0: greedy.")
+@click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0: off.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Sampling seed, for repeatable output.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@friendly_errors
+def generate(
+    model_uri: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+    seed: int | None, num_samples: int,
+) -> None:  # fmt: skip
+    """Generate text from an exported model."""
+    import tempfile
+
+    from pretrain.storage.checkpoint import download_dir
+
+    path = download_dir(model_uri, Path(tempfile.mkdtemp(prefix="pretrain-model-")))
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model: {model_uri} holds no exported model (config.json is missing)")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(str(path))
+    if config.model_type == "bert":
+        raise UserError(f"--model: {model_uri} is a masked LM (bert); generation needs a causal model")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tok.eos_token_id]])
+    window = int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 1024))
+    out = ids.repeat(num_samples, 1)
+    with torch.no_grad():
+        # Slide a window so a long sample never reaches positions the model was not trained on.
+        while out.shape[1] - ids.shape[1] < max_new_tokens:
+            context = out[:, -(window // 2) :] if out.shape[1] >= window else out
+            room = min(window - context.shape[1], max_new_tokens - (out.shape[1] - ids.shape[1]))
+            step = model.generate(
+                context, max_new_tokens=room, do_sample=temperature > 0, temperature=temperature or None,
+                top_k=top_k or None, top_p=top_p, pad_token_id=tok.pad_token_id, eos_token_id=None,
+                attention_mask=torch.ones_like(context),
+            )  # fmt: skip
+            out = torch.cat([out, step[:, context.shape[1] :]], dim=1)
+    for i, seq in enumerate(out):
+        if num_samples > 1:
+            click.echo(f"--- sample {i + 1}")
+        click.echo(tok.decode(seq, skip_special_tokens=True))

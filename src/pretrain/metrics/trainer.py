@@ -1,0 +1,143 @@
+"""Prometheus metrics of a trainer process, served on `monitoring.metricsPort + local rank`.
+
+Names follow Prometheus conventions (base units, `_total` counters, `_seconds`, `_bytes`) and
+carry job, namespace, rank and attempt labels. The operator reads node 0's endpoint for the
+job's status; Grafana reads them all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("pretrain.metrics")
+
+#: Peak dense bf16 FLOP/s of one device, for MFU when the spec gives none.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "L4": 121e12,
+    "V100": 125e12,
+    "T4": 65e12,
+}
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+def peak_flops_for(device_name: str) -> float | None:
+    for key, value in PEAK_FLOPS.items():
+        if key in device_name.upper():
+            return value
+    return None
+
+
+@dataclass(frozen=True)
+class Labels:
+    job: str
+    namespace: str
+    rank: int
+    attempt: int
+
+    def values(self) -> dict[str, str]:
+        return {"job": self.job, "namespace": self.namespace, "rank": str(self.rank), "attempt": str(self.attempt)}
+
+
+class TrainerMetrics:
+    """All trainer metrics in one private registry, with an HTTP server when `port` is set."""
+
+    def __init__(self, labels: Labels, port: int | None, addr: str = "0.0.0.0") -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        names = list(labels.values())
+        lv = labels.values()
+
+        def gauge(name: str, doc: str) -> Any:
+            return Gauge(name, doc, names, registry=self.registry).labels(**lv)
+
+        def counter(name: str, doc: str) -> Any:
+            return Counter(name, doc, names, registry=self.registry).labels(**lv)
+
+        self.loss = gauge("pretrain_train_loss", "Training loss of the last optimizer step (mean over ranks).")
+        self.eval_loss = gauge("pretrain_eval_loss", "Validation loss of the last evaluation.")
+        self.eval_perplexity = gauge("pretrain_eval_perplexity", "Validation perplexity of the last evaluation.")
+        self.lr = gauge("pretrain_learning_rate", "Learning rate of the last optimizer step.")
+        self.grad_norm = gauge("pretrain_grad_norm", "Global gradient norm before clipping.")
+        self.step = gauge("pretrain_step", "Optimizer steps completed.")
+        self.total_steps = gauge("pretrain_total_steps", "Optimizer steps the run will take.")
+        self.tokens = counter("pretrain_tokens_total", "Tokens trained on by the whole job (counted on every rank).")
+        self.samples = counter("pretrain_samples_total", "Sequences trained on by the whole job.")
+        self.tokens_per_second = gauge("pretrain_tokens_per_second", "Job-wide training throughput over the last step.")
+        self.step_time = Histogram(
+            "pretrain_step_duration_seconds", "Wall time of one optimizer step.", names,
+            buckets=STEP_BUCKETS, registry=self.registry,
+        ).labels(**lv)  # fmt: skip
+        self.mfu = gauge("pretrain_mfu_ratio", "Model FLOPs utilisation of this rank's device (0-1).")
+        self.mem_allocated = gauge("pretrain_accelerator_memory_allocated_bytes", "Accelerator memory allocated.")
+        self.mem_reserved = gauge("pretrain_accelerator_memory_reserved_bytes", "Accelerator memory reserved.")
+        self.data_wait = counter("pretrain_dataloader_wait_seconds_total", "Time spent waiting for batches.")
+        self.ckpt_duration = gauge("pretrain_checkpoint_save_duration_seconds", "Duration of the last checkpoint save.")
+        self.ckpt_bytes = gauge("pretrain_checkpoint_size_bytes", "Bytes this node wrote in the last checkpoint.")
+        self.ckpt_failures = counter("pretrain_checkpoint_failures_total", "Checkpoint saves that failed.")
+        self.ckpt_step = gauge("pretrain_checkpoint_last_verified_step", "Step of the newest verified checkpoint.")
+        self.ckpt_time = gauge(
+            "pretrain_checkpoint_last_verified_timestamp_seconds",
+            "Unix time of the newest verified checkpoint (age: time() - this).",
+        )
+        self.port: int | None = None
+        self._server: Any = None
+        if port is not None:
+            from prometheus_client import start_http_server
+
+            try:
+                self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+                self.port = self._server.server_port
+            except OSError as e:
+                log.warning("metrics: cannot listen on port %d (%s); metrics are off for this rank", port, e)
+
+    def observe_step(
+        self, *, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int, samples: int,
+        seconds: float, mfu: float | None,
+    ) -> None:  # fmt: skip
+        self.step.set(step)
+        self.loss.set(loss)
+        self.lr.set(lr)
+        if grad_norm is not None:
+            self.grad_norm.set(grad_norm)
+        self.tokens.inc(tokens)
+        self.samples.inc(samples)
+        self.step_time.observe(seconds)
+        self.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
+        if mfu is not None:
+            self.mfu.set(mfu)
+
+    def observe_memory(self, allocated: int, reserved: int) -> None:
+        self.mem_allocated.set(allocated)
+        self.mem_reserved.set(reserved)
+
+    def observe_checkpoint(
+        self, *, seconds: float, nbytes: int, failures: int, step: int | None, when: float | None
+    ) -> None:
+        self.ckpt_duration.set(seconds)
+        self.ckpt_bytes.set(nbytes)
+        current = self.ckpt_failures._value.get()
+        if failures > current:
+            self.ckpt_failures.inc(failures - current)
+        if step is not None:
+            self.ckpt_step.set(step)
+        if when is not None:
+            self.ckpt_time.set(when)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+
+def now() -> float:
+    return time.time()

@@ -1,0 +1,411 @@
+"""Checkpoints in any fsspec store: written locally, uploaded in the background, verified by a
+manifest written last, pruned only after a newer checkpoint is complete.
+
+Layout under `checkpoint.uri`::
+
+    step-00000100/<DeepSpeed files>, loader.json, rng-rank-<r>.pt, job.json
+    step-00000100/.parts/node-<k>.json   size and sha256 of the files node k wrote
+    step-00000100/manifest.json          every file with size and sha256; written LAST
+    final/                               the Hugging Face export
+
+A directory without a complete manifest does not exist for readers. This module knows nothing
+of DeepSpeed or torch: the trainer writes files into `staging_dir(step)` and calls `commit`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pretrain.checkpoint")
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+PARTS = ".parts"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be saved or loaded; the message says which and why."""
+
+
+def is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file://"))
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files_under(root: Path) -> Iterator[Path]:
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and PARTS not in p.relative_to(root).parts and p.name != MANIFEST:
+            yield p
+
+
+_TRANSIENT_WORDS = ("Connection", "Timeout", "Throttl", "SlowDown", "ServiceUnavailable", "InternalError", "Retry")
+
+
+def is_transient(e: BaseException) -> bool:
+    """Errors worth retrying: network and server-side trouble, whatever client library raised it
+    (OSError for fsspec's own, botocore/aiohttp/google classes by name)."""
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    if isinstance(e, OSError | TimeoutError | ConnectionError):
+        return True
+    return any(word in cls.__name__ for cls in type(e).__mro__ for word in _TRANSIENT_WORDS)
+
+
+def with_retries(
+    what: str, fn: Callable[[], Any], *, attempts: int = 8, base_delay: float = 0.5, max_delay: float = 30.0
+) -> Any:
+    """Call `fn`, retrying transient errors with capped exponential backoff."""
+    delay = base_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if attempt == attempts or not is_transient(e):
+                raise
+            log.warning(
+                "%s failed (%s: %s); retry %d/%d in %.1fs", what, e.__class__.__name__, e, attempt, attempts - 1, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, max_delay)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class SaveStats:
+    """What the last saves did, for metrics and logs."""
+
+    saves: int = 0
+    failures: int = 0
+    last_bytes: int = 0
+    last_seconds: float = 0.0
+    last_verified_step: int | None = None
+    last_verified_time: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+class CheckpointStore:
+    """One job's checkpoints. Every method is called on every rank unless it says otherwise."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        workdir: Path,
+        node_rank: int = 0,
+        nodes: int = 1,
+        storage_options: dict[str, Any] | None = None,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        retry_attempts: int = 8,
+        retry_base_delay: float = 0.5,
+        part_timeout: float = 3600.0,
+    ) -> None:
+        self.local = is_local(uri)
+        self.uri = str(local_path(uri).resolve()) if self.local else uri.rstrip("/")
+        self.workdir = workdir
+        self.node_rank, self.nodes = node_rank, nodes
+        self.options = storage_options or {}
+        self.keep_last, self.keep_every = keep_last, keep_every
+        self.retry_attempts, self.retry_base_delay = retry_attempts, retry_base_delay
+        self.part_timeout = part_timeout
+        self.stats = SaveStats()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
+        self._inflight: Future[None] | None = None
+        self._lock = threading.Lock()
+        self._fs: Any = None
+
+    # ------------------------------------------------------------------ fsspec plumbing
+
+    @property
+    def fs(self) -> Any:
+        if self._fs is None:
+            import fsspec
+
+            self._fs, self._root = fsspec.core.url_to_fs(self.uri, **self.options)
+        return self._fs
+
+    @property
+    def root(self) -> str:
+        _ = self.fs
+        return str(self._root)
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _pipe(self, what: str, path: str, data: bytes) -> None:
+        """Write a small object (parents created on local stores, where they matter)."""
+
+        def put() -> None:
+            if self.local:
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(path, data)
+
+        self._retry(what, put)
+
+    def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
+        return with_retries(what, fn, attempts=self.retry_attempts, base_delay=self.retry_base_delay)
+
+    # ------------------------------------------------------------------ saving
+
+    def staging_dir(self, step: int) -> Path:
+        """Where this node's ranks write checkpoint `step` (the final place for local URIs)."""
+        if self.local:
+            return local_path(self.uri) / step_name(step)
+        return self.workdir / "staging" / step_name(step)
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is done. Call before the next save."""
+        if self._inflight is not None:
+            with contextlib.suppress(Exception):  # failures are recorded in stats
+                self._inflight.result()
+            self._inflight = None
+
+    def commit(
+        self, step: int, *, writes_manifest: bool, uploads: bool, meta: dict[str, Any], background: bool = True
+    ) -> None:
+        """After this node's ranks wrote `staging_dir(step)`: hash (and upload) its files, publish
+        this node's part, and on the manifest writer (global rank 0) the manifest and retention.
+
+        `uploads` is true on one process per node (local rank 0); others only return.
+        """
+        if not uploads:
+            return
+        self.wait()
+        job = self._pool.submit(self._commit, step, writes_manifest, meta)
+        self._inflight = job
+        if not background:
+            self.wait()
+
+    def _commit(self, step: int, writes_manifest: bool, meta: dict[str, Any]) -> None:
+        t0 = time.monotonic()
+        try:
+            nbytes = self._publish_part(step)
+            if writes_manifest:
+                self._write_manifest(step, meta)
+                self._retain()
+            with self._lock:
+                self.stats.saves += 1
+                self.stats.last_bytes = nbytes
+                self.stats.last_seconds = time.monotonic() - t0
+                if writes_manifest:
+                    self.stats.last_verified_step = step
+                    self.stats.last_verified_time = time.time()
+            log.info("checkpoint %s committed (%.1f MB in %.1fs)", step_name(step), nbytes / 1e6, time.monotonic() - t0)
+        except Exception as e:
+            with self._lock:
+                self.stats.failures += 1
+                self.stats.errors.append(f"{step_name(step)}: {e.__class__.__name__}: {e}")
+            log.error("checkpoint %s failed: %s: %s", step_name(step), e.__class__.__name__, e)
+            raise
+
+    def _publish_part(self, step: int) -> int:
+        staging = self.staging_dir(step)
+        files = {}
+        total = 0
+        for p in _files_under(staging):
+            rel = p.relative_to(staging).as_posix()
+            size = p.stat().st_size
+            files[rel] = {"size": size, "sha256": sha256_file(p)}
+            total += size
+            if not self.local:
+                target = self._join(step_name(step), rel)
+                self._retry(f"upload {rel}", functools.partial(self.fs.put_file, str(p), target))
+        part = json.dumps({"node": self.node_rank, "files": files}).encode()
+        self._pipe("write part", self._join(step_name(step), PARTS, f"node-{self.node_rank}.json"), part)
+        if not self.local:
+            shutil.rmtree(staging, ignore_errors=True)
+        return total
+
+    def _write_manifest(self, step: int, meta: dict[str, Any]) -> None:
+        deadline = time.monotonic() + self.part_timeout
+        parts_dir = self._join(step_name(step), PARTS)
+        files: dict[str, Any] = {}
+        while True:
+            names = [
+                n for n in self._retry("list parts", functools.partial(self._ls, parts_dir)) if n.endswith(".json")
+            ]
+            if len(names) >= self.nodes:
+                break
+            if time.monotonic() > deadline:
+                raise CheckpointError(f"{step_name(step)}: only {len(names)} of {self.nodes} nodes finished uploading")
+            time.sleep(0.5)
+        for name in names:
+            part = json.loads(self._retry("read part", functools.partial(self.fs.cat_file, f"{parts_dir}/{name}")))
+            files.update(part["files"])
+        manifest = {
+            "step": step,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "files": files,
+            **meta,
+        }
+        self._pipe("write manifest", self._join(step_name(step), MANIFEST), json.dumps(manifest, indent=1).encode())
+
+    def _ls(self, path: str) -> list[str]:
+        try:
+            return [Path(p).name for p in self.fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            return []
+
+    # ------------------------------------------------------------------ reading
+
+    def steps(self) -> list[int]:
+        """Steps that have a directory (complete or not), ascending."""
+        self.fs.invalidate_cache()
+        out = []
+        for name in self._ls(self.root):
+            m = STEP_DIR.match(name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def manifest(self, step: int) -> dict[str, Any] | None:
+        """The manifest of `step`, or None when it has none (incomplete) or it is unreadable."""
+        try:
+            data = self.fs.cat_file(self._join(step_name(step), MANIFEST))
+            m: dict[str, Any] = json.loads(data)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None
+        return m if isinstance(m.get("files"), dict) else None
+
+    def complete_steps(self) -> list[int]:
+        return [s for s in self.steps() if self.manifest(s) is not None]
+
+    def verify(self, step: int, into: Path | None = None) -> str | None:
+        """None when every file of `step` matches its manifest, else what is wrong. With `into`,
+        the files are also copied there (downloaded for remote stores) as they are checked."""
+        m = self.manifest(step)
+        if m is None:
+            return "no complete manifest"
+        base = self._join(step_name(step))
+        for rel, want in sorted(m["files"].items()):
+            src = f"{base}/{rel}"
+            try:
+                if into is not None:
+                    dest = into / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    if not (self.local and dest.resolve() == local_path(src).resolve()):
+                        self._retry(f"download {rel}", functools.partial(self.fs.get_file, src, str(dest)))
+                    size, digest = dest.stat().st_size, sha256_file(dest)
+                elif self.local:
+                    p = local_path(src) if src.startswith("file://") else Path(src)
+                    size, digest = p.stat().st_size, sha256_file(p)
+                else:
+                    data = self._retry(f"read {rel}", functools.partial(self.fs.cat_file, src))
+                    size, digest = len(data), hashlib.sha256(data).hexdigest()
+            except FileNotFoundError:
+                return f"{rel} is missing"
+            if size != want["size"]:
+                return f"{rel} has {size} bytes, manifest says {want['size']}"
+            if digest != want["sha256"]:
+                return f"{rel} fails its sha256 check"
+        return None
+
+    def local_copy(self, step: int) -> Path:
+        """Where `step`'s files are (local stores) or will be downloaded to (remote)."""
+        return self.staging_dir(step) if self.local else self.workdir / "restore" / step_name(step)
+
+    def select(self, resume: int | str) -> tuple[int | None, list[str]]:
+        """The step to resume from and the notes on newer checkpoints skipped. Downloads (and
+        verifies) the chosen checkpoint into `local_copy(step)`. Called on one process per node."""
+        notes: list[str] = []
+        if resume == "never":
+            return None, notes
+        candidates = sorted(self.steps(), reverse=True)
+        if isinstance(resume, int):
+            if resume not in candidates:
+                raise CheckpointError(f"checkpoint.resume: no checkpoint at step {resume} in {self.uri}")
+            candidates = [resume]
+        for step in candidates:
+            problem = self.verify(step, into=self.local_copy(step))
+            if problem is None:
+                return step, notes
+            notes.append(f"{step_name(step)} is unusable ({problem})")
+            if not self.local:
+                shutil.rmtree(self.local_copy(step), ignore_errors=True)
+        if isinstance(resume, int):
+            raise CheckpointError(f"checkpoint.resume: {notes[-1]}")
+        return None, notes
+
+    # ------------------------------------------------------------------ retention
+
+    def _retain(self) -> None:
+        steps = self.steps()
+        complete = [s for s in steps if self.manifest(s) is not None]
+        if not complete:
+            return
+        newest = complete[-1]
+        keep = set(complete[-self.keep_last :]) | {newest}
+        if self.keep_every:
+            keep |= {s for s in complete if s % self.keep_every == 0}
+        for s in steps:
+            # Older incomplete directories are debris of crashed saves; newer ones may be in flight.
+            if s not in keep and s < newest:
+                log.info("retention: deleting %s", step_name(s))
+                with contextlib.suppress(FileNotFoundError):
+                    self._retry("delete", functools.partial(self.fs.rm, self._join(step_name(s)), recursive=True))
+
+    # ------------------------------------------------------------------ exports
+
+    def upload_dir(self, local_dir: Path, name: str) -> str:
+        """Copy a finished directory (the final export) to `<uri>/<name>`; returns its URI."""
+        target = self._join(name)
+        if self.local:
+            dest = local_path(self.uri) / name
+            if dest.resolve() != local_dir.resolve():
+                shutil.rmtree(dest, ignore_errors=True)
+                shutil.copytree(local_dir, dest)
+        else:
+            for p in _files_under(local_dir):
+                rel = p.relative_to(local_dir).as_posix()
+                self._retry(f"upload {rel}", functools.partial(self.fs.put_file, str(p), f"{target}/{rel}"))
+        return f"{self.uri}/{name}"
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown(wait=True)
+
+
+def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = None) -> Path:
+    """A local copy of a directory URI (returned as is when already local)."""
+    if is_local(uri):
+        return local_path(uri)
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in fs.find(root):
+        rel = path[len(root.rstrip("/")) + 1 :]
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        with_retries(f"download {rel}", functools.partial(fs.get_file, path, str(dest / rel)))
+    return dest

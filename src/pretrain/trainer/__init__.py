@@ -1,0 +1,1 @@
+"""The trainer: what every worker process runs under torchrun (`python -m pretrain.trainer`)."""

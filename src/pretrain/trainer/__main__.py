@@ -1,0 +1,78 @@
+"""Entry point of a worker: ``torchrun ... -m pretrain.trainer --config job.json [--workdir DIR]``.
+
+Exit status 0 on success (or a requested stop after its checkpoint), 1 with a one-line
+``error:`` as the last log line for a problem the user can fix, 2 for a crash (with traceback,
+and torchelastic's error file through @record).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from pretrain.api.validation import SpecError, parse_job
+from pretrain.data.sources import DataError
+from pretrain.storage.checkpoint import CheckpointError
+
+log = logging.getLogger("pretrain.trainer")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m pretrain.trainer", allow_abbrev=False)
+    p.add_argument("--config", required=True, help="The job as JSON or YAML (a whole PretrainJob document).")
+    p.add_argument(
+        "--workdir",
+        default=os.environ.get("PRETRAIN_WORKDIR", "pretrain-work"),
+        help="Node-local scratch: prepared data, tokenizer, checkpoint staging (default $PRETRAIN_WORKDIR).",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    from pretrain.trainer.loop import configure_logging
+
+    configure_logging(rank)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
+    try:
+        from pretrain.api.validation import read_document
+
+        text = Path(args.config).read_text()
+        doc = json.loads(text) if text.lstrip().startswith("{") else read_document(text, args.config)
+        job = parse_job(doc)
+    except (OSError, json.JSONDecodeError) as e:
+        log.error("error: cannot read the job config %s: %s", args.config, e)
+        return 1
+    except SpecError as e:
+        log.error("error: invalid job config %s: %s", args.config, e)
+        return 1
+    if job.spec.resources.accelerator == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from pretrain.trainer.loop import Trainer
+
+    @record
+    def train() -> int:
+        return Trainer(job, Path(args.workdir)).run()
+
+    try:
+        code = train() or 0
+        return code
+    except (DataError, CheckpointError, SpecError, ValueError) as e:
+        log.error("error: %s", e)
+        return 1
+    except Exception as e:
+        log.exception("training failed")
+        log.error("error: training failed: %s: %s", e.__class__.__name__, e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

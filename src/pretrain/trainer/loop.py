@@ -1,0 +1,431 @@
+"""The training loop: one job spec in, a trained, checkpointed, exported model out.
+
+Read `Trainer.run` top to bottom: distributed set-up, tokenizer and data, model and DeepSpeed
+engine, resume, the step loop (forward/backward over micro-batches, one all-reduce for the loss
+and the stop flag, log, evaluate, checkpoint), then the final checkpoint and export. DeepSpeed,
+storage and metrics sit behind small helpers so the loop does not grow their details.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+
+from pretrain.api.spec import PretrainJob
+from pretrain.api.validation import total_steps
+from pretrain.data.collator import Collator
+from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
+from pretrain.data.prepare import prepare, text_sample
+from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
+from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
+from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, step_name
+from pretrain.trainer.model import build_model, parameter_groups
+from pretrain.trainer.progress import Progress
+from pretrain.trainer.recipe import batch_plan, deepspeed_config, lr_multiplier, model_flops_per_token
+
+log = logging.getLogger("pretrain.trainer")
+
+
+class Trainer:
+    def __init__(self, job: PretrainJob, workdir: Path) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.workdir = workdir
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.node_rank = self.rank // self.local_world
+        self.attempt = int(os.environ.get("PRETRAIN_ATTEMPT", "1"))
+        self.stop_requested = False
+        self.gpu = self.spec.resources.accelerator == "gpu"
+
+    # ------------------------------------------------------------------ set-up
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if not self.stop_requested:
+            log.warning(
+                "received %s: saving a checkpoint at the end of this step, then exiting", signal.Signals(signum).name
+            )
+        self.stop_requested = True
+
+    def init_distributed(self) -> None:
+        import torch
+
+        if self.gpu:
+            if not torch.cuda.is_available():
+                raise RuntimeError("resources.accelerator is gpu but no CUDA device is visible; use accelerator: cpu")
+            torch.cuda.set_device(self.local_rank)
+        import deepspeed
+
+        deepspeed.init_distributed(verbose=False)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+    def broadcast(self, obj: Any) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def build_tokenizer(self) -> Any:
+        """Rank 0 builds (or trains) the tokenizer and saves it; the others load that copy."""
+        from transformers import AutoTokenizer
+
+        tok_dir = self.workdir / "tokenizer"
+        if self.local_rank == 0:
+            tok = build_tokenizer(self.spec.tokenizer, text_sample(self.spec.data, self.spec.tokenizer.sample_bytes))
+            save(tok, tok_dir)
+        self.barrier()
+        return tok if self.local_rank == 0 else AutoTokenizer.from_pretrained(str(tok_dir))
+
+    def build_data(self, tokenizer: Any) -> tuple[PackedSplit, PackedSplit]:
+        cache = self.workdir / "data"
+        if self.local_rank == 0:
+            path = prepare(self.spec.data, tokenizer, fingerprint(tokenizer), cache)
+        self.barrier()
+        if self.local_rank != 0:
+            path = prepare(self.spec.data, tokenizer, fingerprint(tokenizer), cache)  # reuses rank 0's
+        return PackedSplit(path, "train"), PackedSplit(path, "val")
+
+    def build_engine(self, model: Any) -> Any:
+        import deepspeed
+        import torch
+
+        cfg = deepspeed_config(self.spec, self.world, gpu=self.gpu)
+        o = self.spec.training.optimizer
+        groups = parameter_groups(model, o.weight_decay)
+
+        def schedule(optimizer: Any) -> Any:
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, self.spec))
+
+        optimizer = None
+        if "optimizer" not in cfg:
+            optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps)
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=schedule, config=cfg
+        )
+        return engine
+
+    def store(self) -> CheckpointStore:
+        c = self.spec.checkpoint
+        uri = c.uri or str(self.workdir / "checkpoints")
+        return CheckpointStore(
+            uri, workdir=self.workdir, node_rank=self.node_rank, nodes=self.world // self.local_world,
+            storage_options=dict(c.storage_options), keep_last=c.keep_last, keep_every=c.keep_every,
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def resume(self, engine: Any, store: CheckpointStore, loader: DistributedLoader) -> int:
+        """Load the checkpoint `checkpoint.resume` asks for; return the step to start at."""
+        choice: tuple[int | None, list[str], str | None] = (None, [], None)
+        if self.rank == 0:
+            try:
+                step, notes = store.select(self.spec.checkpoint.resume)
+                choice = (step, notes, None)
+            except CheckpointError as e:
+                choice = (None, [], str(e))
+        step, notes, error = self.broadcast(choice)
+        if error:
+            raise CheckpointError(error)
+        for note in notes:
+            if self.rank == 0:
+                log.warning("resume: %s; falling back to an older checkpoint", note)
+        if step is None:
+            if self.rank == 0 and self.spec.checkpoint.resume == "never" and store.complete_steps():
+                log.info("resume: never; starting fresh (existing checkpoints are kept)")
+            return 0
+        if self.local_rank == 0 and self.rank != 0:
+            problem = store.verify(step, into=store.local_copy(step))
+            if problem:
+                raise CheckpointError(f"{step_name(step)}: {problem}")
+        self.barrier()
+        manifest = store.manifest(step) or {}
+        saved_world = manifest.get("world_size")
+        if saved_world is not None and saved_world != self.world:
+            raise CheckpointError(
+                f"{step_name(step)} was written by {saved_world} processes and this run has {self.world}: "
+                "resume with the same nodes x procsPerNode, or set checkpoint.resume: never"
+            )
+        local = store.local_copy(step)
+        load_path, _ = engine.load_checkpoint(str(local.parent), tag=local.name, load_module_strict=True)
+        if load_path is None:
+            raise CheckpointError(f"{step_name(step)}: DeepSpeed could not load it")
+        state = json.loads((local / "loader.json").read_text())
+        loader.load_state_dict(state["loader"])
+        rng_file = local / f"rng-rank-{self.rank}.pt"
+        if rng_file.exists():
+            import torch
+
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["torch"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
+        if self.rank == 0:
+            log.info("resumed from %s/%s (step %d)", store.uri, step_name(step), step)
+        return int(state["step"])
+
+    def save(
+        self, engine: Any, store: CheckpointStore, loader: DistributedLoader, step: int, *, background: bool = True
+    ) -> None:
+        import torch
+
+        store.wait()  # at most one upload in flight
+        staging = store.staging_dir(step)
+        engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
+        if self.rank == 0:
+            (staging / "loader.json").write_text(json.dumps({"step": step, "loader": loader.state_dict()}))
+            (staging / "job.json").write_text(self.job.model_dump_json(by_alias=True, exclude_none=True))
+        torch.save(
+            {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            staging / f"rng-rank-{self.rank}.pt",
+        )
+        self.barrier()
+        meta = {"world_size": self.world, "zero_stage": self.spec.training.zero.stage, "job": self.job.metadata.name}
+        store.commit(
+            step, writes_manifest=self.rank == 0, uploads=self.local_rank == 0, meta=meta, background=background
+        )
+
+    def export(self, engine: Any, tokenizer: Any, store: CheckpointStore) -> str | None:
+        """Write a plain Hugging Face directory to <checkpoint.uri>/final (rank 0 writes)."""
+        if self.spec.training.zero.stage == 3:
+            state = engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = engine.module.state_dict() if self.rank == 0 else None
+        uri = None
+        if self.rank == 0:
+            out = self.workdir / "final"
+            model = engine.module
+            model.save_pretrained(str(out), state_dict={k: v.detach().cpu() for k, v in state.items()})
+            tokenizer.save_pretrained(str(out))
+            uri = store.upload_dir(out, "final")
+        self.barrier()
+        return uri
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, engine: Any, batches: list[np.ndarray[Any, Any]], collate: Collator) -> float | None:
+        import torch
+        import torch.distributed as dist
+
+        if not batches:
+            return None
+        engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        with torch.no_grad():
+            for i, rows in enumerate(batches):
+                batch = self.to_device(collate(rows, step=-1, rank=self.rank, micro=i))
+                total[0] += float(engine(**batch).loss)
+                total[1] += 1
+        engine.train()
+        dist.all_reduce(total)
+        return float(total[0] / total[1])
+
+    def to_device(self, batch: dict[str, np.ndarray[Any, Any]]) -> dict[str, Any]:
+        import torch
+
+        device = torch.device("cuda", self.local_rank) if self.gpu else torch.device("cpu")
+        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self) -> int:
+        import torch
+        import torch.distributed as dist
+
+        spec = self.spec
+        t = spec.training
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.init_distributed()
+        torch.manual_seed(t.seed)
+        np.random.seed(t.seed)
+        random.seed(t.seed)
+
+        tokenizer = self.build_tokenizer()
+        train_split, val_split = self.build_data(tokenizer)
+        plan = batch_plan(spec, self.world)
+        loader = DistributedLoader(
+            train_split, rank=self.rank, world_size=self.world, micro_batch=plan.micro_batch,
+            accumulation=plan.accumulation, seed=spec.data.shuffle_seed, weights=[s.weight for s in spec.data.sources],
+        )  # fmt: skip
+        collate = Collator(
+            objective=spec.objective_type, vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
+            special_ids=tuple(tokenizer.all_special_ids), mask_probability=spec.objective.mask_probability, seed=t.seed,
+        )  # fmt: skip
+        val = eval_batches(
+            val_split, rank=self.rank, world_size=self.world, micro_batch=plan.micro_batch, steps=t.eval_steps
+        )
+
+        init_dir = None
+        if spec.model.init_from:
+            init_dir = download_dir(spec.model.init_from, self.workdir / "init")
+        model = build_model(spec, tokenizer, init_dir)
+        n_params = sum(p.numel() for p in model.parameters())
+        engine = self.build_engine(model)
+        store = self.store()
+        steps = total_steps(spec) or 1
+        start = self.resume(engine, store, loader)
+
+        seq = spec.data.sequence_length
+        tokens_per_step = plan.global_batch * seq
+        cfg = model.config
+        flops_per_token = model_flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, seq)
+        peak = spec.monitoring.peak_flops or (
+            peak_flops_for(torch.cuda.get_device_name(self.local_rank)) if self.gpu else None
+        )
+        metrics = TrainerMetrics(
+            Labels(self.job.metadata.name, self.job.metadata.namespace or "default", self.rank, self.attempt),
+            spec.monitoring.metrics_port + self.local_rank,
+        )
+        metrics.total_steps.set(steps)
+        metrics.step.set(start)
+        progress = Progress(total=steps, start=start, enabled=self.rank == 0)
+        if self.rank == 0:
+            log.info(
+                "job %s: %s %.2fM params, %d processes, ZeRO-%d %s, %d steps of %d x %d tokens (accumulation %d)%s",
+                self.job.metadata.name, spec.model.family, n_params / 1e6, self.world, t.zero.stage, t.precision,
+                steps, plan.global_batch, seq, plan.accumulation, f", resuming at step {start}" if start else "",
+            )  # fmt: skip
+            if metrics.port:
+                log.info("metrics: http://127.0.0.1:%d/metrics", metrics.port)
+
+        last_saved = start if start else None
+        step = start
+        loss = float("nan")
+        while step < steps:
+            t0 = time.perf_counter()
+            batches = loader.next_step()
+            metrics.data_wait.inc(time.perf_counter() - t0)
+            local_loss = 0.0
+            for m, rows in enumerate(batches):
+                batch = self.to_device(collate(rows, step=step, rank=self.rank, micro=m))
+                out = engine(**batch)
+                engine.backward(out.loss)
+                engine.step()
+                local_loss += float(out.loss.detach())
+            reduced = torch.tensor([local_loss / len(batches), float(self.stop_requested)], dtype=torch.float64)
+            dist.all_reduce(reduced)
+            loss = float(reduced[0]) / self.world
+            stop = reduced[1] > 0
+            step += 1
+            seconds = time.perf_counter() - t0
+            lr = engine.get_lr()[0]
+            grad_norm = engine.get_global_grad_norm()
+            grad_norm = float(grad_norm) if grad_norm is not None else None
+            mfu = (flops_per_token * tokens_per_step / self.world / seconds / peak) if peak else None
+            metrics.observe_step(
+                step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_per_step, samples=plan.global_batch,
+                seconds=seconds, mfu=mfu,
+            )  # fmt: skip
+            if self.gpu:
+                metrics.observe_memory(torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
+            progress.update(step, loss=loss, tokens_per_second=tokens_per_step / seconds, lr=lr)
+            self.record({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_per_step,
+                         "seconds": seconds, "epoch": loader.epoch})  # fmt: skip
+            if self.rank == 0 and (step % t.log_interval == 0 or step == steps or step == start + 1):
+                progress.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_second=tokens_per_step / seconds)
+            if t.eval_interval and step % t.eval_interval == 0 and step < steps:
+                self.log_eval(step, self.evaluate(engine, val, collate), metrics, progress)
+            if step % spec.checkpoint.interval_steps == 0 or stop:
+                self.save(engine, store, loader, step)
+                last_saved = step
+            self.report_checkpoint(store, metrics)
+            if stop:
+                store.close()
+                self.report_checkpoint(store, metrics)
+                progress.close()
+                if self.rank == 0:
+                    log.info(
+                        "stopped at step %d on request; checkpoint %s saved; run again to resume", step, step_name(step)
+                    )
+                metrics.close()
+                return 0
+
+        progress.close()
+        eval_loss = self.log_eval(step, self.evaluate(engine, val, collate), metrics, progress)
+        if last_saved != step:
+            self.save(engine, store, loader, step, background=False)
+        store.close()
+        self.report_checkpoint(store, metrics)
+        self.check_checkpoint_errors(store)
+        uri = self.export(engine, tokenizer, store)
+        if self.rank == 0:
+            summary = {"step": step, "train_loss": loss, "eval_loss": eval_loss, "final": uri}
+            log.info("done: %s", json.dumps(summary))
+            (self.workdir / "result.json").write_text(json.dumps(summary))
+        metrics.close()
+        return 0
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one line to rank 0's train_log.jsonl (the run's own record, read by tests and tools)."""
+        if self.rank == 0:
+            with open(self.workdir / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def log_eval(self, step: int, eval_loss: float | None, metrics: TrainerMetrics, progress: Progress) -> float | None:
+        if eval_loss is None:
+            return None
+        ppl = math.exp(min(eval_loss, 50.0))
+        self.record({"step": step, "eval_loss": eval_loss, "eval_perplexity": ppl})
+        metrics.eval_loss.set(eval_loss)
+        metrics.eval_perplexity.set(ppl)
+        if self.rank == 0:
+            progress.clear()
+            log.info("eval step %d: loss %.4f perplexity %.2f", step, eval_loss, ppl)
+        return eval_loss
+
+    def report_checkpoint(self, store: CheckpointStore, metrics: TrainerMetrics) -> None:
+        s = store.stats
+        metrics.observe_checkpoint(
+            seconds=s.last_seconds, nbytes=s.last_bytes, failures=s.failures, step=s.last_verified_step,
+            when=s.last_verified_time,
+        )  # fmt: skip
+        if s.failures and self.spec.checkpoint.fail_on_error:
+            self.check_checkpoint_errors(store)
+
+    def check_checkpoint_errors(self, store: CheckpointStore) -> None:
+        if store.stats.failures and self.spec.checkpoint.fail_on_error:
+            raise CheckpointError(f"checkpoint failed and checkpoint.failOnError is set: {store.stats.errors[-1]}")
+        if store.stats.failures and self.rank == 0:
+            log.warning("%d checkpoint save(s) failed: %s", store.stats.failures, store.stats.errors[-1])
+
+
+def configure_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )  # fmt: skip
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    for noisy in (
+        "DeepSpeed",
+        "deepspeed",
+        "torch.distributed",
+        "urllib3",
+        "botocore",
+        "s3fs",
+        "aiobotocore",
+        "fsspec",
+    ):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,76 @@
+"""The model factory: a transformers model for the job's family and size, or its initFrom weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pretrain.api.presets import resolve_dims
+from pretrain.api.spec import PretrainJobSpec
+
+
+def padded_vocab(n: int, multiple: int = 64) -> int:
+    """Vocabulary rounded up: matmuls on padded sizes run faster, and spare ids cost nothing."""
+    return -(-n // multiple) * multiple
+
+
+def model_config(spec: PretrainJobSpec, tokenizer: Any) -> Any:
+    """A transformers config for the job; vocabulary defaults to the tokenizer's (padded)."""
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    m = spec.model
+    dims = resolve_dims(m)
+    vocab = m.vocab_size or padded_vocab(len(tokenizer))
+    if vocab < len(tokenizer):
+        raise ValueError(f"model.vocabSize {vocab} is below the tokenizer's {len(tokenizer)} tokens")
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    if m.family == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab, n_positions=dims.max_positions, n_embd=dims.hidden, n_layer=dims.layers,
+            n_head=dims.heads, n_inner=dims.intermediate, resid_pdrop=m.dropout, embd_pdrop=m.dropout,
+            attn_pdrop=m.dropout, bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, use_cache=False,
+        )  # fmt: skip
+    if m.family == "llama":
+        return LlamaConfig(
+            vocab_size=vocab, hidden_size=dims.hidden, intermediate_size=dims.intermediate,
+            num_hidden_layers=dims.layers, num_attention_heads=dims.heads, num_key_value_heads=dims.kv_heads,
+            max_position_embeddings=dims.max_positions, attention_dropout=m.dropout,
+            bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, tie_word_embeddings=False, use_cache=False,
+        )  # fmt: skip
+    return BertConfig(
+        vocab_size=vocab, hidden_size=dims.hidden, num_hidden_layers=dims.layers, num_attention_heads=dims.heads,
+        intermediate_size=dims.intermediate, max_position_embeddings=dims.max_positions,
+        hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout, pad_token_id=pad,
+    )  # fmt: skip
+
+
+def auto_class(objective: str) -> Any:
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+
+
+def build_model(spec: PretrainJobSpec, tokenizer: Any, init_dir: Path | None = None) -> Any:
+    """A fresh model from the spec, or the weights in `init_dir` (a local copy of initFrom)."""
+    objective = spec.objective_type
+    cls = auto_class(objective)
+    attn = spec.model.attention
+    if init_dir is not None:
+        model = cls.from_pretrained(str(init_dir), attn_implementation=attn)
+    else:
+        model = cls.from_config(model_config(spec, tokenizer), attn_implementation=attn)
+    model.loss_type = "ForMaskedLM" if objective == "mlm" else "ForCausalLM"
+    if spec.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def parameter_groups(model: Any, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on matrices, none on biases, norms and other vectors."""
+    decay: list[Any] = []
+    no_decay: list[Any] = []
+    for _, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,198 @@
+"""The checkpoint store on local disk and on a real S3 protocol server: manifest last, verify,
+fall back, retention, retries."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, step_name
+from tests.s3server import S3
+
+
+def write_fake(store: CheckpointStore, step: int, size: int = 4096) -> None:
+    d = store.staging_dir(step)
+    (d / "sub").mkdir(parents=True, exist_ok=True)
+    (d / "model.pt").write_bytes(os.urandom(size))
+    (d / "sub" / "optim.pt").write_bytes(os.urandom(size // 2))
+    (d / "loader.json").write_text(json.dumps({"step": step}))
+
+
+def save(store: CheckpointStore, step: int, size: int = 4096) -> None:
+    write_fake(store, step, size)
+    store.commit(step, writes_manifest=True, uploads=True, meta={"world_size": 1}, background=False)
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
+    if request.param == "local":
+        uri = str(tmp_path / "ckpt")
+    else:
+        s3: S3 = request.getfixturevalue("s3")
+        uri = f"s3://{s3.bucket(f'b-{os.urandom(4).hex()}')}/runs/x"
+    return CheckpointStore(uri, workdir=tmp_path / "work", keep_last=2, retry_base_delay=0.05)
+
+
+def test_manifest_lists_every_file_and_verifies(store: CheckpointStore) -> None:
+    save(store, 10)
+    m = store.manifest(10)
+    assert m is not None and m["step"] == 10 and m["world_size"] == 1
+    assert set(m["files"]) == {"model.pt", "sub/optim.pt", "loader.json"}
+    assert all(len(f["sha256"]) == 64 for f in m["files"].values())
+    assert store.verify(10) is None
+    assert store.select("auto")[0] == 10
+    assert (store.local_copy(10) / "sub" / "optim.pt").exists()
+
+
+def test_incomplete_checkpoint_does_not_exist_for_readers(store: CheckpointStore) -> None:
+    save(store, 10)
+    write_fake(store, 20)
+    # node part published, manifest never written (as if the writer died)
+    store._publish_part(20)
+    assert store.steps() == [10, 20]
+    assert store.complete_steps() == [10]
+    step, notes = store.select("auto")
+    assert step == 10 and "step-00000020" in notes[0] and "no complete manifest" in notes[0]
+
+
+def test_flipped_byte_falls_back(store: CheckpointStore, tmp_path: Path) -> None:
+    save(store, 10)
+    save(store, 20)
+    target = f"{store.root}/{step_name(20)}/sub/optim.pt"
+    data = bytearray(store.fs.cat_file(target))
+    data[3] ^= 0x01
+    store.fs.pipe_file(target, bytes(data))
+    step, notes = store.select("auto")
+    assert step == 10
+    assert "sub/optim.pt fails its sha256 check" in notes[0]
+    with pytest.raises(CheckpointError, match="step-00000020 is unusable"):
+        store.select(20)
+    with pytest.raises(CheckpointError, match="no checkpoint at step 15"):
+        store.select(15)
+    assert store.select("never") == (None, [])
+
+
+def test_retention_keeps_exactly_k(store: CheckpointStore) -> None:
+    for step in (10, 20, 30, 40):
+        save(store, step)
+    assert store.complete_steps() == [30, 40]
+    store.keep_every = 20
+    save(store, 50)
+    assert store.complete_steps() == [40, 50]  # 20 was already gone; 40 is a multiple of 20 and kept
+    save(store, 60)
+    assert store.complete_steps() == [40, 50, 60]
+
+
+def test_background_commit_overlaps_and_next_save_waits(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path / "c"), workdir=tmp_path / "w", keep_last=5)
+    write_fake(store, 1, size=1 << 20)
+    store.commit(1, writes_manifest=True, uploads=True, meta={})
+    store.wait()
+    assert store.complete_steps() == [1]
+    assert store.stats.saves == 1 and store.stats.last_verified_step == 1
+    store.close()
+
+
+def test_unreachable_endpoint_is_retried_until_it_returns(tmp_path: Path) -> None:
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="t",
+                 aws_secret_access_key="t").create_bucket(Bucket="flaky")  # fmt: skip
+    opts = {
+        "key": "t",
+        "secret": "t",
+        "client_kwargs": {"endpoint_url": url},
+        "config_kwargs": {"retries": {"max_attempts": 1}},
+    }
+    store = CheckpointStore(
+        "s3://flaky/ck", workdir=tmp_path, storage_options=opts, retry_base_delay=0.2, retry_attempts=10
+    )
+    write_fake(store, 5)
+    server.stop()  # the endpoint now refuses connections
+    store.commit(5, writes_manifest=True, uploads=True, meta={})
+    time.sleep(1.5)
+    revived = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    revived.start()
+    try:
+        store.wait()
+        assert store.stats.failures == 0, store.stats.errors
+        assert store.complete_steps() == [5]
+        assert store.verify(5) is None
+    finally:
+        revived.stop()
+
+
+KILL_SCRIPT = """
+import os, sys, time
+from pathlib import Path
+from pretrain.storage.checkpoint import CheckpointStore
+store = CheckpointStore(sys.argv[1], workdir=Path(sys.argv[2]), keep_last=1)
+d = store.staging_dir(2)
+d.mkdir(parents=True, exist_ok=True)
+for i in range(40):
+    (d / f"shard-{i:02d}.pt").write_bytes(os.urandom(1 << 20))
+print("uploading", flush=True)
+store.commit(2, writes_manifest=True, uploads=True, meta={}, background=False)
+print("done", flush=True)
+"""
+
+
+def test_sigkill_mid_upload_leaves_previous_checkpoint(s3: S3, tmp_path: Path) -> None:
+    uri = f"s3://{s3.bucket('killed')}/job"
+    store = CheckpointStore(uri, workdir=tmp_path / "w", keep_last=1)
+    save(store, 1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, uri, str(tmp_path / "w2")], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "uploading"
+    deadline = time.monotonic() + 60
+    while (
+        time.monotonic() < deadline
+        and len(
+            store.fs.ls(f"{store.root}/{step_name(2)}", detail=False)
+            if store.fs.exists(f"{store.root}/{step_name(2)}")
+            else []
+        )
+        < 3
+    ):
+        store.fs.invalidate_cache()
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 2 in store.steps(), "the upload had started"
+    assert store.manifest(2) is None
+    step, notes = store.select("auto")
+    assert step == 1 and "step-00000002" in notes[0]
+
+
+def test_concurrent_reader_never_sees_partial_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(str(tmp_path / "c"), workdir=tmp_path / "w", keep_last=3)
+    seen: list[int | None] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            for s in store.complete_steps():
+                seen.append(s if store.verify(s) is None else -s)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for step in range(1, 6):
+        save(store, step, size=1 << 18)
+    done.set()
+    t.join()
+    assert all(s is not None and s > 0 for s in seen)

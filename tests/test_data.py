@@ -1,0 +1,271 @@
+"""Data: tokenizers, packing into shards, and the loader's partition, order and exact resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pretrain.api.spec import DataSourceSpec, DataSpec, TokenizerSpec
+from pretrain.data.collator import IGNORE_INDEX, Collator
+from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
+from pretrain.data.prepare import prepare, text_sample
+from pretrain.data.sources import DataError
+from pretrain.data.tokenizer import build_tokenizer, bytes_tokenizer, chars_tokenizer, fingerprint
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    words = ["the", "king", "queen", "crown", "sword", "night", "day", "love", "war", "peace"]
+    for i in range(3):
+        lines = [" ".join(rng.choice(words, size=12)) for _ in range(200)]
+        (d / f"part-{i}.txt").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def data_spec(uri: str, **kw: Any) -> DataSpec:
+    return DataSpec(sources=[DataSourceSpec(uri=uri)], sequence_length=16, **kw)
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    spec = data_spec(str(corpus / "*.txt"), validation_split=0.1)
+    tok = bytes_tokenizer()
+    return prepare(spec, tok, fingerprint(tok), tmp_path_factory.mktemp("cache"), shard_rows=100)
+
+
+def test_bytes_and_chars_round_trip() -> None:
+    text = "To be, or not to be:\n\tthat is the question. Ünïcode ✓"
+    b = bytes_tokenizer()
+    assert b.decode(b.encode(text)) == text
+    assert len(b) == 260
+    c = chars_tokenizer([text])
+    assert c.decode(c.encode(text)) == text
+    assert len(c) == len(set(text)) + 4
+
+
+def test_bpe_trains_and_compresses(corpus: Path) -> None:
+    spec = data_spec(str(corpus / "*.txt"))
+    tok = build_tokenizer(TokenizerSpec(type="bpe", vocab_size=300), text_sample(spec, 10**6))
+    sample = (corpus / "part-0.txt").read_text()[:2000]
+    assert tok.decode(tok.encode(sample)) == sample
+    assert len(tok.encode(sample)) < len(sample.encode()) / 2
+
+
+def test_prepare_layout_and_reuse(prepared: Path, corpus: Path) -> None:
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    train, val = PackedSplit(prepared, "train"), PackedSplit(prepared, "val")
+    total_bytes = sum(p.stat().st_size for p in corpus.glob("*.txt"))
+    # every byte of the corpus plus one EOS per chunk, cut into whole rows of 16
+    assert (len(train) + len(val)) * 16 == pytest.approx(total_bytes + 3, abs=16)
+    assert len(train.shards) > 1, "shard_rows=100 must split the training rows"
+    assert manifest["splits"]["train"]["rows"] == len(train)
+    assert len(val) == int(np.ceil((len(train) + len(val)) * 0.1))
+    tok = bytes_tokenizer()
+    assert manifest["tokenizer_fingerprint"] == fingerprint(tok)
+    again = prepare(data_spec(str(corpus / "*.txt"), validation_split=0.1), tok, fingerprint(tok), prepared.parent)
+    assert again == prepared
+
+
+def test_changed_inputs_make_a_new_dataset(corpus: Path, tmp_path: Path) -> None:
+    tok = bytes_tokenizer()
+    spec = data_spec(str(corpus / "part-0.txt"))
+    first = prepare(spec, tok, fingerprint(tok), tmp_path)
+    other_tok = chars_tokenizer(["abc "])
+    assert prepare(spec, other_tok, fingerprint(other_tok), tmp_path) != first
+    copy = tmp_path / "copy.txt"
+    copy.write_text((corpus / "part-0.txt").read_text())
+    base = prepare(data_spec(str(copy)), tok, fingerprint(tok), tmp_path)
+    copy.write_text(copy.read_text() + "more text appended\n")
+    assert prepare(data_spec(str(copy)), tok, fingerprint(tok), tmp_path) != base
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_partition_an_epoch(prepared: Path, world: int) -> None:
+    split = PackedSplit(prepared, "train")
+    n = len(split)
+    micro, accum = 2, 2
+    loaders = [
+        DistributedLoader(split, rank=r, world_size=world, micro_batch=micro, accumulation=accum, seed=7)
+        for r in range(world)
+    ]
+    global_batch = micro * accum * world
+    steps = n // global_batch
+    seen: list[list[int]] = [[] for _ in range(world)]
+    for _ in range(steps):
+        for r, loader in enumerate(loaders):
+            start = loader.consumed
+            for m in range(accum):
+                idx = loader.stream(start + (m * world + r) * micro, micro)
+                seen[r].extend(idx.tolist())
+            loader.next_step()
+    # leftover of the epoch (fewer than one global batch) goes to the first items of the next step
+    tail = loaders[0].stream(steps * global_batch, n - steps * global_batch).tolist()
+    flat = [i for s in seen for i in s] + tail
+    assert sorted(flat) == list(range(n)), "an epoch covers every row exactly once"
+    for a in range(world):
+        for b in range(a + 1, world):
+            assert not set(seen[a]) & set(seen[b]), "ranks overlap"
+
+
+def test_same_seed_same_order_other_seed_differs(prepared: Path) -> None:
+    split = PackedSplit(prepared, "train")
+
+    def first_batches(seed: int) -> list[np.ndarray[Any, Any]]:
+        loader = DistributedLoader(split, rank=0, world_size=1, micro_batch=4, accumulation=1, seed=seed)
+        return [loader.next_step()[0] for _ in range(5)]
+
+    a, b, c = first_batches(1), first_batches(1), first_batches(2)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    assert not all((x == y).all() for x, y in zip(a, c, strict=True))
+
+
+def test_epochs_continue_with_a_new_order(prepared: Path) -> None:
+    split = PackedSplit(prepared, "train")
+    loader = DistributedLoader(split, rank=0, world_size=1, micro_batch=1, accumulation=1, seed=3)
+    n = len(split)
+    e0, e1 = loader.stream(0, n), loader.stream(n, n)
+    assert sorted(e0.tolist()) == sorted(e1.tolist()) == list(range(n))
+    assert e0.tolist() != e1.tolist()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    world=st.integers(1, 3),
+    micro=st.integers(1, 3),
+    accum=st.integers(1, 3),
+    stop=st.integers(0, 60),
+    more=st.integers(1, 8),
+)
+def test_restored_loader_continues_exactly(
+    prepared: Path, world: int, micro: int, accum: int, stop: int, more: int
+) -> None:
+    split = PackedSplit(prepared, "train")
+    for rank in range(world):
+        kw = dict(rank=rank, world_size=world, micro_batch=micro, accumulation=accum, seed=11)
+        straight = DistributedLoader(split, **kw)  # type: ignore[arg-type]
+        for _ in range(stop):
+            straight.next_step()
+        state = json.loads(json.dumps(straight.state_dict()))
+        expected = [straight.next_step() for _ in range(more)]
+        restored = DistributedLoader(split, **kw)  # type: ignore[arg-type]
+        restored.load_state_dict(state)
+        got = [restored.next_step() for _ in range(more)]
+        for e, g in zip(expected, got, strict=True):
+            assert all((x == y).all() for x, y in zip(e, g, strict=True))
+
+
+def test_loader_state_for_another_dataset_is_refused(prepared: Path) -> None:
+    split = PackedSplit(prepared, "train")
+    loader = DistributedLoader(split, rank=0, world_size=1, micro_batch=1, accumulation=1, seed=1)
+    with pytest.raises(DataError, match="another dataset"):
+        loader.load_state_dict({"consumed": 3, "seed": 1, "rows": len(split) + 1, "global_batch": 1})
+
+
+def test_truncated_shard_is_named(prepared: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(prepared, broken)
+    shard = broken / "train-000001.bin"
+    shard.write_bytes(shard.read_bytes()[:-7])
+    with pytest.raises(DataError, match=r"shard .*train-000001.bin: .*truncated or corrupt"):
+        PackedSplit(broken, "train")
+    flipped = tmp_path / "flipped"
+    shutil.copytree(prepared, flipped)
+    data = bytearray((flipped / "train-000000.bin").read_bytes())
+    data[10] ^= 0xFF
+    (flipped / "train-000000.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train-000000.bin: checksum mismatch"):
+        PackedSplit(flipped, "train").verify()
+
+
+def test_weighted_sources_mix_by_weight(corpus: Path, tmp_path: Path) -> None:
+    tok = bytes_tokenizer()
+    spec = DataSpec(
+        sources=[DataSourceSpec(uri=str(corpus / "part-0.txt"), weight=3.0), DataSourceSpec(uri=str(corpus / "part-1.txt"), weight=1.0)],
+        sequence_length=16, validation_split=0.0,
+    )  # fmt: skip
+    split = PackedSplit(prepare(spec, tok, fingerprint(tok), tmp_path), "train")
+    loader = DistributedLoader(split, rank=0, world_size=1, micro_batch=1, accumulation=1, seed=0, weights=[3.0, 1.0])
+    order = loader.stream(0, len(split))
+    first_source = split.source_ranges()[0]
+    share = np.isin(order, first_source).mean()
+    assert share == pytest.approx(0.75, abs=0.01)
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("{d}/nothing-*.txt", "matches no files"),
+        ("{d}/missing.txt", "no such file"),
+        ("builtin://nope", "no such bundled corpus"),
+    ],
+)
+def test_bad_sources_name_themselves(tmp_path: Path, uri: str, message: str) -> None:
+    tok = bytes_tokenizer()
+    with pytest.raises(DataError, match=message) as e:
+        prepare(data_spec(uri.format(d=tmp_path)), tok, fingerprint(tok), tmp_path / "cache")
+    assert str(tmp_path) in str(e.value) or "builtin://nope" in str(e.value)
+
+
+def test_empty_corpus_and_missing_field(tmp_path: Path) -> None:
+    tok = bytes_tokenizer()
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match=r"empty.txt: too little text"):
+        prepare(data_spec(str(tmp_path / "empty.txt")), tok, fingerprint(tok), tmp_path / "c")
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(DataError, match=r"rows.jsonl:1: no text field 'text' \(fields: body\)"):
+        prepare(data_spec(str(tmp_path / "rows.jsonl")), tok, fingerprint(tok), tmp_path / "c")
+
+
+def test_jsonl_and_parquet_sources(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"content": f"document number {i} " * 5} for i in range(50)]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "b.parquet")
+    tok = bytes_tokenizer()
+    sizes = []
+    for name in ("a.jsonl", "b.parquet"):
+        spec = DataSpec(sources=[DataSourceSpec(uri=str(tmp_path / name), text_field="content")], sequence_length=16)
+        sizes.append(len(PackedSplit(prepare(spec, tok, fingerprint(tok), tmp_path / "c"), "train")))
+    assert sizes[0] == sizes[1] > 0
+
+
+def test_mlm_masking_rates_and_determinism() -> None:
+    rng = np.random.default_rng(0)
+    rows = rng.integers(10, 200, size=(64, 128))
+    rows[:, ::17] = 3  # a special token that must never be masked
+    collate = Collator(
+        objective="mlm", vocab_size=260, mask_token_id=258, special_ids=(3,), mask_probability=0.15, seed=5
+    )
+    a = collate(rows, step=4, rank=1, micro=0)
+    b = collate(rows, step=4, rank=1, micro=0)
+    assert (a["input_ids"] == b["input_ids"]).all() and (a["labels"] == b["labels"]).all()
+    selected = a["labels"] != IGNORE_INDEX
+    assert selected.mean() == pytest.approx(0.15 * (1 - 1 / 17), abs=0.01)
+    assert not selected[:, ::17].any()
+    masked = a["input_ids"][selected] == 258
+    assert masked.mean() == pytest.approx(0.8, abs=0.03)
+    unchanged = a["input_ids"][selected] == rows[selected]
+    assert unchanged.mean() == pytest.approx(0.1, abs=0.03)
+    assert (a["labels"][selected] == rows[selected]).all()
+    clm = Collator(objective="clm", vocab_size=260)(rows)
+    assert (clm["labels"] == rows).all()
+
+
+def test_eval_batches_are_fixed_and_strided(prepared: Path) -> None:
+    split = PackedSplit(prepared, "val")
+    r0 = eval_batches(split, rank=0, world_size=2, micro_batch=2, steps=2)
+    r1 = eval_batches(split, rank=1, world_size=2, micro_batch=2, steps=2)
+    assert not (r0[0] == r1[0]).all()
+    assert (r0[0] == eval_batches(split, rank=0, world_size=2, micro_batch=2, steps=2)[0]).all()
