@@ -9,8 +9,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pretrain.data.loader import PackedSplit, eval_batches
 from tests.conftest import subprocess_env
 from tests.trainer_runs import Run, command, run_job
 
@@ -78,14 +80,20 @@ def test_export_from_zero3_loads_with_plain_transformers(runs: dict[str, Run]) -
     final = runs["stage3"].out / "checkpoints" / "final"
     tok = AutoTokenizer.from_pretrained(str(final))
     model = AutoModelForCausalLM.from_pretrained(str(final)).eval()
-    text = "ROMEO:\nIs the day so young?\nBENVOLIO:\nBut new struck nine."
-    ids = tok(text, return_tensors="pt")["input_ids"]
+    # The exported weights are the trained ones: on the trainer's own evaluation batches they
+    # give the loss the trainer logged for its final evaluation.
+    run = runs["stage3"]
+    data_dir = next((run.out / "work" / "data").glob("*/manifest.json")).parent
+    val = PackedSplit(data_dir, "val")
+    losses = []
     with torch.no_grad():
-        loss = float(model(ids, labels=ids).loss)
-    trained_final = runs["stage3"].losses()[12]
-    # The exported weights are the trained ones: far below a uniform guess (ln vocab ~ 4.2).
-    assert loss < math.log(len(tok)) - 0.5, loss
-    assert abs(loss - trained_final) < 1.0, (loss, trained_final)
+        for rank in (0, 1):
+            for rows in eval_batches(val, rank=rank, world_size=2, micro_batch=2, steps=2):
+                ids = torch.from_numpy(rows)
+                losses.append(float(model(ids, labels=ids).loss))
+    logged = [e["eval_loss"] for e in run.log if "eval_loss" in e][-1]
+    assert sum(losses) / len(losses) == pytest.approx(logged, abs=1e-4)
+    ids = torch.from_numpy(val.rows(np.arange(1)))
     out = model.generate(ids[:, :5], max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] == 25
     assert isinstance(tok.decode(out[0]), str)

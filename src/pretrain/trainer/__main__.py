@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = train() or 0
         return code
-    except (DataError, CheckpointError, SpecError, ValueError) as e:
+    except (DataError, CheckpointError, SpecError) as e:
         log.error("error: %s", e)
         return 1
     except Exception as e:

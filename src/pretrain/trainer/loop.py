@@ -36,6 +36,9 @@ from pretrain.trainer.recipe import batch_plan, deepspeed_config, lr_multiplier,
 
 log = logging.getLogger("pretrain.trainer")
 
+#: Masking seed "step" of evaluation batches: fixed, and apart from every training step.
+EVAL_MASK_STREAM = 2**32 - 1
+
 
 class Trainer:
     def __init__(self, job: PretrainJob, workdir: Path) -> None:
@@ -232,7 +235,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         with torch.no_grad():
             for i, rows in enumerate(batches):
-                batch = self.to_device(collate(rows, step=-1, rank=self.rank, micro=i))
+                batch = self.to_device(collate(rows, step=EVAL_MASK_STREAM, rank=self.rank, micro=i))
                 total[0] += float(engine(**batch).loss)
                 total[1] += 1
         engine.train()
