@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from pretrain.data.cli import data, tokenizer
 from pretrain.launch import generate, run
+from pretrain.storage.cli import checkpoints
 
-COMMANDS: list[click.Command] = [run, generate]
+COMMANDS: list[click.Command] = [run, generate, data, tokenizer, checkpoints]

@@ -245,3 +245,52 @@ def prepare(
         return target
     work.rename(target)
     return target
+
+
+def prepare_cached(
+    spec: DataSpec,
+    tokenizer: Any,
+    tokenizer_fingerprint: str,
+    local_cache: Path,
+    remote_cache: str | None,
+    *,
+    publish: bool,
+) -> Path:
+    """Like `prepare`, with an object-storage cache: fetch `<remote>/<fingerprint>` when it is
+    complete there, else prepare locally and (when `publish`) upload it, manifest last."""
+    if not remote_cache:
+        return prepare(spec, tokenizer, tokenizer_fingerprint, local_cache)
+    import fsspec
+
+    from pretrain.storage.checkpoint import download_dir, upload_dir
+
+    files = [resolve_files(s) for s in spec.sources]
+    val_files = [resolve_files(s) for s in spec.validation_sources]
+    fp = dataset_fingerprint(
+        spec,
+        [source_fingerprint(s, f) for s, f in zip(spec.sources, files, strict=True)],
+        [source_fingerprint(s, f) for s, f in zip(spec.validation_sources, val_files, strict=True)],
+        tokenizer_fingerprint,
+    )
+    target = local_cache / fp
+    if (target / "manifest.json").is_file():
+        return target
+    remote = f"{remote_cache.rstrip('/')}/{fp}"
+    fs, root = fsspec.core.url_to_fs(remote)
+    if fs.exists(f"{root}/manifest.json"):
+        staging = local_cache / f".{fp}.download-{os.getpid()}"
+        download_dir(remote, staging, into=True)
+        staging.rename(target)
+        return target
+    path = prepare(spec, tokenizer, tokenizer_fingerprint, local_cache)
+    if publish:
+        manifest = path / "manifest.json"
+        held = path.parent / f".{fp}.manifest"
+        shutil.copy(manifest, held)
+        manifest.unlink()
+        try:
+            upload_dir(path, remote)  # shards first
+        finally:
+            shutil.move(held, manifest)
+        fs.put_file(str(manifest), f"{root}/manifest.json")  # the manifest last
+    return path

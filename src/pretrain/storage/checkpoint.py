@@ -277,6 +277,10 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ reading
 
+    def exists(self, rel: str) -> bool:
+        self.fs.invalidate_cache()
+        return bool(self.fs.exists(self._join(rel)))
+
     def steps(self) -> list[int]:
         """Steps that have a directory (complete or not), ascending."""
         self.fs.invalidate_cache()
@@ -378,34 +382,51 @@ class CheckpointStore:
     # ------------------------------------------------------------------ exports
 
     def upload_dir(self, local_dir: Path, name: str) -> str:
-        """Copy a finished directory (the final export) to `<uri>/<name>`; returns its URI."""
-        target = self._join(name)
-        if self.local:
-            dest = local_path(self.uri) / name
-            if dest.resolve() != local_dir.resolve():
-                shutil.rmtree(dest, ignore_errors=True)
-                shutil.copytree(local_dir, dest)
-        else:
-            for p in _files_under(local_dir):
-                rel = p.relative_to(local_dir).as_posix()
-                self._retry(f"upload {rel}", functools.partial(self.fs.put_file, str(p), f"{target}/{rel}"))
-        return f"{self.uri}/{name}"
+        """Copy a finished directory (the export, the tokenizer) to `<uri>/<name>`; returns its URI."""
+        uri = f"{self.uri}/{name}"
+        upload_dir(local_dir, uri, self.options)
+        return uri
 
     def close(self) -> None:
         self.wait()
         self._pool.shutdown(wait=True)
 
 
-def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = None) -> Path:
-    """A local copy of a directory URI (returned as is when already local)."""
-    if is_local(uri):
+def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = None, *, into: bool = False) -> Path:
+    """A local copy of a directory URI. A local URI is returned as is, unless `into` asks for a
+    copy at `dest` anyway."""
+    if is_local(uri) and not into:
         return local_path(uri)
+    if is_local(uri):
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(local_path(uri), dest)
+        return dest
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    files = fs.find(root)
+    if not files:
+        raise CheckpointError(f"{uri}: nothing there to download")
     dest.mkdir(parents=True, exist_ok=True)
-    for path in fs.find(root):
+    for path in files:
         rel = path[len(root.rstrip("/")) + 1 :]
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         with_retries(f"download {rel}", functools.partial(fs.get_file, path, str(dest / rel)))
     return dest
+
+
+def upload_dir(local_dir: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Copy a local directory's files to a directory URI (local or object storage)."""
+    if is_local(uri):
+        dest = local_path(uri)
+        if dest.resolve() != local_dir.resolve():
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(local_dir, dest)
+        return
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    for p in sorted(local_dir.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(local_dir).as_posix()
+            with_retries(f"upload {rel}", functools.partial(fs.put_file, str(p), f"{root}/{rel}"))

@@ -26,7 +26,7 @@ from pretrain.api.spec import PretrainJob
 from pretrain.api.validation import total_steps
 from pretrain.data.collator import Collator
 from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
-from pretrain.data.prepare import prepare, text_sample
+from pretrain.data.prepare import prepare_cached, text_sample
 from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
 from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
 from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, step_name
@@ -88,24 +88,36 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def build_tokenizer(self) -> Any:
-        """Rank 0 builds (or trains) the tokenizer and saves it; the others load that copy."""
+    def build_tokenizer(self, store: CheckpointStore) -> Any:
+        """The job's tokenizer, kept beside its checkpoints so that every resume (and every
+        node) tokenizes exactly as the first run did. Rank 0 builds or fetches it."""
         from transformers import AutoTokenizer
 
         tok_dir = self.workdir / "tokenizer"
-        if self.local_rank == 0:
-            tok = build_tokenizer(self.spec.tokenizer, text_sample(self.spec.data, self.spec.tokenizer.sample_bytes))
-            save(tok, tok_dir)
+        if self.rank == 0:
+            if store.exists("tokenizer/tokenizer.json") and self.spec.checkpoint.resume != "never":
+                download_dir(f"{store.uri}/tokenizer", tok_dir, store.options, into=True)
+            else:
+                sample = text_sample(self.spec.data, self.spec.tokenizer.sample_bytes)
+                save(build_tokenizer(self.spec.tokenizer, sample), tok_dir)
+                store.upload_dir(tok_dir, "tokenizer")
         self.barrier()
-        return tok if self.local_rank == 0 else AutoTokenizer.from_pretrained(str(tok_dir))
+        if self.local_rank == 0 and self.rank != 0:
+            download_dir(f"{store.uri}/tokenizer", tok_dir, store.options, into=True)
+        self.barrier()
+        return AutoTokenizer.from_pretrained(str(tok_dir))
 
     def build_data(self, tokenizer: Any) -> tuple[PackedSplit, PackedSplit]:
+        """Packed shards in the node-local cache: prepared by rank 0 (or fetched from
+        data.cacheUri when an earlier run put them there), then read by every local rank."""
         cache = self.workdir / "data"
+        fp = fingerprint(tokenizer)
+        remote = self.spec.data.cache_uri
         if self.local_rank == 0:
-            path = prepare(self.spec.data, tokenizer, fingerprint(tokenizer), cache)
+            path = prepare_cached(self.spec.data, tokenizer, fp, cache, remote, publish=self.rank == 0)
         self.barrier()
         if self.local_rank != 0:
-            path = prepare(self.spec.data, tokenizer, fingerprint(tokenizer), cache)  # reuses rank 0's
+            path = prepare_cached(self.spec.data, tokenizer, fp, cache, remote, publish=False)
         return PackedSplit(path, "train"), PackedSplit(path, "val")
 
     def build_engine(self, model: Any) -> Any:
@@ -262,7 +274,8 @@ class Trainer:
         np.random.seed(t.seed)
         random.seed(t.seed)
 
-        tokenizer = self.build_tokenizer()
+        store = self.store()
+        tokenizer = self.build_tokenizer(store)
         train_split, val_split = self.build_data(tokenizer)
         plan = batch_plan(spec, self.world)
         loader = DistributedLoader(
@@ -283,7 +296,6 @@ class Trainer:
         model = build_model(spec, tokenizer, init_dir)
         n_params = sum(p.numel() for p in model.parameters())
         engine = self.build_engine(model)
-        store = self.store()
         steps = total_steps(spec) or 1
         start = self.resume(engine, store, loader)
 

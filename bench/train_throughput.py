@@ -1,0 +1,126 @@
+"""Throughput of the trainer vs a plain PyTorch loop on the same model and batch, in one run.
+
+    python bench/train_throughput.py                  # CPU: 1 process vs plain loop, 2-proc ZeRO-2 vs DDP
+    python bench/train_throughput.py --device cuda    # GPU: GPT-2 124M bf16 tokens/s and MFU too
+
+Baseline and candidate runs are interleaved (this machine stalls for seconds at a time) and each
+reports the median step time over the steps after warm-up; the ratio is tokens/s of the trainer
+over tokens/s of the baseline (higher is better; target 0.90 or better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB = ROOT / "examples" / "tiny-cpu.yaml"
+
+CPU_SETTINGS = ["training.maxSteps={steps}", "training.evalInterval=0", "training.evalSteps=1",
+                "checkpoint.intervalSteps=100000", "training.logInterval=1000", "tokenizer.type=bytes"]  # fmt: skip
+GPU_SETTINGS = ["model.preset=gpt2-124m", "model.layers=null", "model.heads=null", "model.hidden=null",
+                "model.maxPositions=1024", "model.vocabSize=50304", "data.sequenceLength=1024",
+                "training.precision=bf16", "training.zero.stage=1", "training.microBatchSize=8",
+                "training.globalBatchSize=8", "resources.accelerator=gpu"]  # fmt: skip
+
+
+def median_step(log: Path, warmup: int) -> float:
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    times = [r["seconds"] for r in rows if "seconds" in r and r["step"] > warmup]
+    return statistics.median(times)
+
+
+def env_for(tmp: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"TMPDIR": str(tmp), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+    return env
+
+
+def run_trainer(tmp: Path, nproc: int, settings: list[str]) -> float:
+    out = tmp / f"trainer-{os.urandom(3).hex()}"
+    sets = [a for s in settings for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "pretrain.cli", "run", str(JOB), "--nproc", str(nproc), "--output", str(out), *sets]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env_for(tmp), check=False)
+    if proc.returncode:
+        sys.exit(f"trainer failed:\n{proc.stderr[-3000:]}")
+    return median_step(out / "work" / "train_log.jsonl", warmup=5)
+
+
+def run_plain(tmp: Path, nproc: int, settings: list[str], steps: int, device: str) -> float:
+    log = tmp / f"plain-{os.urandom(3).hex()}.jsonl"
+    sets = [a for s in settings for a in ("--set", s)]
+    script = [str(ROOT / "bench" / "plain_train.py"), "--job", str(JOB), "--log", str(log), "--steps", str(steps),
+              "--device", device, *sets]  # fmt: skip
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *script]
+    else:
+        cmd = [sys.executable, *script]
+    env = env_for(tmp)
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode:
+        sys.exit(f"baseline failed:\n{proc.stderr[-3000:]}")
+    return median_step(log, warmup=5)
+
+
+def compare(name: str, tmp: Path, nproc: int, settings: list[str], steps: int, repeats: int, device: str) -> float:
+    base, cand = [], []
+    for i in range(repeats):
+        base.append(run_plain(tmp, nproc, settings, steps, device))
+        cand.append(run_trainer(tmp, nproc, settings))
+        print(
+            f"  {name} repeat {i + 1}: plain {base[-1] * 1e3:.1f} ms/step, trainer {cand[-1] * 1e3:.1f} ms/step",
+            flush=True,
+        )
+    ratio = statistics.median(base) / statistics.median(cand)
+    print(f"{name}: trainer/plain tokens/s ratio = {ratio:.3f} (median of {repeats} interleaved repeats)")
+    return ratio
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    steps_setting = [s.format(steps=args.steps) for s in CPU_SETTINGS]
+    if args.device == "cpu":
+        one = [*steps_setting, "training.zero.stage=0", "training.globalBatchSize=16", "training.microBatchSize=8"]
+        compare("1 process, fp32, ZeRO-0 vs plain AdamW loop", tmp, 1, one, args.steps, args.repeats, "cpu")
+        two = [*steps_setting, "training.zero.stage=2"]
+        compare("2 processes, ZeRO-2 vs plain DDP", tmp, 2, two, args.steps, args.repeats, "cpu")
+        return
+    gpu = [*steps_setting, *GPU_SETTINGS]
+    compare("GPT-2 124M bf16, 1 GPU, ZeRO-1 vs plain autocast loop", tmp, 1, gpu, args.steps, args.repeats, "cuda")
+    out = tmp / "mfu"
+    sets = [a for s in gpu for a in ("--set", s)]
+    subprocess.run([sys.executable, "-m", "pretrain.cli", "run", str(JOB), "--nproc", "1", "--output", str(out), *sets],
+                   env=env_for(tmp), check=True, capture_output=True)  # fmt: skip
+    rows = [
+        json.loads(line) for line in (out / "work" / "train_log.jsonl").read_text().splitlines() if "seconds" in line
+    ]
+    step = statistics.median(r["seconds"] for r in rows if r["step"] > 5)
+    tokens = rows[0]["tokens"]
+    from pretrain.trainer.recipe import model_flops_per_token
+
+    n_params = 124_475_904  # GPT-2 124M with vocabulary 50304, tied embeddings
+    flops = model_flops_per_token(n_params, 12, 768, 1024) * tokens / step
+    import torch
+
+    from pretrain.metrics.trainer import peak_flops_for
+
+    peak = peak_flops_for(torch.cuda.get_device_name(0)) or float("nan")
+    print(f"GPT-2 124M bf16: {tokens / step:,.0f} tokens/s, MFU {flops / peak:.3f} on {torch.cuda.get_device_name(0)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""`pretrain checkpoints list|verify URI`: what a job's checkpoint folder holds, and whether it loads."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from pretrain.clitools import friendly_errors
+from pretrain.storage.checkpoint import CheckpointStore, step_name
+
+
+def _store(uri: str) -> CheckpointStore:
+    return CheckpointStore(uri, workdir=Path(tempfile.mkdtemp(prefix="pretrain-ckpt-")))
+
+
+@click.group()
+def checkpoints() -> None:
+    """Inspect checkpoints in a folder or object storage URI."""
+
+
+@checkpoints.command("list")
+@click.argument("uri")
+@friendly_errors
+def list_(uri: str) -> None:
+    """List checkpoints: step, state (complete or incomplete), size and time."""
+    store = _store(uri)
+    steps = store.steps()
+    if not steps:
+        click.echo(f"{uri}: no checkpoints")
+        return
+    click.echo(f"{'STEP':>10}  {'STATE':<10}  {'SIZE':>10}  TIME")
+    for step in steps:
+        m = store.manifest(step)
+        if m is None:
+            click.echo(f"{step:>10}  {'incomplete':<10}  {'-':>10}  -")
+        else:
+            size = sum(f["size"] for f in m["files"].values())
+            click.echo(f"{step:>10}  {'complete':<10}  {size / 1e6:>8.1f}MB  {m.get('time', '-')}")
+
+
+@checkpoints.command("verify")
+@click.argument("uri")
+@click.option("--step", type=int, default=None, help="Only this step (default: all).")
+@friendly_errors
+def verify(uri: str, step: int | None) -> None:
+    """Check every file of every checkpoint against its manifest (size and sha256). Exit 1 if the
+    newest checkpoint, or the one named by --step, fails."""
+    store = _store(uri)
+    steps = [step] if step is not None else store.steps()
+    if not steps:
+        click.echo(f"error: {uri}: no checkpoints", err=True)
+        sys.exit(1)
+    bad = []
+    for s in steps:
+        problem = store.verify(s)
+        click.echo(f"{step_name(s)}: {'ok' if problem is None else 'BAD: ' + problem}")
+        if problem is not None:
+            bad.append(s)
+    if bad and (step is not None or max(steps) in bad):
+        sys.exit(1)
