@@ -318,6 +318,11 @@ def _check_checkpoint(spec: PretrainJobSpec, check_backends: bool) -> Iterator[S
                 "credentials are never accepted inline; put them in a Secret and name it in "
                 "spec.checkpoint.credentialsSecret",
             )
+    if spec.resources.nodes > 1 and c.uri is None:
+        yield SpecError(
+            "spec.checkpoint.uri",
+            f"required with {spec.resources.nodes} nodes: they share checkpoints through object storage (s3://, gs://, ...)",
+        )
     if spec.resources.nodes > 1 and c.uri is not None and _scheme(c.uri) in {"", "file", "memory"}:
         yield SpecError(
             "spec.checkpoint.uri",
