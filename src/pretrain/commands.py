@@ -6,6 +6,7 @@ import click
 
 from pretrain.data.cli import data, tokenizer
 from pretrain.launch import generate, run
+from pretrain.operator.cli import operator, render
 from pretrain.storage.cli import checkpoints
 
-COMMANDS: list[click.Command] = [run, generate, data, tokenizer, checkpoints]
+COMMANDS: list[click.Command] = [run, generate, data, tokenizer, checkpoints, render, operator]

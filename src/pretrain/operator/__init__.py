@@ -1,0 +1,1 @@
+"""The Kopf operator: pure planner, thin handlers, a small cluster interface."""

@@ -1,0 +1,219 @@
+"""The objects a PretrainJob owns, as plain dicts: pure functions of the job (and the attempt).
+
+Names are deterministic (`<job>` for the Service and ConfigMap, `<job>-a<attempt>-n<rank>` for
+pods) and every object carries the job's labels and an owner reference, so the operator can
+always find, adopt or delete what it made, whatever it remembers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pretrain.api.spec import API_VERSION, KIND, PretrainJob
+from pretrain.trainer.command import POD_CONFIG_PATH, POD_WORKDIR, RENDEZVOUS_PORT, trainer_command
+
+LABEL_JOB = "pretrain.io/job-name"
+LABEL_ATTEMPT = "pretrain.io/attempt"
+LABEL_RANK = "pretrain.io/node-rank"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+COMMON_LABELS = {"app.kubernetes.io/name": "pretrain", "app.kubernetes.io/managed-by": "pretrain-operator"}
+
+#: The trainer image's non-root user.
+RUN_AS_USER = 1000
+#: Time the trainer gets after SIGTERM to finish its step and save a checkpoint.
+TERMINATION_GRACE_SECONDS = 300
+CONFIG_KEY = "job.json"
+
+
+def pod_name(job: str, attempt: int, rank: int) -> str:
+    return f"{job}-a{attempt}-n{rank}"
+
+
+def service_name(job: str) -> str:
+    return job
+
+
+def configmap_name(job: str) -> str:
+    return f"{job}-config"
+
+
+def master_addr(job: str, namespace: str, attempt: int) -> str:
+    """Node 0's stable DNS name: <hostname>.<headless service>.<namespace>.svc."""
+    return f"{pod_name(job, attempt, 0)}.{service_name(job)}.{namespace}.svc"
+
+
+def owner_reference(job: PretrainJob, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _meta(job: PretrainJob, name: str, namespace: str, uid: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": namespace,
+        "labels": {**COMMON_LABELS, LABEL_JOB: job.metadata.name, **(extra or {})},
+        "ownerReferences": [owner_reference(job, uid)],
+    }
+
+
+def trainer_config(job: PretrainJob) -> str:
+    """The job as the pods read it: metadata and spec, nothing the operator writes."""
+    doc = job.model_dump(by_alias=True, exclude_none=True, mode="json")
+    doc.pop("status", None)
+    doc["metadata"] = {"name": job.metadata.name, "namespace": job.metadata.namespace}
+    doc["metadata"] = {k: v for k, v in doc["metadata"].items() if v is not None}
+    import json
+
+    return json.dumps(doc, indent=1, sort_keys=True)
+
+
+def build_service(job: PretrainJob, namespace: str, uid: str) -> dict[str, Any]:
+    name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(job, service_name(name), namespace, uid),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,  # rendezvous must resolve before pods are ready
+            "selector": {LABEL_JOB: name},
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        },
+    }
+
+
+def build_configmap(job: PretrainJob, namespace: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(job, configmap_name(job.metadata.name), namespace, uid),
+        "data": {CONFIG_KEY: trainer_config(job)},
+    }
+
+
+def _resources(job: PretrainJob) -> dict[str, Any]:
+    r = job.spec.resources
+    requests = {k: v for k, v in r.requests.model_dump().items() if v is not None}
+    limits = {k: v for k, v in r.limits.model_dump().items() if v is not None}
+    if r.accelerator == "gpu":
+        requests[r.gpu_resource] = str(r.procs_per_node)
+        limits[r.gpu_resource] = str(r.procs_per_node)
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int) -> dict[str, Any]:
+    """One node of the gang: torchrun with static rendezvous on node 0."""
+    spec = job.spec
+    r = spec.resources
+    name = job.metadata.name
+    pod = pod_name(name, attempt, rank)
+    labels = {LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), **r.labels}
+    if r.queue_name:
+        labels[LABEL_QUEUE] = r.queue_name
+    meta = _meta(job, pod, namespace, uid, labels)
+    meta["annotations"] = {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(spec.monitoring.metrics_port),
+        "prometheus.io/path": "/metrics",
+        **r.annotations,
+    }
+    args = trainer_command(
+        nnodes=r.nodes, nproc_per_node=r.procs_per_node, node_rank="$(NODE_RANK)", master_addr="$(PRETRAIN_MASTER_ADDR)",
+        config=POD_CONFIG_PATH, workdir=POD_WORKDIR,
+    )  # fmt: skip
+    env: list[dict[str, Any]] = [
+        {"name": "NODE_RANK", "value": str(rank)},
+        {"name": "PRETRAIN_MASTER_ADDR", "value": master_addr(name, namespace, attempt)},
+        {"name": "PRETRAIN_JOB_NAME", "value": name},
+        {"name": "PRETRAIN_ATTEMPT", "value": str(attempt)},
+        {"name": "PRETRAIN_WORKDIR", "value": POD_WORKDIR},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "HF_HOME", "value": f"{POD_WORKDIR}/hf"},
+        {"name": "TORCH_EXTENSIONS_DIR", "value": f"{POD_WORKDIR}/torch_extensions"},
+    ]
+    if r.accelerator == "cpu":
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
+    env += [{"name": e.name, "value": e.value} for e in r.env]
+    container: dict[str, Any] = {
+        "name": "trainer",
+        "image": r.image,
+        "imagePullPolicy": r.image_pull_policy,
+        "command": args[:1],
+        "args": args[1:],
+        "env": env,
+        "ports": [
+            {"name": "metrics", "containerPort": spec.monitoring.metrics_port, "protocol": "TCP"},
+            {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
+        ],
+        "resources": _resources(job),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [
+            {"name": "config", "mountPath": POD_CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "workspace", "mountPath": POD_WORKDIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if spec.checkpoint.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.credentials_secret}}]
+    pod_spec: dict[str, Any] = {
+        "hostname": pod,
+        "subdomain": service_name(name),
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS_USER,
+            "runAsGroup": RUN_AS_USER,
+            "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": configmap_name(name)}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shm_size}},
+            {"name": "workspace", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    for key, value in (
+        ("nodeSelector", r.node_selector or None),
+        ("tolerations", r.tolerations or None),
+        ("affinity", r.affinity),
+        ("priorityClassName", r.priority_class_name),
+        ("schedulerName", r.scheduler_name),
+        ("serviceAccountName", r.service_account_name),
+    ):
+        if value:
+            pod_spec[key] = value
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def build_pod_monitor(job: PretrainJob, namespace: str, uid: str) -> dict[str, Any]:
+    """A Prometheus Operator PodMonitor for the job's pods (when monitoring.podMonitor is set)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": _meta(job, job.metadata.name, namespace, uid),
+        "spec": {
+            "selector": {"matchLabels": {LABEL_JOB: job.metadata.name}},
+            "podMetricsEndpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+        },
+    }

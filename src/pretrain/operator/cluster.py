@@ -1,0 +1,207 @@
+"""The small cluster interface the operator needs, with two implementations: `KubeCluster` over
+the official `kubernetes` client, and `InMemoryCluster` for tests (no apiserver runs here).
+
+Every API call the operator makes goes through `Cluster`; `API_CALLS` lists them as RBAC rules,
+and the Helm chart's ClusterRole is checked against it.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from pretrain.operator.children import LABEL_JOB, configmap_name, service_name
+from pretrain.operator.planner import Event, Observed, PodView, iso, pod_view
+
+#: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
+API_CALLS: list[tuple[str, str, list[str]]] = [
+    ("", "pods", ["create", "delete", "list"]),
+    ("", "services", ["create", "delete", "get"]),
+    ("", "configmaps", ["create", "delete", "get"]),
+    ("", "events", ["create"]),
+    ("monitoring.coreos.com", "podmonitors", ["create", "delete", "get"]),
+]
+
+
+class Cluster(Protocol):
+    def observe(self, namespace: str, job: str) -> Observed: ...
+    def create(self, obj: dict[str, Any]) -> None: ...
+    def delete(self, kind: str, namespace: str, name: str) -> None: ...
+    def event(self, namespace: str, job: str, uid: str, event: Event) -> None: ...
+
+
+@dataclass
+class InMemoryCluster:
+    """Objects in dicts; pods change phase only when a test (or a kubelet stand-in) says so."""
+
+    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    events: list[tuple[str, Event]] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
+    now: datetime = field(default_factory=lambda: datetime(2026, 1, 1))
+    _ips: itertools.count[int] = field(default_factory=lambda: itertools.count(2))
+
+    def observe(self, namespace: str, job: str) -> Observed:
+        self.calls.append(("list", "pods"))
+        pods = [
+            pod_view(o) for (kind, ns, _), o in sorted(self.objects.items())
+            if kind == "Pod" and ns == namespace and o["metadata"]["labels"].get(LABEL_JOB) == job
+        ]  # fmt: skip
+        return Observed(
+            pods=pods,
+            service=("Service", namespace, service_name(job)) in self.objects,
+            configmap=("ConfigMap", namespace, configmap_name(job)) in self.objects,
+            pod_monitor=("PodMonitor", namespace, job) in self.objects,
+        )
+
+    def create(self, obj: dict[str, Any]) -> None:
+        kind, meta = obj["kind"], obj["metadata"]
+        self.calls.append(("create", kind))
+        key = (kind, meta["namespace"], meta["name"])
+        if key in self.objects:
+            raise AlreadyExists(f"{kind} {meta['name']} already exists")
+        stored = copy.deepcopy(obj)
+        stored["metadata"]["creationTimestamp"] = iso(self.now)
+        stored["metadata"]["uid"] = f"uid-{meta['name']}"
+        if kind == "Pod":
+            stored["status"] = {"phase": "Pending"}
+        self.objects[key] = stored
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        self.calls.append(("delete", kind))
+        key = (kind, namespace, name)
+        if key not in self.objects:
+            raise NotFound(f"{kind} {name} not found")
+        if kind == "Pod":  # pods terminate gracefully; `settle()` plays the kubelet finishing
+            self.objects[key]["metadata"]["deletionTimestamp"] = iso(self.now)
+        else:
+            del self.objects[key]
+
+    def event(self, namespace: str, job: str, uid: str, event: Event) -> None:
+        self.calls.append(("create", "Event"))
+        self.events.append((job, event))
+
+    # ---- test controls
+    def pods(self, namespace: str = "default") -> list[dict[str, Any]]:
+        return [o for (k, ns, _), o in sorted(self.objects.items()) if k == "Pod" and ns == namespace]
+
+    def set_phase(self, name: str, phase: str, exit_code: int | None = None, message: str = "", namespace: str = "default") -> None:
+        pod = self.objects[("Pod", namespace, name)]
+        pod["status"]["phase"] = phase
+        if phase == "Running":
+            pod["status"].setdefault("podIP", f"10.0.0.{next(self._ips)}")
+        if exit_code is not None:
+            pod["status"]["containerStatuses"] = [
+                {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "message": message}}}
+            ]
+
+    def remove(self, name: str, namespace: str = "default") -> None:
+        """A pod vanishing (node lost, evicted and garbage-collected)."""
+        del self.objects[("Pod", namespace, name)]
+
+    def settle(self) -> None:
+        """Finish every graceful deletion."""
+        for key in [k for k, o in self.objects.items() if o["metadata"].get("deletionTimestamp")]:
+            del self.objects[key]
+
+
+class AlreadyExists(Exception):
+    pass
+
+
+class NotFound(Exception):
+    pass
+
+
+class KubeCluster:
+    """The real adapter: thin calls on the `kubernetes` client, API errors left to the caller
+    (Kopf retries a handler that raises, with backoff)."""
+
+    def __init__(self) -> None:
+        import kubernetes
+
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        self.k = kubernetes
+        self.core = kubernetes.client.CoreV1Api()
+        self.custom = kubernetes.client.CustomObjectsApi()
+        self.api = kubernetes.client.ApiClient()
+
+    def _exists(self, read: Any, *args: Any) -> bool:
+        try:
+            read(*args)
+            return True
+        except self.k.client.ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def observe(self, namespace: str, job: str) -> Observed:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}").items
+        return Observed(
+            pods=[pod_view(self.api.sanitize_for_serialization(p)) for p in pods],
+            service=self._exists(self.core.read_namespaced_service, service_name(job), namespace),
+            configmap=self._exists(self.core.read_namespaced_config_map, configmap_name(job), namespace),
+            pod_monitor=self._pod_monitor_exists(namespace, job),
+        )
+
+    def _pod_monitor_exists(self, namespace: str, job: str) -> bool:
+        try:
+            self.custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "podmonitors", job)
+            return True
+        except self.k.client.ApiException as e:
+            if e.status in (403, 404):  # no such object, or the Prometheus Operator is not installed
+                return False
+            raise
+
+    def create(self, obj: dict[str, Any]) -> None:
+        ns = obj["metadata"]["namespace"]
+        kind = obj["kind"]
+        body: Any = obj  # the client serialises plain dicts as they are
+        try:
+            if kind == "Pod":
+                self.core.create_namespaced_pod(ns, body)
+            elif kind == "Service":
+                self.core.create_namespaced_service(ns, body)
+            elif kind == "ConfigMap":
+                self.core.create_namespaced_config_map(ns, body)
+            elif kind == "PodMonitor":
+                self.custom.create_namespaced_custom_object("monitoring.coreos.com", "v1", ns, "podmonitors", obj)
+            else:
+                raise ValueError(f"the operator does not create {kind}")
+        except self.k.client.ApiException as e:
+            if e.status != 409:  # already there: creation is idempotent
+                raise
+
+    def delete(self, kind: str, namespace: str, name: str) -> None:
+        body = self.k.client.V1DeleteOptions(propagation_policy="Background")
+        try:
+            if kind == "Pod":
+                self.core.delete_namespaced_pod(name, namespace, body=body)
+            elif kind == "Service":
+                self.core.delete_namespaced_service(name, namespace, body=body)
+            elif kind == "ConfigMap":
+                self.core.delete_namespaced_config_map(name, namespace, body=body)
+            elif kind == "PodMonitor":
+                self.custom.delete_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "podmonitors", name)
+        except self.k.client.ApiException as e:
+            if e.status != 404:
+                raise
+
+    def event(self, namespace: str, job: str, uid: str, event: Event) -> None:
+        from datetime import UTC
+
+        now = datetime.now(UTC)
+        ev = self.k.client.CoreV1Event(
+            metadata=self.k.client.V1ObjectMeta(generate_name=f"{job}.", namespace=namespace),
+            involved_object=self.k.client.V1ObjectReference(
+                api_version="pretrain.io/v1alpha1", kind="PretrainJob", name=job, namespace=namespace, uid=uid
+            ),
+            type=event.type, reason=event.reason, message=event.message[:1024], first_timestamp=now,
+            last_timestamp=now, count=1, source=self.k.client.V1EventSource(component="pretrain-operator"),
+        )  # fmt: skip
+        self.core.create_namespaced_event(namespace, ev)

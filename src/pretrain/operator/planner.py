@@ -1,0 +1,329 @@
+"""The operator's brain: a pure function from (job, observed children, time) to a plan.
+
+It decides; it never talks to the API. Every decision is derived from what is observed (pod
+labels, phases, exit codes) and from the job's own status, so a restarted operator re-derives the
+same plan and never duplicates or loses anything. The phase machine:
+
+    Pending --all pods running--> Running --all pods succeeded--> Succeeded
+       |  \\                          |
+       |   any pod failed or gone ----+--> Restarting --backoff--> Pending (attempt + 1)
+       |                               \\-> Failed (restarts exhausted, deadline)
+    Suspended <--spec.runPolicy.suspend--> (pods deleted; attempt + 1 on resume)
+    Invalid spec --> Failed with condition Invalid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pretrain.api.spec import Phase, PretrainJob
+from pretrain.operator.children import (
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LABEL_RANK,
+    build_configmap,
+    build_pod,
+    build_pod_monitor,
+    build_service,
+    configmap_name,
+    pod_name,
+    service_name,
+)
+
+TERMINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+
+
+def iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> datetime | None:
+    if not s:
+        return None
+    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class PodView:
+    """What the planner needs to know of a pod."""
+
+    name: str
+    attempt: int
+    rank: int
+    phase: str  # Pending, Running, Succeeded, Failed, Unknown
+    created: datetime | None = None
+    exit_code: int | None = None
+    message: str = ""
+    deleting: bool = False
+    ip: str | None = None
+
+
+@dataclass(frozen=True)
+class Observed:
+    pods: list[PodView] = field(default_factory=list)
+    service: bool = False
+    configmap: bool = False
+    pod_monitor: bool = False
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Plan:
+    create: list[dict[str, Any]] = field(default_factory=list)
+    delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
+    status: dict[str, Any] = field(default_factory=dict)  # the whole new status
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.create or self.delete or self.events)
+
+
+def pod_view(obj: dict[str, Any]) -> PodView:
+    """A PodView from a Pod as the API returns it (camelCase dict)."""
+    meta = obj.get("metadata", {})
+    labels = meta.get("labels", {}) or {}
+    status = obj.get("status", {}) or {}
+    exit_code, message = None, status.get("message", "") or ""
+    for cs in status.get("containerStatuses", []) or []:
+        term = (cs.get("state", {}) or {}).get("terminated")
+        if term:
+            exit_code = term.get("exitCode")
+            message = term.get("message") or term.get("reason") or message
+    created = meta.get("creationTimestamp")
+    return PodView(
+        name=meta["name"],
+        attempt=int(labels.get(LABEL_ATTEMPT, "0")),
+        rank=int(labels.get(LABEL_RANK, "0")),
+        phase=status.get("phase", "Pending"),
+        created=parse_time(created) if isinstance(created, str) else created,
+        exit_code=exit_code,
+        message=str(message).strip().splitlines()[-1] if message else "",
+        deleting=bool(meta.get("deletionTimestamp")),
+        ip=status.get("podIP"),
+    )
+
+
+def backoff_seconds(job: PretrainJob, restarts: int) -> int:
+    rp = job.spec.run_policy
+    return int(min(rp.restart_backoff_seconds * 2 ** max(restarts - 1, 0), rp.max_restart_backoff_seconds))
+
+
+class _Status:
+    """The status being planned, with Kubernetes-style condition bookkeeping."""
+
+    def __init__(self, old: dict[str, Any], now: datetime, generation: int | None) -> None:
+        import copy
+
+        self.s = copy.deepcopy(old)
+        self.now = now
+        self.s["observedGeneration"] = generation
+        self.events: list[Event] = []
+
+    def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
+        conds: list[dict[str, Any]] = self.s.setdefault("conditions", [])
+        value = "True" if status else "False"
+        for c in conds:
+            if c["type"] == type_:
+                if c["status"] != value:
+                    c["lastTransitionTime"] = iso(self.now)
+                c.update({"status": value, "reason": reason, "message": message})
+                return
+        if status:  # a False condition that never was True is not worth listing
+            conds.append({"type": type_, "status": value, "reason": reason, "message": message,
+                          "lastTransitionTime": iso(self.now)})  # fmt: skip
+
+    def get_condition(self, type_: str) -> dict[str, Any] | None:
+        return next((c for c in self.s.get("conditions", []) if c["type"] == type_), None)
+
+    def phase(self, phase: Phase, reason: str, message: str, *, warning: bool = False) -> None:
+        if self.s.get("phase") != phase.value:
+            self.events.append(Event("Warning" if warning else "Normal", reason, message))
+        self.s["phase"] = phase.value
+        self.s["message"] = message
+        for p in (Phase.RUNNING, Phase.RESTARTING, Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
+            self.condition(p.value, p == phase, reason if p == phase else "", message if p == phase else "")
+
+
+def plan(
+    job: PretrainJob | None,
+    *,
+    name: str,
+    namespace: str,
+    uid: str,
+    generation: int | None,
+    status: dict[str, Any],
+    observed: Observed,
+    now: datetime,
+    invalid: str | None = None,
+    scheduling_grace: timedelta | None = None,
+) -> Plan:
+    """Decide what to do. `job` is None when the spec is invalid (`invalid` says why)."""
+    st = _Status(status, now, generation)
+    out = Plan()
+    live = [p for p in observed.pods if not p.deleting]
+
+    def delete_pods(pods: list[PodView]) -> None:
+        out.delete.extend(("Pod", p.name) for p in pods)
+
+    if job is None:
+        st.condition("Invalid", True, "InvalidSpec", invalid or "invalid spec")
+        if st.s.get("phase") != Phase.FAILED.value:
+            st.phase(Phase.FAILED, "InvalidSpec", invalid or "invalid spec", warning=True)
+            delete_pods(live)
+        return _finish(out, st)
+    was_invalid = st.get_condition("Invalid")
+    if was_invalid and was_invalid["status"] == "True":
+        st.condition("Invalid", False, "Valid", "the spec was fixed")
+        if st.s.get("phase") == Phase.FAILED.value:  # a fixed spec starts over
+            for key in ("phase", "message", "completionTime"):
+                st.s.pop(key, None)
+
+    rp = job.spec.run_policy
+    nodes = job.spec.resources.nodes
+    phase = st.s.get("phase")
+
+    # ---- finished jobs: cleanup policy and TTL only
+    if phase in TERMINAL:
+        policy = rp.clean_pod_policy
+        if policy == "All":
+            delete_pods(live)
+        elif policy == "Running":
+            delete_pods([p for p in live if p.phase in ("Running", "Pending", "Unknown")])
+        done = parse_time(st.s.get("completionTime"))
+        if rp.ttl_seconds_after_finished is not None and done and now >= done + timedelta(seconds=rp.ttl_seconds_after_finished):
+            delete_pods([p for p in live if ("Pod", p.name) not in out.delete])
+            if observed.service:
+                out.delete.append(("Service", service_name(name)))
+            if observed.configmap:
+                out.delete.append(("ConfigMap", configmap_name(name)))
+            if observed.pod_monitor:
+                out.delete.append(("PodMonitor", name))
+            if observed.service or observed.configmap or live:
+                st.events.append(Event("Normal", "TTLExpired", "deleted the job's children after ttlSecondsAfterFinished"))
+        return _finish(out, st)
+
+    attempt = int(st.s.get("attempt") or 0)
+    restarts = int(st.s.get("restarts") or 0)
+    st.s.setdefault("restarts", restarts)
+
+    # ---- suspend
+    if rp.suspend:
+        delete_pods(live)
+        if phase != Phase.SUSPENDED.value:
+            st.phase(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is set: pods deleted")
+        return _finish(out, st)
+
+    # ---- deadline
+    started = parse_time(st.s.get("startTime"))
+    if rp.active_deadline_seconds and started and now >= started + timedelta(seconds=rp.active_deadline_seconds):
+        delete_pods(live)
+        st.phase(Phase.FAILED, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)",
+                 warning=True)  # fmt: skip
+        st.s["completionTime"] = iso(now)
+        return _finish(out, st)
+
+    # ---- shared children
+    if not observed.service:
+        out.create.append(build_service(job, namespace, uid))
+    if not observed.configmap:
+        out.create.append(build_configmap(job, namespace, uid))
+    if job.spec.monitoring.pod_monitor and not observed.pod_monitor:
+        out.create.append(build_pod_monitor(job, namespace, uid))
+
+    # ---- leftovers of earlier attempts go first
+    stale = [p for p in live if p.attempt != attempt]
+    delete_pods(stale)
+    current = [p for p in live if p.attempt == attempt]
+    lingering = [p for p in observed.pods if p.attempt != attempt or p.deleting]
+
+    def start_attempt(new_attempt: int, reason: str, message: str) -> None:
+        st.s["attempt"] = new_attempt
+        st.s.setdefault("startTime", iso(now))
+        for rank in range(nodes):
+            out.create.append(build_pod(job, namespace, uid, new_attempt, rank))
+        st.phase(Phase.PENDING, reason, message)
+        st.condition("Unschedulable", False, "")
+
+    if phase == Phase.SUSPENDED.value or (phase is None and attempt == 0):
+        if lingering:
+            return _finish(out, st)  # wait for old pods to go before a fresh attempt
+        start_attempt(attempt + 1, "Resumed" if phase else "Created", f"created {nodes} pod(s) for attempt {attempt + 1}")
+        return _finish(out, st)
+
+    if phase == Phase.RESTARTING.value:
+        cond = st.get_condition(Phase.RESTARTING.value)
+        since = parse_time(cond.get("lastTransitionTime")) if cond else None
+        wait = backoff_seconds(job, restarts)
+        delete_pods([p for p in current])
+        if lingering or current or (since and now < since + timedelta(seconds=wait)):
+            return _finish(out, st)
+        start_attempt(attempt + 1, "Restarted", f"attempt {attempt + 1} after {restarts} restart(s); resuming from the latest checkpoint")
+        return _finish(out, st)
+
+    # ---- the current attempt
+    failed = [p for p in current if p.phase in ("Failed", "Unknown")]
+    missing = sorted(set(range(nodes)) - {p.rank for p in current})
+    if failed or (missing and phase == Phase.RUNNING.value):
+        culprit = failed[0] if failed else None
+        why = (
+            f"pod {culprit.name} failed (exit code {culprit.exit_code}){': ' + culprit.message if culprit.message else ''}"
+            if culprit
+            else f"pod {pod_name(name, attempt, missing[0])} disappeared"
+        )
+        if restarts >= rp.max_restarts:
+            delete_pods([p for p in current if p.phase in ("Running", "Pending")] if rp.clean_pod_policy != "None" else [])
+            st.phase(Phase.FAILED, "RestartsExhausted" if rp.max_restarts else "PodFailed",
+                     f"{why}; {restarts} of {rp.max_restarts} restarts used", warning=True)  # fmt: skip
+            st.s["completionTime"] = iso(now)
+            return _finish(out, st)
+        st.s["restarts"] = restarts + 1
+        delete_pods(current)
+        st.phase(Phase.RESTARTING, "GangRestart",
+                 f"{why}; restarting all pods in {backoff_seconds(job, restarts + 1)}s (restart {restarts + 1} of {rp.max_restarts})",
+                 warning=True)  # fmt: skip
+        return _finish(out, st)
+    if missing:  # Pending and some pods not created yet (e.g. the operator stopped half-way)
+        for rank in missing:
+            out.create.append(build_pod(job, namespace, uid, attempt, rank))
+        return _finish(out, st)
+    if all(p.phase == "Succeeded" for p in current):
+        st.phase(Phase.SUCCEEDED, "Completed", f"all {nodes} pod(s) succeeded")
+        st.s["completionTime"] = iso(now)
+        if rp.clean_pod_policy == "All":
+            delete_pods(current)
+        return _finish(out, st)
+    if all(p.phase in ("Running", "Succeeded") for p in current):
+        if phase != Phase.RUNNING.value:
+            st.phase(Phase.RUNNING, "Running", f"all {nodes} pod(s) running (attempt {attempt})")
+        st.condition("Unschedulable", False, "")
+        return _finish(out, st)
+    # some pods still Pending
+    grace = scheduling_grace or timedelta(seconds=rp.scheduling_timeout_seconds)
+    stuck = [p for p in current if p.phase == "Pending" and p.created and now >= p.created + grace]
+    if stuck:
+        cond = st.get_condition("Unschedulable")
+        msg = f"{len(stuck)} pod(s) pending longer than {int(grace.total_seconds())}s (e.g. {stuck[0].name})"
+        if not cond or cond["status"] != "True":
+            st.events.append(Event("Warning", "Unschedulable", msg))
+        st.condition("Unschedulable", True, "PodsPending", msg)
+    return _finish(out, st)
+
+
+def _finish(out: Plan, st: _Status) -> Plan:
+    out.delete = list(dict.fromkeys(out.delete))  # each once, in order
+    out.status = st.s
+    out.events = st.events
+    return out
+
+
+def children_labels(name: str) -> dict[str, str]:
+    return {LABEL_JOB: name}
