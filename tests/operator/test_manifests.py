@@ -48,7 +48,9 @@ def test_pods_form_a_gang(path: Path) -> None:
         name = pod["metadata"]["name"]
         assert DNS_LABEL.match(name) and len(name) <= 63
         labels = pod["metadata"]["labels"]
-        assert labels[LABEL_JOB] == job.metadata.name and labels[LABEL_ATTEMPT] == "1" and labels[LABEL_RANK] == str(rank)
+        assert (
+            labels[LABEL_JOB] == job.metadata.name and labels[LABEL_ATTEMPT] == "1" and labels[LABEL_RANK] == str(rank)
+        )
         spec = pod["spec"]
         assert spec["restartPolicy"] == "Never"
         assert spec["hostname"] == name and spec["subdomain"] == job.metadata.name
@@ -82,7 +84,16 @@ def test_placement_passes_through() -> None:
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-research"
     job = load_job(path, ["resources.schedulerName=volcano"], check_backends=False)
-    p = plan(job, name="llama-1b", namespace="research", uid="u", generation=1, status={}, observed=Observed(), now=datetime(2026, 1, 1))
+    p = plan(
+        job,
+        name="llama-1b",
+        namespace="research",
+        uid="u",
+        generation=1,
+        status={},
+        observed=Observed(),
+        now=datetime(2026, 1, 1),
+    )
     assert next(o for o in p.create if o["kind"] == "Pod")["spec"]["schedulerName"] == "volcano"
 
 

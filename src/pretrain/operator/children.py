@@ -83,7 +83,9 @@ def build_service(job: PretrainJob, namespace: str, uid: str) -> dict[str, Any]:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,  # rendezvous must resolve before pods are ready
             "selector": {LABEL_JOB: name},
-            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}
+            ],
         },
     }
 

@@ -35,7 +35,9 @@ def render(file: Path, namespace: str | None, overrides: tuple[str, ...]) -> Non
 @click.option("--health-port", type=int, default=8080, show_default=True, help="Liveness endpoint /healthz.")
 @click.option("--metrics-port", type=int, default=9090, show_default=True, help="Operator metrics /metrics (0: off).")
 @click.option("--peering/--no-peering", default=False, show_default=True, help="Kopf peering (for several replicas).")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+)
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int, metrics_port: int, peering: bool,
              log_level: str) -> None:  # fmt: skip
     """Run the PretrainJob operator (in a pod, or against your kubeconfig)."""
@@ -47,7 +49,9 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int
     import pretrain.operator.handlers  # noqa: F401  (registers the handlers)
     from pretrain.operator.metrics import REGISTRY
 
-    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if metrics_port:
         start_http_server(metrics_port, registry=REGISTRY)
     kopf.run(

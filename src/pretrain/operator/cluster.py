@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from pretrain.operator.children import LABEL_JOB, configmap_name, service_name
-from pretrain.operator.planner import Event, Observed, PodView, iso, pod_view
+from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, service_name
+from pretrain.operator.planner import Event, Observed, iso, pod_view
 
 #: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
 API_CALLS: list[tuple[str, str, list[str]]] = [
     ("", "pods", ["create", "delete", "list"]),
     ("", "services", ["create", "delete", "get"]),
-    ("", "configmaps", ["create", "delete", "get"]),
+    ("", "configmaps", ["create", "delete", "get", "update"]),
     ("", "events", ["create"]),
     ("monitoring.coreos.com", "podmonitors", ["create", "delete", "get"]),
 ]
@@ -29,6 +29,7 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
 class Cluster(Protocol):
     def observe(self, namespace: str, job: str) -> Observed: ...
     def create(self, obj: dict[str, Any]) -> None: ...
+    def replace(self, obj: dict[str, Any]) -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
     def event(self, namespace: str, job: str, uid: str, event: Event) -> None: ...
 
@@ -54,7 +55,17 @@ class InMemoryCluster:
             service=("Service", namespace, service_name(job)) in self.objects,
             configmap=("ConfigMap", namespace, configmap_name(job)) in self.objects,
             pod_monitor=("PodMonitor", namespace, job) in self.objects,
+            config=self.objects.get(("ConfigMap", namespace, configmap_name(job)), {}).get("data", {}).get(CONFIG_KEY),
         )
+
+    def replace(self, obj: dict[str, Any]) -> None:
+        self.calls.append(("update", obj["kind"]))
+        key = (obj["kind"], obj["metadata"]["namespace"], obj["metadata"]["name"])
+        if key not in self.objects:
+            raise NotFound(f"{obj['kind']} {obj['metadata']['name']} not found")
+        meta = self.objects[key]["metadata"]
+        self.objects[key] = {**copy.deepcopy(obj), "metadata": {**copy.deepcopy(obj["metadata"]), "uid": meta["uid"],
+                                                                 "creationTimestamp": meta["creationTimestamp"]}}  # fmt: skip
 
     def create(self, obj: dict[str, Any]) -> None:
         kind, meta = obj["kind"], obj["metadata"]
@@ -87,7 +98,9 @@ class InMemoryCluster:
     def pods(self, namespace: str = "default") -> list[dict[str, Any]]:
         return [o for (k, ns, _), o in sorted(self.objects.items()) if k == "Pod" and ns == namespace]
 
-    def set_phase(self, name: str, phase: str, exit_code: int | None = None, message: str = "", namespace: str = "default") -> None:
+    def set_phase(
+        self, name: str, phase: str, exit_code: int | None = None, message: str = "", namespace: str = "default"
+    ) -> None:
         pod = self.objects[("Pod", namespace, name)]
         pod["status"]["phase"] = phase
         if phase == "Running":
@@ -142,12 +155,25 @@ class KubeCluster:
 
     def observe(self, namespace: str, job: str) -> Observed:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}").items
+        try:
+            cm = self.core.read_namespaced_config_map(configmap_name(job), namespace)
+        except self.k.client.ApiException as e:
+            if e.status != 404:
+                raise
+            cm = None
         return Observed(
             pods=[pod_view(self.api.sanitize_for_serialization(p)) for p in pods],
             service=self._exists(self.core.read_namespaced_service, service_name(job), namespace),
-            configmap=self._exists(self.core.read_namespaced_config_map, configmap_name(job), namespace),
+            configmap=cm is not None,
             pod_monitor=self._pod_monitor_exists(namespace, job),
+            config=(cm.data or {}).get(CONFIG_KEY) if cm is not None else None,
         )
+
+    def replace(self, obj: dict[str, Any]) -> None:
+        body: Any = obj
+        if obj["kind"] != "ConfigMap":
+            raise ValueError(f"the operator does not update {obj['kind']}")
+        self.core.replace_namespaced_config_map(obj["metadata"]["name"], obj["metadata"]["namespace"], body)
 
     def _pod_monitor_exists(self, namespace: str, job: str) -> bool:
         try:
@@ -187,7 +213,9 @@ class KubeCluster:
             elif kind == "ConfigMap":
                 self.core.delete_namespaced_config_map(name, namespace, body=body)
             elif kind == "PodMonitor":
-                self.custom.delete_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "podmonitors", name)
+                self.custom.delete_namespaced_custom_object(
+                    "monitoring.coreos.com", "v1", namespace, "podmonitors", name
+                )
         except self.k.client.ApiException as e:
             if e.status != 404:
                 raise

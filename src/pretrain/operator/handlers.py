@@ -6,6 +6,7 @@ Tests call these functions with the keyword arguments Kopf passes, over an `InMe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -85,15 +86,13 @@ def reconcile_body(body: Mapping[str, Any], cluster: Cluster, now: datetime) -> 
         observed=cluster.observe(namespace, name), now=now, invalid=invalid,
     )  # fmt: skip
     for obj in p.create:
-        try:
+        with contextlib.suppress(AlreadyExists):  # creation is idempotent
             cluster.create(obj)
-        except AlreadyExists:
-            pass
+    for obj in p.replace:
+        cluster.replace(obj)
     for kind, child in p.delete:
-        try:
+        with contextlib.suppress(NotFound):
             cluster.delete(kind, namespace, child)
-        except NotFound:
-            pass
     for ev in p.events:
         cluster.event(namespace, name, uid, ev)
         log.info("%s/%s: %s %s: %s", namespace, name, ev.type, ev.reason, ev.message)

@@ -11,7 +11,9 @@ RECONCILE = Histogram(
     "pretrain_operator_reconcile_duration_seconds", "Time of one reconcile of one job.", registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )  # fmt: skip
-ERRORS = Counter("pretrain_operator_reconcile_errors_total", "Reconciles that raised.", ["namespace"], registry=REGISTRY)
+ERRORS = Counter(
+    "pretrain_operator_reconcile_errors_total", "Reconciles that raised.", ["namespace"], registry=REGISTRY
+)
 
 _phases: dict[tuple[str, str], str] = {}
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from pretrain.api.spec import Phase, PretrainJob
 from pretrain.operator.children import (
+    CONFIG_KEY,
     LABEL_ATTEMPT,
     LABEL_JOB,
     LABEL_RANK,
@@ -66,6 +67,7 @@ class Observed:
     service: bool = False
     configmap: bool = False
     pod_monitor: bool = False
+    config: str | None = None  # the job.json the ConfigMap holds now
 
 
 @dataclass(frozen=True)
@@ -78,13 +80,14 @@ class Event:
 @dataclass
 class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
+    replace: list[dict[str, Any]] = field(default_factory=list)
     delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
     status: dict[str, Any] = field(default_factory=dict)  # the whole new status
     events: list[Event] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
-        return not (self.create or self.delete or self.events)
+        return not (self.create or self.replace or self.delete or self.events)
 
 
 def pod_view(obj: dict[str, Any]) -> PodView:
@@ -199,7 +202,11 @@ def plan(
         elif policy == "Running":
             delete_pods([p for p in live if p.phase in ("Running", "Pending", "Unknown")])
         done = parse_time(st.s.get("completionTime"))
-        if rp.ttl_seconds_after_finished is not None and done and now >= done + timedelta(seconds=rp.ttl_seconds_after_finished):
+        if (
+            rp.ttl_seconds_after_finished is not None
+            and done
+            and now >= done + timedelta(seconds=rp.ttl_seconds_after_finished)
+        ):
             delete_pods([p for p in live if ("Pod", p.name) not in out.delete])
             if observed.service:
                 out.delete.append(("Service", service_name(name)))
@@ -208,7 +215,9 @@ def plan(
             if observed.pod_monitor:
                 out.delete.append(("PodMonitor", name))
             if observed.service or observed.configmap or live:
-                st.events.append(Event("Normal", "TTLExpired", "deleted the job's children after ttlSecondsAfterFinished"))
+                st.events.append(
+                    Event("Normal", "TTLExpired", "deleted the job's children after ttlSecondsAfterFinished")
+                )
         return _finish(out, st)
 
     attempt = int(st.s.get("attempt") or 0)
@@ -234,8 +243,12 @@ def plan(
     # ---- shared children
     if not observed.service:
         out.create.append(build_service(job, namespace, uid))
+    configmap = build_configmap(job, namespace, uid)
     if not observed.configmap:
-        out.create.append(build_configmap(job, namespace, uid))
+        out.create.append(configmap)
+    elif observed.config is not None and observed.config != configmap["data"][CONFIG_KEY]:
+        # Mutable fields changed (CEL refuses the rest): the next attempt's pods read the new config.
+        out.replace.append(configmap)
     if job.spec.monitoring.pod_monitor and not observed.pod_monitor:
         out.create.append(build_pod_monitor(job, namespace, uid))
 
@@ -256,7 +269,9 @@ def plan(
     if phase == Phase.SUSPENDED.value or (phase is None and attempt == 0):
         if lingering:
             return _finish(out, st)  # wait for old pods to go before a fresh attempt
-        start_attempt(attempt + 1, "Resumed" if phase else "Created", f"created {nodes} pod(s) for attempt {attempt + 1}")
+        start_attempt(
+            attempt + 1, "Resumed" if phase else "Created", f"created {nodes} pod(s) for attempt {attempt + 1}"
+        )
         return _finish(out, st)
 
     if phase == Phase.RESTARTING.value:
@@ -266,7 +281,11 @@ def plan(
         delete_pods([p for p in current])
         if lingering or current or (since and now < since + timedelta(seconds=wait)):
             return _finish(out, st)
-        start_attempt(attempt + 1, "Restarted", f"attempt {attempt + 1} after {restarts} restart(s); resuming from the latest checkpoint")
+        start_attempt(
+            attempt + 1,
+            "Restarted",
+            f"attempt {attempt + 1} after {restarts} restart(s); resuming from the latest checkpoint",
+        )
         return _finish(out, st)
 
     # ---- the current attempt
@@ -280,7 +299,9 @@ def plan(
             else f"pod {pod_name(name, attempt, missing[0])} disappeared"
         )
         if restarts >= rp.max_restarts:
-            delete_pods([p for p in current if p.phase in ("Running", "Pending")] if rp.clean_pod_policy != "None" else [])
+            delete_pods(
+                [p for p in current if p.phase in ("Running", "Pending")] if rp.clean_pod_policy != "None" else []
+            )
             st.phase(Phase.FAILED, "RestartsExhausted" if rp.max_restarts else "PodFailed",
                      f"{why}; {restarts} of {rp.max_restarts} restarts used", warning=True)  # fmt: skip
             st.s["completionTime"] = iso(now)

@@ -26,7 +26,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 
 
 def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - a pod IP we chose
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
         return parse_metrics(resp.read().decode("utf-8", "replace"))
 
 

@@ -1,0 +1,83 @@
+"""Drive the Kopf handlers as Kopf would, over an in-memory cluster and a controllable clock."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from datetime import timedelta
+from typing import Any
+
+import kopf
+import yaml
+
+from pretrain.operator import handlers
+from pretrain.operator.cluster import InMemoryCluster
+from tests.conftest import ROOT
+
+
+def job_body(overrides: dict[str, Any] | None = None, name: str = "tiny") -> dict[str, Any]:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    doc["metadata"] = {"name": name, "namespace": "default", "uid": f"uid-{name}", "generation": 1}
+    for path, value in (overrides or {}).items():
+        node = doc["spec"]
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return doc
+
+
+def apply_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    for k, v in patch.items():
+        if v is None:
+            target.pop(k, None)
+        elif isinstance(v, dict) and isinstance(target.get(k), dict) and k not in ("progress", "lastCheckpoint"):
+            apply_merge(target[k], v)
+        else:
+            target[k] = copy.deepcopy(v)
+
+
+class Harness:
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.cluster = InMemoryCluster()
+        handlers.use_cluster(self.cluster, clock=lambda: self.cluster.now)
+
+    @property
+    def status(self) -> dict[str, Any]:
+        return self.body.setdefault("status", {})
+
+    @property
+    def phase(self) -> str | None:
+        return self.status.get("phase")
+
+    def reconcile(self) -> None:
+        patch = kopf.Patch()
+        handlers.reconcile(body=self.body, patch=patch, logger=logging.getLogger("test"), spec=self.body["spec"],
+                           status=self.status, meta=self.body["metadata"])  # fmt: skip
+        apply_merge(self.body.setdefault("status", {}), dict(patch.get("status", {})))
+
+    def progress(self) -> None:
+        patch = kopf.Patch()
+        handlers.progress(body=self.body, patch=patch, logger=logging.getLogger("test"))
+        apply_merge(self.body.setdefault("status", {}), dict(patch.get("status", {})))
+
+    def advance(self, seconds: float) -> None:
+        self.cluster.now += timedelta(seconds=seconds)
+
+    def pod_names(self) -> list[str]:
+        return [p["metadata"]["name"] for p in self.cluster.pods() if not p["metadata"].get("deletionTimestamp")]
+
+    def run_all(self) -> None:
+        for name in self.pod_names():
+            self.cluster.set_phase(name, "Running")
+
+    def finish_all(self, exit_code: int = 0) -> None:
+        for name in self.pod_names():
+            self.cluster.set_phase(name, "Succeeded" if exit_code == 0 else "Failed", exit_code)
+
+    def events(self) -> list[str]:
+        return [e.reason for _, e in self.cluster.events]
+
+    def condition(self, type_: str) -> dict[str, Any] | None:
+        return next((c for c in self.status.get("conditions", []) if c["type"] == type_), None)

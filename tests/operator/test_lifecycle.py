@@ -1,0 +1,262 @@
+"""Job lifecycles through the Kopf handlers over the in-memory cluster."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from tests.operator.harness import Harness, job_body
+
+
+def two_nodes(**extra: object) -> dict[str, object]:
+    return {"resources.nodes": 2, "resources.procsPerNode": 1, "checkpoint.uri": "s3://bucket/ck", **extra}
+
+
+def test_happy_path() -> None:
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    kinds = sorted(k for k, _, _ in h.cluster.objects)
+    assert kinds == ["ConfigMap", "Pod", "Pod", "Service"]
+    assert h.pod_names() == ["tiny-a1-n0", "tiny-a1-n1"]
+    assert h.phase == "Pending" and h.status["attempt"] == 1 and h.status["restarts"] == 0
+    h.reconcile()  # nothing changes while pods are pending
+    assert len(h.cluster.pods()) == 2
+    h.run_all()
+    h.reconcile()
+    assert h.phase == "Running" and h.condition("Running")["status"] == "True"
+    h.finish_all()
+    h.reconcile()
+    assert h.phase == "Succeeded" and "completionTime" in h.status
+    assert h.events() == ["Created", "Running", "Completed"]
+    assert h.status["observedGeneration"] == 1
+
+
+def test_gang_restart_then_success() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 10})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n1", "Failed", exit_code=137, message="OOMKilled")
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 1
+    assert "tiny-a1-n1 failed (exit code 137): OOMKilled" in h.status["message"]
+    assert all(p["metadata"].get("deletionTimestamp") for p in h.cluster.pods()), "the whole gang is deleted"
+    h.cluster.settle()
+    h.reconcile()
+    assert h.pod_names() == [], "waits for the backoff"
+    h.advance(11)
+    h.reconcile()
+    assert h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"] and h.status["attempt"] == 2
+    assert h.phase == "Pending"
+    h.run_all()
+    h.reconcile()
+    h.finish_all()
+    h.reconcile()
+    assert h.phase == "Succeeded" and h.status["restarts"] == 1
+    assert "GangRestart" in h.events() and "Restarted" in h.events()
+
+
+def test_disappeared_pod_restarts_the_gang() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.cluster.remove("tiny-a1-n0")
+    h.reconcile()
+    assert h.phase == "Restarting" and "tiny-a1-n0 disappeared" in h.status["message"]
+
+
+def test_restarts_exhausted_fail_with_exit_code() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.maxRestarts": 1, "runPolicy.restartBackoffSeconds": 0})))
+    h.reconcile()
+    for attempt in (1, 2):
+        h.run_all()
+        h.reconcile()
+        h.cluster.set_phase(f"tiny-a{attempt}-n0", "Failed", exit_code=2, message="error: training failed: boom")
+        h.reconcile()
+        h.cluster.settle()
+        h.reconcile()
+    assert h.phase == "Failed"
+    assert h.status["restarts"] == 1
+    assert "exit code 2" in h.status["message"] and "boom" in h.status["message"]
+    assert h.condition("Failed")["reason"] == "RestartsExhausted"
+    h.reconcile()
+    assert h.pod_names() == [] or all(
+        h.cluster.objects[("Pod", "default", n)]["status"]["phase"] == "Failed" for n in h.pod_names()
+    )
+
+
+def test_suspend_and_resume() -> None:
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.body["spec"]["runPolicy"] = {"suspend": True}
+    h.reconcile()
+    assert h.phase == "Suspended" and h.condition("Suspended")["status"] == "True"
+    h.cluster.settle()
+    h.reconcile()
+    assert h.pod_names() == []
+    h.body["spec"]["runPolicy"] = {"suspend": False}
+    h.reconcile()
+    assert h.phase == "Pending" and h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"]
+    assert h.status["restarts"] == 0, "a suspension is not a failure"
+
+
+def test_deadline_fails_the_job() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.activeDeadlineSeconds": 60})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.advance(61)
+    h.reconcile()
+    assert h.phase == "Failed" and h.condition("Failed")["reason"] == "DeadlineExceeded"
+    assert all(p["metadata"].get("deletionTimestamp") for p in h.cluster.pods())
+
+
+def test_ttl_deletes_children_after_the_end() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.ttlSecondsAfterFinished": 100, "runPolicy.cleanPodPolicy": "None"})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.finish_all()
+    h.reconcile()
+    assert h.phase == "Succeeded" and len(h.pod_names()) == 2, "cleanPodPolicy None keeps finished pods"
+    h.advance(50)
+    h.reconcile()
+    assert len(h.cluster.objects) == 4
+    h.advance(51)
+    h.reconcile()
+    h.cluster.settle()
+    assert h.cluster.objects == {}
+    assert "TTLExpired" in h.events()
+
+
+def test_operator_restart_mid_job_duplicates_nothing() -> None:
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    before = dict(h.cluster.objects)
+    # A new operator process: new handler state, same cluster and job status.
+    from pretrain.operator import handlers
+
+    handlers.use_cluster(h.cluster, clock=lambda: h.cluster.now)
+    h.reconcile()
+    h.reconcile()
+    assert h.cluster.objects.keys() == before.keys()
+    assert h.phase == "Running"
+    # and when it stopped half-way through creating a gang, the rest is created once
+    del h.cluster.objects[("Pod", "default", "tiny-a1-n1")]
+    h.status["phase"] = "Pending"
+    h.reconcile()
+    assert h.pod_names() == ["tiny-a1-n0", "tiny-a1-n1"]
+
+
+def test_invalid_spec_is_reported_and_operator_keeps_going() -> None:
+    bad = job_body({"training.globalBatchSize": 33})
+    h = Harness(bad)
+    h.reconcile()
+    assert h.phase == "Failed"
+    cond = h.condition("Invalid")
+    assert cond["status"] == "True"
+    assert (
+        cond["message"]
+        == "spec.training.globalBatchSize: 33 is not divisible by microBatchSize x world size (8 x 2 = 16)"
+    )
+    assert h.cluster.objects == {}
+    h.body["spec"]["training"]["globalBatchSize"] = 32  # the user fixes it
+    h.reconcile()
+    assert h.phase == "Pending" and h.condition("Invalid")["status"] == "False"
+
+
+def test_unschedulable_condition_and_event() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.schedulingTimeoutSeconds": 120})))
+    h.reconcile()
+    h.advance(121)
+    h.reconcile()
+    cond = h.condition("Unschedulable")
+    assert cond["status"] == "True" and "pending longer than 120s" in cond["message"]
+    h.reconcile()
+    assert h.events().count("Unschedulable") == 1
+    h.run_all()
+    h.reconcile()
+    assert h.condition("Unschedulable")["status"] == "False"
+
+
+@pytest.fixture
+def metrics_server() -> Iterator[tuple[str, int, list[str]]]:
+    body = [
+        "# HELP pretrain_step Optimizer steps completed.\n# TYPE pretrain_step gauge\n"
+        'pretrain_step{job="tiny",rank="0"} 120.0\npretrain_total_steps{job="tiny"} 500.0\n'
+        'pretrain_train_loss{job="tiny"} 1.875\npretrain_tokens_per_second{job="tiny"} 10250.5\n'
+        'pretrain_step_duration_seconds_sum{job="tiny"} 48.0\npretrain_step_duration_seconds_count{job="tiny"} 120.0\n'
+        'pretrain_checkpoint_last_verified_step{job="tiny"} 100.0\n'
+        'pretrain_checkpoint_last_verified_timestamp_seconds{job="tiny"} 1.7643e+09\n'
+    ]
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            data = body[0].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), H)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield "127.0.0.1", srv.server_port, body
+    srv.shutdown()
+
+
+def test_progress_scraped_from_a_metrics_endpoint(metrics_server: tuple[str, int, list[str]]) -> None:
+    host, port, _ = metrics_server
+    h = Harness(job_body({"monitoring.metricsPort": port, "checkpoint.uri": "s3://bucket/ck"}))
+    h.reconcile()
+    h.run_all()
+    h.cluster.objects[("Pod", "default", "tiny-a1-n0")]["status"]["podIP"] = host
+    h.reconcile()
+    h.progress()
+    prog = h.status["progress"]
+    assert prog["step"] == 120 and prog["totalSteps"] == 500 and prog["percent"] == 24.0
+    assert prog["loss"] == 1.875 and prog["tokensPerSecond"] == 10250.5
+    assert prog["etaSeconds"] == 48.0 / 120 * 380
+    assert h.status["lastCheckpoint"]["step"] == 100
+    assert h.status["lastCheckpoint"]["uri"] == "s3://bucket/ck/step-00000100"
+
+
+def test_failed_scrape_keeps_old_progress() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    h = Harness(job_body({"monitoring.metricsPort": closed}))
+    h.reconcile()
+    h.run_all()
+    h.cluster.objects[("Pod", "default", "tiny-a1-n0")]["status"]["podIP"] = "127.0.0.1"
+    h.reconcile()
+    h.status["progress"] = {"step": 7}
+    h.progress()
+    assert h.status["progress"] == {"step": 7} and h.phase == "Running"
+
+
+def test_mutable_spec_edit_reaches_the_next_attempt() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.body["spec"]["training"]["logInterval"] = 5
+    h.body["metadata"]["generation"] = 2
+    h.reconcile()
+    config = h.cluster.objects[("ConfigMap", "default", "tiny-config")]["data"]["job.json"]
+    assert '"logInterval": 5' in config
+    assert h.status["observedGeneration"] == 2
+    assert h.pod_names() == ["tiny-a1-n0", "tiny-a1-n1"], "running pods are left alone"
