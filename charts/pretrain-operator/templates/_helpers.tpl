@@ -1,0 +1,57 @@
+{{- define "pretrain.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "pretrain.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "pretrain.name" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pretrain.labels" -}}
+app.kubernetes.io/name: {{ include "pretrain.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "pretrain.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pretrain.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "pretrain.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "pretrain.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The operator's permissions on the objects it manages (kept equal to the code by a test). */}}
+{{- define "pretrain.jobRules" -}}
+- apiGroups: ["pretrain.io"]
+  resources: ["pretrainjobs"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["pretrain.io"]
+  resources: ["pretrainjobs/status"]
+  verbs: ["get", "patch"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["create", "delete", "list"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["create", "delete", "get"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create", "delete", "get", "update"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors"]
+  verbs: ["create", "delete", "get"]
+{{- end -}}
