@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 K8S_BIN  := .cache/k8s-bin
 export PATH := $(CURDIR)/$(K8S_BIN):$(PATH)
 
-.PHONY: demo test lint bench venv clean crd tools
+.PHONY: demo test lint bench venv clean generate tools
 
 venv: $(STAMP)
 
@@ -47,8 +47,11 @@ test: lint tools
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
 
-crd: $(STAMP)
+# Regenerate what is derived from the API models (tests fail when these drift).
+generate: $(STAMP)
 	$(BIN)/pretrain crd > crds/pretrainjob.yaml
+	cp crds/pretrainjob.yaml charts/pretrain-operator/crds/pretrainjob.yaml
+	$(BIN)/pretrain reference > docs/reference.md
 
 clean:
 	rm -rf $(VENV) .cache runs .pytest_cache .mypy_cache .ruff_cache

@@ -53,6 +53,14 @@ def crd() -> None:
     click.echo(crd_yaml(), nl=False)
 
 
+@main.command()
+def reference() -> None:
+    """Print the PretrainJob API reference (Markdown), generated from the models."""
+    from pretrain.api.reference import reference as build
+
+    click.echo(build())
+
+
 # Commands that live beside what they drive; each module imports torch & co. only when run.
 for _command in COMMANDS:
     main.add_command(_command)

@@ -248,11 +248,15 @@ class CheckpointSpec(Spec):
 
 
 class ResourceList(Spec):
+    """CPU and memory of one pod (Kubernetes quantities)."""
+
     cpu: Quantity | None = Field(None, description="CPU quantity, e.g. 8 or 500m.")
     memory: Quantity | None = Field(None, description="Memory quantity, e.g. 64Gi.")
 
 
 class EnvVar(Spec):
+    """An extra environment variable of the trainer container."""
+
     name: str = Field(..., pattern=ENV_NAME, max_length=256, description="Variable name.")
     value: str = Field("", max_length=32768, description="Literal value (use credentialsSecret for secrets).")
 
@@ -369,6 +373,8 @@ class Condition(Spec):
 
 
 class Progress(Spec):
+    """Node 0's latest numbers, scraped by the operator every 30 seconds."""
+
     step: int | None = Field(None, description="Last optimizer step reported by rank 0.")
     total_steps: int | None = None
     loss: float | None = None
@@ -379,6 +385,8 @@ class Progress(Spec):
 
 
 class CheckpointRef(Spec):
+    """The newest verified checkpoint."""
+
     step: int | None = None
     uri: str | None = None
     time: str | None = None
