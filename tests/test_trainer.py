@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -143,17 +144,28 @@ def _wait_for_step(log: Path, step: int, proc: subprocess.Popen[str], timeout: f
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
-def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path) -> None:
+@pytest.mark.parametrize("storage", ["local-zero2", "s3-zero3"])
+def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path, storage: str, request: pytest.FixtureRequest) -> None:
     # Wider sequences make a step slow enough (~0.1 s) to interrupt mid-run.
     slow = ["model.hidden=128", "model.heads=4", "model.intermediate=256", "model.maxPositions=256",
-            "data.sequenceLength=256", "training.maxSteps=40", "training.zero.stage=2"]  # fmt: skip
-    reference = run_job(tmp_path / "uninterrupted", slow)
+            "data.sequenceLength=256", "training.maxSteps=40"]  # fmt: skip
+    ckpt_root = None
+    if storage == "s3-zero3":
+        s3 = request.getfixturevalue("s3")
+        bucket = s3.bucket(f"resume-{os.urandom(3).hex()}")
+        slow.append("training.zero.stage=3")
+        ckpt_root = f"s3://{bucket}"
+    else:
+        slow.append("training.zero.stage=2")
+    ref_opts = [f"checkpoint.uri={ckpt_root}/uninterrupted"] if ckpt_root else []
+    run_opts = [f"checkpoint.uri={ckpt_root}/interrupted"] if ckpt_root else []
+    reference = run_job(tmp_path / "uninterrupted", slow + ref_opts)
     assert reference.proc.returncode == 0, reference.output[-3000:]
 
     out = tmp_path / "interrupted"
     out.mkdir()
     proc = subprocess.Popen(
-        command(out, slow), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(out),
+        command(out, slow + run_opts), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(out),
         cwd=out, start_new_session=True,
     )  # fmt: skip
     _wait_for_step(out / "work" / "train_log.jsonl", 5, proc)
@@ -164,12 +176,40 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path) -> None:
     first = Run(out, subprocess.CompletedProcess([], 0, first_output, ""))
     stopped_at = max(first.losses())
     assert 5 <= stopped_at < 40
-    assert (out / "checkpoints" / f"step-{stopped_at:08d}" / "manifest.json").exists()
+    ckpt_uri = f"{ckpt_root}/interrupted" if ckpt_root else str(out / "checkpoints")
+    from pretrain.storage.checkpoint import CheckpointStore
 
-    resumed = run_job(out, slow)
+    assert CheckpointStore(ckpt_uri, workdir=tmp_path / "inspect").manifest(stopped_at) is not None
+
+    resumed = run_job(out, slow + run_opts)
     assert resumed.proc.returncode == 0, resumed.output[-3000:]
-    assert f"resumed from {out / 'checkpoints'}/step-{stopped_at:08d} (step {stopped_at})" in resumed.output
+    assert f"resumed from {ckpt_uri}/step-{stopped_at:08d} (step {stopped_at})" in resumed.output
     ref, got = reference.losses(), resumed.losses()
     assert max(got) == 40
     for step in range(stopped_at + 1, 41):
         assert abs(ref[step] - got[step]) < 1e-5, (step, ref[step], got[step])
+
+
+def test_a_flipped_byte_in_any_file_falls_back(runs: dict[str, Run], tmp_path: Path) -> None:
+    """Every file of a real ZeRO-3 checkpoint is covered: corrupt any one, resume takes the older."""
+    import shutil
+
+    from pretrain.storage.checkpoint import CheckpointStore
+
+    src = runs["stage3"].out / "checkpoints"
+    m = CheckpointStore(str(src), workdir=tmp_path / "w").manifest(12)
+    assert m is not None and len(m["files"]) >= 6
+    for rel in m["files"]:
+        root = tmp_path / rel.replace("/", "_")
+        shutil.copytree(src, root)
+        shutil.copytree(root / "step-00000012", root / "step-00000006")  # an older, intact checkpoint
+        manifest = json.loads((root / "step-00000006" / "manifest.json").read_text())
+        manifest["step"] = 6
+        (root / "step-00000006" / "manifest.json").write_text(json.dumps(manifest))
+        target = root / "step-00000012" / rel
+        data = bytearray(target.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        target.write_bytes(bytes(data))
+        step, notes = CheckpointStore(str(root), workdir=tmp_path / "w2").select("auto")
+        assert step == 6, rel
+        assert f"{rel} fails its sha256 check" in notes[0]

@@ -270,6 +270,7 @@ class CheckpointStore:
         self._pipe("write manifest", self._join(step_name(step), MANIFEST), json.dumps(manifest, indent=1).encode())
 
     def _ls(self, path: str) -> list[str]:
+        self.fs.invalidate_cache(path)  # s3fs caches listings; other nodes write here too
         try:
             return [Path(p).name for p in self.fs.ls(path, detail=False)]
         except FileNotFoundError:

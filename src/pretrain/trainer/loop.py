@@ -309,6 +309,9 @@ class Trainer:
         metrics = TrainerMetrics(
             Labels(self.job.metadata.name, self.job.metadata.namespace or "default", self.rank, self.attempt),
             spec.monitoring.metrics_port + self.local_rank,
+            # One pod per host in a cluster binds all addresses; tests running several "nodes"
+            # on one machine give each its own loopback address.
+            addr=os.environ.get("PRETRAIN_METRICS_HOST", "0.0.0.0"),
         )
         metrics.total_steps.set(steps)
         metrics.step.set(start)
