@@ -1,0 +1,72 @@
+"""The data and checkpoint commands as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pretrain.cli import main
+from pretrain.storage.checkpoint import CheckpointStore
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "examples" / "tiny-cpu.yaml")
+
+
+def test_data_prepare_then_reuse(tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    r1 = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(out)])
+    assert r1.exit_code == 0, r1.output
+    assert "training and" in r1.stdout and "sequences of 128 tokens" in r1.stdout
+    manifest = next(out.glob("*/manifest.json"))
+    before = manifest.stat().st_mtime_ns
+    r2 = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(out)])
+    assert r2.exit_code == 0 and manifest.stat().st_mtime_ns == before, "unchanged inputs reuse the shards"
+    r3 = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(out), "--set", "data.sequenceLength=64"])
+    assert r3.exit_code == 0 and len(list(out.glob("*/manifest.json"))) == 2
+
+
+def test_data_prepare_bad_source_one_line(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path), "--set",
+                                  f"data.sources.0.uri={tmp_path}/nothing-*.txt"])  # fmt: skip
+    assert r.exit_code == 1
+    assert r.stderr.count("\n") == 1 and "matches no files" in r.stderr and "nothing-*.txt" in r.stderr
+
+
+def test_tokenizer_train_saves_a_loadable_tokenizer(tmp_path: Path) -> None:
+    out = tmp_path / "tok"
+    r = CliRunner().invoke(main, ["tokenizer", "train", TINY, "--vocab-size", "500", "--output", str(out),
+                                  "--set", "tokenizer.sampleBytes=200000"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert len(tok) == 500
+    text = "ROMEO: Is the day so young?"
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_checkpoints_list_and_verify(tmp_path: Path) -> None:
+    uri = str(tmp_path / "ck")
+    store = CheckpointStore(uri, workdir=tmp_path / "w", keep_last=5)
+    for step in (10, 20):
+        d = store.staging_dir(step)
+        d.mkdir(parents=True)
+        (d / "model.pt").write_bytes(os.urandom(1000))
+        store.commit(step, writes_manifest=True, uploads=True, meta={}, background=False)
+    (Path(uri) / "step-00000030").mkdir()
+    r = CliRunner().invoke(main, ["checkpoints", "list", uri])
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert "complete" in lines[1] and "complete" in lines[2] and "incomplete" in lines[3]
+    ok = CliRunner().invoke(main, ["checkpoints", "verify", uri, "--step", "20"])
+    assert ok.exit_code == 0 and "step-00000020: ok" in ok.stdout
+    data = bytearray((Path(uri) / "step-00000020" / "model.pt").read_bytes())
+    data[0] ^= 1
+    (Path(uri) / "step-00000020" / "model.pt").write_bytes(bytes(data))
+    bad = CliRunner().invoke(main, ["checkpoints", "verify", uri, "--step", "20"])
+    assert bad.exit_code == 1 and "fails its sha256 check" in bad.stdout
+    manifest = json.loads((Path(uri) / "step-00000010" / "manifest.json").read_text())
+    assert manifest["files"]["model.pt"]["size"] == 1000
