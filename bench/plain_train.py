@@ -24,7 +24,7 @@ from pretrain.trainer.recipe import batch_plan
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--job", required=True)
-    p.add_argument("--log", required=True)
+    p.add_argument("--step-log", required=True)  # not --log: torchrun would take it as its own --log-dir
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--device", default="cpu")
@@ -51,7 +51,7 @@ def main() -> None:
     seq = spec.data.sequence_length
     vocab = model.module.config.vocab_size if world > 1 else model.config.vocab_size
     gen = torch.Generator().manual_seed(rank)
-    log = Path(args.log)
+    log = Path(args.step_log)
     for step in range(1, args.steps + 1):
         t0 = time.perf_counter()
         for m in range(plan.accumulation):

@@ -56,7 +56,7 @@ def run_trainer(tmp: Path, nproc: int, settings: list[str]) -> float:
 def run_plain(tmp: Path, nproc: int, settings: list[str], steps: int, device: str) -> float:
     log = tmp / f"plain-{os.urandom(3).hex()}.jsonl"
     sets = [a for s in settings for a in ("--set", s)]
-    script = [str(ROOT / "bench" / "plain_train.py"), "--job", str(JOB), "--log", str(log), "--steps", str(steps),
+    script = [str(ROOT / "bench" / "plain_train.py"), "--job", str(JOB), "--step-log", str(log), "--steps", str(steps),
               "--device", device, *sets]  # fmt: skip
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *script]

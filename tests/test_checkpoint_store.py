@@ -198,3 +198,17 @@ def test_concurrent_reader_never_sees_partial_checkpoint(tmp_path: Path) -> None
     t.join()
     assert seen, "the reader saw no complete checkpoint"
     assert all(s is not None and s > 0 for s in seen)
+
+
+def test_permanent_failure_is_counted_not_raised(tmp_path: Path) -> None:
+    opts = {"key": "t", "secret": "t", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+            "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1}}  # fmt: skip
+    store = CheckpointStore(
+        "s3://nowhere/ck", workdir=tmp_path, storage_options=opts, retry_attempts=2, retry_base_delay=0.05
+    )
+    write_fake(store, 3)
+    store.commit(3, writes_manifest=True, uploads=True, meta={})
+    store.wait()  # the failure stays in the background thread: training goes on
+    assert store.stats.failures == 1 and store.stats.saves == 0
+    assert "step-00000003" in store.stats.errors[0]
+    store.close()

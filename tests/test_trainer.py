@@ -213,3 +213,26 @@ def test_a_flipped_byte_in_any_file_falls_back(runs: dict[str, Run], tmp_path: P
         step, notes = CheckpointStore(str(root), workdir=tmp_path / "w2").select("auto")
         assert step == 6, rel
         assert f"{rel} fails its sha256 check" in notes[0]
+
+
+def test_init_from_an_exported_model(runs: dict[str, Run], tmp_path: Path) -> None:
+    """model.initFrom starts from the exported weights: the first loss is the trained one."""
+    final = runs["stage0"].out / "checkpoints" / "final"
+    run = run_job(tmp_path, [f"model.initFrom={final}", "training.zero.stage=1", "training.maxSteps=3",
+                             "training.gradientCheckpointing=true"])  # fmt: skip
+    assert run.proc.returncode == 0, run.output[-3000:]
+    fresh_first = runs["stage0"].losses()[1]
+    trained_last = runs["stage0"].losses()[12]
+    first = run.losses()[1]
+    assert first < fresh_first - 0.5 and abs(first - trained_last) < 0.3, (first, fresh_first, trained_last)
+
+
+def test_resume_at_another_world_size_fails_before_training(runs: dict[str, Run], tmp_path: Path) -> None:
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(runs["stage2"].out / "checkpoints", out / "checkpoints")
+    run = run_job(out, ["training.zero.stage=2", "training.maxSteps=20"], nproc=1)
+    assert run.proc.returncode == 1
+    assert "step-00000012 was written by 2 processes and this run has 1" in run.output
+    assert run.losses() == {}, "no step ran"

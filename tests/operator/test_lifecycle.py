@@ -260,3 +260,27 @@ def test_mutable_spec_edit_reaches_the_next_attempt() -> None:
     assert '"logInterval": 5' in config
     assert h.status["observedGeneration"] == 2
     assert h.pod_names() == ["tiny-a1-n0", "tiny-a1-n1"], "running pods are left alone"
+
+
+def test_operator_metrics_are_exported() -> None:
+    import subprocess
+
+    from prometheus_client import generate_latest
+
+    from pretrain.operator.metrics import REGISTRY
+
+    h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=1)
+    h.reconcile()
+    text = generate_latest(REGISTRY).decode()
+    assert 'pretrain_operator_jobs{phase="Restarting"}' in text
+    assert 'pretrain_operator_restarts_total{namespace="default"}' in text
+    assert "pretrain_operator_reconcile_duration_seconds_count" in text
+    import shutil
+
+    if shutil.which("promtool"):
+        proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,12 +19,13 @@ import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import re
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,6 +36,37 @@ log = logging.getLogger("pretrain.checkpoint")
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
 PARTS = ".parts"
+
+
+#: Files uploaded at once, and the part size of multipart uploads.
+UPLOAD_THREADS = 2
+UPLOAD_BLOCK = 64 * 2**20
+
+
+def _background_priority() -> None:
+    """Lower this thread's CPU priority (Linux threads have their own nice value): checkpoint
+    hashing and uploading must not slow the training loop on a busy host."""
+    import os
+
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+def _uploader_init() -> None:
+    """Start of the uploader process: low CPU priority, and gone when its parent is gone."""
+    import ctypes
+    import os
+    import signal
+
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _publish_in_process(kwargs: dict[str, Any], step: int) -> int:
+    """Runs in the uploader process: the same store, publishing one node part."""
+    return CheckpointStore(**kwargs, upload_process=False)._publish_part(step)
 
 
 def step_name(step: int) -> str:
@@ -128,7 +160,17 @@ class CheckpointStore:
         retry_attempts: int = 8,
         retry_base_delay: float = 0.5,
         part_timeout: float = 3600.0,
+        upload_process: bool = True,
     ) -> None:
+        self._kwargs: dict[str, Any] = {
+            "uri": uri, "workdir": workdir, "node_rank": node_rank, "nodes": nodes, "storage_options": storage_options,
+            "keep_last": keep_last, "keep_every": keep_every, "retry_attempts": retry_attempts,
+            "retry_base_delay": retry_base_delay, "part_timeout": part_timeout,
+        }  # fmt: skip
+        # Hashing and uploading run in a separate, niced process: a thread would hold the GIL
+        # for stretches and slow the training loop that shares the interpreter.
+        self._uploader: ProcessPoolExecutor | None = None
+        self.upload_process = upload_process
         self.local = is_local(uri)
         self.uri = str(local_path(uri).resolve()) if self.local else uri.rstrip("/")
         self.workdir = workdir
@@ -206,9 +248,17 @@ class CheckpointStore:
             self.wait()
 
     def _commit(self, step: int, writes_manifest: bool, meta: dict[str, Any]) -> None:
+        _background_priority()
         t0 = time.monotonic()
         try:
-            nbytes = self._publish_part(step)
+            if self.upload_process:
+                if self._uploader is None:
+                    self._uploader = ProcessPoolExecutor(
+                        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_uploader_init
+                    )
+                nbytes = self._uploader.submit(_publish_in_process, self._kwargs, step).result()
+            else:
+                nbytes = self._publish_part(step)
             if writes_manifest:
                 self._write_manifest(step, meta)
                 self._retain()
@@ -228,22 +278,38 @@ class CheckpointStore:
             raise
 
     def _publish_part(self, step: int) -> int:
+        """Hash (and, for remote stores, upload) this node's files, reading each once, several
+        files at a time; then publish the node's part listing them."""
         staging = self.staging_dir(step)
-        files = {}
-        total = 0
-        for p in _files_under(staging):
-            rel = p.relative_to(staging).as_posix()
-            size = p.stat().st_size
-            files[rel] = {"size": size, "sha256": sha256_file(p)}
-            total += size
-            if not self.local:
-                target = self._join(step_name(step), rel)
-                self._retry(f"upload {rel}", functools.partial(self.fs.put_file, str(p), target))
+        paths = list(_files_under(staging))
+        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="ckpt-file") as pool:
+            digests = list(pool.map(lambda p: self._publish_file(step, staging, p), paths))
+        files = {rel: {"size": size, "sha256": digest} for rel, size, digest in digests}
         part = json.dumps({"node": self.node_rank, "files": files}).encode()
         self._pipe("write part", self._join(step_name(step), PARTS, f"node-{self.node_rank}.json"), part)
         if not self.local:
             shutil.rmtree(staging, ignore_errors=True)
-        return total
+        return sum(size for _, size, _ in digests)
+
+    def _publish_file(self, step: int, staging: Path, path: Path) -> tuple[str, int, str]:
+        _background_priority()
+        rel = path.relative_to(staging).as_posix()
+        if self.local:
+            return rel, path.stat().st_size, sha256_file(path)
+        target = self._join(step_name(step), rel)
+
+        def upload() -> tuple[int, str]:
+            h = hashlib.sha256()
+            size = 0
+            with open(path, "rb") as src, self.fs.open(target, "wb", block_size=UPLOAD_BLOCK) as dst:
+                for block in iter(lambda: src.read(UPLOAD_BLOCK), b""):
+                    h.update(block)
+                    dst.write(block)
+                    size += len(block)
+            return size, h.hexdigest()
+
+        size, digest = self._retry(f"upload {rel}", upload)
+        return rel, size, digest
 
     def _write_manifest(self, step: int, meta: dict[str, Any]) -> None:
         deadline = time.monotonic() + self.part_timeout
@@ -391,6 +457,9 @@ class CheckpointStore:
     def close(self) -> None:
         self.wait()
         self._pool.shutdown(wait=True)
+        if self._uploader is not None:
+            self._uploader.shutdown(wait=True)
+            self._uploader = None
 
 
 def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = None, *, into: bool = False) -> Path:
