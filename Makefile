@@ -46,6 +46,9 @@ test: lint tools
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/data_prepare.py
+	$(BIN)/python bench/data_loader.py
+	$(BIN)/python bench/checkpoint.py
 
 # Regenerate what is derived from the API models (tests fail when these drift).
 generate: $(STAMP)

@@ -81,6 +81,7 @@ def main() -> None:
             with open(log, "a") as f:
                 f.write(json.dumps({"step": step, "seconds": time.perf_counter() - t0}) + "\n")
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 

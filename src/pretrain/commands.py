@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from pretrain.data.cli import data, tokenizer
-from pretrain.launch import generate, run
+from pretrain.launch import evaluate, generate, run
 from pretrain.operator.cli import operator, render
 from pretrain.storage.cli import checkpoints
 
-COMMANDS: list[click.Command] = [run, generate, data, tokenizer, checkpoints, render, operator]
+COMMANDS: list[click.Command] = [run, generate, evaluate, data, tokenizer, checkpoints, render, operator]

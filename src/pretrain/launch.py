@@ -162,3 +162,95 @@ def generate(
         if num_samples > 1:
             click.echo(f"--- sample {i + 1}")
         click.echo(tok.decode(seq, skip_special_tokens=True))
+
+
+@click.command("eval")
+@click.option("--model", "model_uri", required=True, help="An exported model directory or URI (…/final).")
+@click.option("--data", "data_uri", required=True, help="Path, glob or URI of the evaluation data.")
+@click.option(
+    "--objective",
+    type=click.Choice(["clm", "mlm", "sequence-classification", "token-classification", "extractive-qa"]),
+    required=True,
+)
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--label-field", default="label", show_default=True)
+@click.option("--max-length", type=click.IntRange(min=8), default=128, show_default=True, help="Tokens per example.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option(
+    "--max-batches", type=click.IntRange(min=1), default=200, show_default=True, help="Language modelling only."
+)
+@friendly_errors
+def evaluate(
+    model_uri: str, data_uri: str, objective: str, text_field: str, label_field: str, max_length: int,
+    batch_size: int, max_batches: int,
+) -> None:  # fmt: skip
+    """Evaluate an exported model on data without training: perplexity (clm, mlm) or task metrics."""
+    import json
+    import tempfile
+
+    from pretrain.api.spec import DataSourceSpec, DataSpec, ObjectiveSpec
+    from pretrain.data.sources import DataError
+    from pretrain.storage.checkpoint import download_dir
+
+    path = download_dir(model_uri, Path(tempfile.mkdtemp(prefix="pretrain-model-")))
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model: {model_uri} holds no exported model (config.json is missing)")
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from pretrain.trainer.model import auto_class
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = auto_class(objective).from_pretrained(str(path)).eval()
+    data = DataSpec(sources=[DataSourceSpec(uri=data_uri, text_field=text_field)], sequence_length=max_length,
+                    validation_split=0.0)  # fmt: skip
+    try:
+        if objective in ("clm", "mlm"):
+            scores = _perplexity(model, tok, data, objective, batch_size, max_batches)
+        else:
+            from pretrain.data import labeled
+            from pretrain.trainer import tasks
+
+            obj = ObjectiveSpec(type=objective, label_field=label_field)
+            names = [config.id2label[i] for i in range(len(config.id2label))] if objective != "extractive-qa" else []
+            rows = labeled.read_rows(data.sources)
+            split = labeled.build(obj, data, tok, rows, names, training=False)
+            scores = tasks.evaluate(
+                model, split, obj, names, rank=0, world=1, micro_batch=batch_size,
+                to_device=lambda b: {k: torch.from_numpy(v) for k, v in b.items()},
+            )  # fmt: skip
+    except DataError as e:
+        raise UserError(str(e)) from None
+    click.echo(json.dumps(scores, indent=1))
+
+
+def _perplexity(model: Any, tok: Any, data: Any, objective: str, batch_size: int, max_batches: int) -> dict[str, float]:
+    import math
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from pretrain.data.collator import Collator
+    from pretrain.data.loader import PackedSplit
+    from pretrain.data.prepare import prepare
+    from pretrain.data.tokenizer import fingerprint
+
+    split = PackedSplit(prepare(data, tok, fingerprint(tok), Path(tempfile.mkdtemp(prefix="pretrain-eval-"))), "train")
+    collate = Collator(objective=objective, vocab_size=len(tok), mask_token_id=tok.mask_token_id,
+                       special_ids=tuple(tok.all_special_ids))  # fmt: skip
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b, start in enumerate(range(0, len(split), batch_size)):
+            if b >= max_batches:
+                break
+            rows = split.rows(np.arange(start, min(start + batch_size, len(split))))
+            batch = {k: torch.from_numpy(v) for k, v in collate(rows, step=b).items()}
+            total += float(model(**batch).loss) * len(rows)
+            n += len(rows)
+    loss = total / max(n, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sequences": float(n)}

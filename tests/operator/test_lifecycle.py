@@ -196,6 +196,7 @@ def metrics_server() -> Iterator[tuple[str, int, list[str]]]:
         'pretrain_step_duration_seconds_sum{job="tiny"} 48.0\npretrain_step_duration_seconds_count{job="tiny"} 120.0\n'
         'pretrain_checkpoint_last_verified_step{job="tiny"} 100.0\n'
         'pretrain_checkpoint_last_verified_timestamp_seconds{job="tiny"} 1.7643e+09\n'
+        'pretrain_eval_metric{attempt="1",metric="accuracy",pretrain_job="tiny"} 0.8125\n'
     ]
 
     class H(BaseHTTPRequestHandler):
@@ -230,6 +231,7 @@ def test_progress_scraped_from_a_metrics_endpoint(metrics_server: tuple[str, int
     assert prog["etaSeconds"] == 48.0 / 120 * 380
     assert h.status["lastCheckpoint"]["step"] == 100
     assert h.status["lastCheckpoint"]["uri"] == "s3://bucket/ck/step-00000100"
+    assert h.status["evaluation"] == {"accuracy": 0.8125}
 
 
 def test_failed_scrape_keeps_old_progress() -> None:

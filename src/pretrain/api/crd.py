@@ -50,7 +50,8 @@ SPEC_RULES: list[dict[str, str]] = [
         "fieldPath": ".training.zero.offloadOptimizer",
     },
     {
-        "rule": "!has(self.objective.type) || (self.objective.type == 'mlm') == (self.model.family == 'bert')",
+        "rule": "!has(self.objective.type) || !(self.objective.type in ['clm', 'mlm'])"
+        " || (self.objective.type == 'mlm') == (self.model.family == 'bert')",
         "message": "objective.type: mlm needs family bert, clm needs a causal family (gpt2, llama)",
         "fieldPath": ".objective.type",
     },

@@ -85,13 +85,47 @@ class ModelSpec(Spec):
     )
 
 
-class ObjectiveSpec(Spec):
-    """What the model learns to predict."""
+FINE_TUNING = ("sequence-classification", "token-classification", "extractive-qa")
 
-    type: Literal["clm", "mlm"] | None = Field(
-        None, description="clm (next token) or mlm (masked tokens); defaults to mlm for bert, else clm."
+
+class ObjectiveSpec(Spec):
+    """What the model learns to predict: language modelling (pre-training) or a labelled task
+    (fine-tuning an exported model, named by model.initFrom)."""
+
+    type: Literal["clm", "mlm", "sequence-classification", "token-classification", "extractive-qa"] | None = Field(
+        None,
+        description="clm (next token) or mlm (masked tokens), by default mlm for bert and clm otherwise; or a "
+        "fine-tuning task: sequence-classification, token-classification (e.g. BIO tags), extractive-qa (SQuAD).",
     )
     mask_probability: float = Field(0.15, gt=0.0, lt=1.0, description="Share of tokens selected for masking (mlm).")
+    label_field: str = Field(
+        "label", min_length=1, max_length=256, description="Column of the class (sequence-classification)."
+    )
+    label_names: list[str] = Field(
+        default_factory=list, max_length=10000,
+        description="Class or tag names in id order; default: the sorted distinct labels of the training data.",
+    )  # fmt: skip
+    tokens_field: str = Field(
+        "tokens", min_length=1, max_length=256, description="Column of the words (token-classification)."
+    )
+    tags_field: str = Field(
+        "tags", min_length=1, max_length=256, description="Column of the per-word tags (token-classification)."
+    )
+    question_field: str = Field(
+        "question", min_length=1, max_length=256, description="Column of the question (extractive-qa)."
+    )
+    context_field: str = Field(
+        "context", min_length=1, max_length=256, description="Column of the context (extractive-qa)."
+    )
+    answers_field: str = Field(
+        "answers", min_length=1, max_length=256,
+        description="Column of the answers, as in SQuAD: {text: [...], answer_start: [...]} (extractive-qa).",
+    )  # fmt: skip
+    max_answer_tokens: PositiveInt = Field(30, description="Longest answer span predicted (extractive-qa).")
+
+    @property
+    def fine_tuning(self) -> bool:
+        return self.type in FINE_TUNING
 
 
 class TokenizerSpec(Spec):
@@ -117,8 +151,8 @@ class DataSourceSpec(Spec):
 
     uri: str = Field(..., min_length=1, max_length=2048, description="Path, glob or URI of the corpus.")
     weight: PositiveFloat = Field(1.0, description="Relative sampling weight among sources.")
-    format: Literal["auto", "text", "jsonl", "parquet"] = Field(
-        "auto", description="File format; auto picks by extension (.jsonl/.json, .parquet, else text)."
+    format: Literal["auto", "text", "jsonl", "csv", "parquet"] = Field(
+        "auto", description="File format; auto picks by extension (.jsonl/.json, .csv, .parquet, else text)."
     )
     text_field: str = Field("text", min_length=1, max_length=256, description="Column holding the text.")
 
@@ -343,7 +377,7 @@ class PretrainJobSpec(Spec):
         return self.resources.nodes * self.resources.procs_per_node
 
     @property
-    def objective_type(self) -> Literal["clm", "mlm"]:
+    def objective_type(self) -> str:
         if self.objective.type is not None:
             return self.objective.type
         return "mlm" if self.model.family == "bert" else "clm"
@@ -401,6 +435,9 @@ class PretrainJobStatus(Spec):
     attempt: int | None = None
     restarts: int | None = None
     progress: Progress | None = None
+    evaluation: dict[str, float] | None = Field(
+        None, description="Latest task metrics (accuracy, macro_f1, f1, exact_match...) of a fine-tuning job."
+    )
     last_checkpoint: CheckpointRef | None = None
     start_time: str | None = None
     completion_time: str | None = None

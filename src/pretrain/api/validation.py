@@ -242,6 +242,8 @@ def _check_model(spec: PretrainJobSpec) -> Iterator[SpecError]:
     if m.attention == "flash_attention_2" and spec.resources.accelerator == "cpu":
         yield SpecError("spec.model.attention", "flash_attention_2 needs accelerator gpu")
     objective = spec.objective_type
+    if len(set(spec.objective.label_names)) != len(spec.objective.label_names):
+        yield SpecError("spec.objective.labelNames", "names must be distinct")
     if objective == "mlm" and m.family != "bert":
         yield SpecError("spec.objective.type", f"mlm needs a bidirectional family (bert), not causal {m.family}")
     if objective == "clm" and m.family == "bert":

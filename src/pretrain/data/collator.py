@@ -26,6 +26,8 @@ class Collator:
     def __call__(
         self, rows: np.ndarray[Any, Any], *, step: int = 0, rank: int = 0, micro: int = 0
     ) -> dict[str, np.ndarray[Any, Any]]:
+        if isinstance(rows, dict):  # fine-tuning: the features are the model's inputs already
+            return rows
         if self.objective == "clm":
             # transformers' causal-LM heads shift labels by one themselves.
             return {"input_ids": rows, "labels": rows.copy()}

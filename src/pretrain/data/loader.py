@@ -12,11 +12,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from pretrain.data.sources import DataError
+
+
+class Split(Protocol):
+    """What the loader needs of a split: packed shards (PackedSplit) or labelled features."""
+
+    directory: Path
+
+    def __len__(self) -> int: ...
+    def rows(self, index: np.ndarray[Any, Any]) -> Any: ...
+    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]: ...
 
 
 class PackedSplit:
@@ -83,7 +93,7 @@ class PackedSplit:
                 raise DataError(f"shard {self.directory / s['file']}: checksum mismatch (corrupt)")
 
 
-def epoch_order(split: PackedSplit, weights: list[float], seed: int, epoch: int) -> np.ndarray[Any, Any]:
+def epoch_order(split: Split, weights: list[float], seed: int, epoch: int) -> np.ndarray[Any, Any]:
     """The rows of one epoch in training order: a seeded shuffle, mixing sources by weight."""
     rng = np.random.default_rng([seed, epoch])
     ranges = split.source_ranges()
@@ -107,7 +117,7 @@ class DistributedLoader:
 
     def __init__(
         self,
-        split: PackedSplit,
+        split: Split,
         *,
         rank: int,
         world_size: int,
@@ -145,7 +155,7 @@ class DistributedLoader:
     def epoch(self) -> int:
         return self.consumed // len(self.split)
 
-    def next_step(self) -> list[np.ndarray[Any, Any]]:
+    def next_step(self) -> list[Any]:
         """This rank's `accumulation` micro-batches (int64 arrays micro x seq_len) for one step."""
         batches = []
         for m in range(self.accum):

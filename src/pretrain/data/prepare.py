@@ -14,6 +14,7 @@ prepared set serves CLM and MLM alike.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -31,8 +32,9 @@ from pretrain.data.sources import DataError, SourceFile, iter_documents, resolve
 FORMAT_VERSION = 1
 #: Rows per shard file (about 64M tokens at sequence length 1024).
 DEFAULT_SHARD_ROWS = 65536
-#: Documents handed to the tokenizer at once (its Rust side runs a batch on all cores).
-ENCODE_BATCH = 64
+#: Documents (or characters) handed to the tokenizer at once (its Rust side runs a batch on all cores).
+ENCODE_BATCH = 1024
+ENCODE_CHARS = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,16 @@ class _ShardWriter:
         return self.shards
 
 
+def _encode(tokenizer: Any, batch: list[str]) -> list[list[int]]:
+    """Token ids of a batch of documents, straight from the Rust tokenizer when there is one
+    (its batch encoder runs on all cores; the transformers wrapper adds Python overhead)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
+    ids: list[list[int]] = tokenizer(batch, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def _pack_source(
     src: DataSourceSpec,
     files: list[SourceFile],
@@ -135,35 +147,39 @@ def _pack_source(
     dtype: np.dtype[Any],
 ) -> tuple[Path, int, int]:
     """Tokenize one source into a flat file of rows; returns (file, rows, documents)."""
-    eos = tokenizer.eos_token_id
+    eos = int(tokenizer.eos_token_id)
     out = tmp / f"rows-{source_fingerprint(src, files)}.bin"
-    carry = np.zeros(0, dtype=np.int64)
+    carry = np.zeros(0, dtype=dtype)
     rows = docs = 0
     with open(out, "wb") as fh:
         batch: list[str] = []
+        chars = 0
 
         def flush() -> None:
-            nonlocal carry, rows
+            nonlocal carry, rows, chars
             if not batch:
                 return
-            encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-            parts = [carry]
-            for ids in encoded:
-                parts.append(np.asarray(ids, dtype=np.int64))
-                parts.append(np.asarray([eos], dtype=np.int64))
-            stream = np.concatenate(parts)
+            encoded = _encode(tokenizer, batch)
+            lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
+            flat = np.fromiter(
+                itertools.chain.from_iterable(itertools.chain(ids, (eos,)) for ids in encoded),
+                dtype=dtype, count=int(lengths.sum()),
+            )  # fmt: skip
+            stream = np.concatenate([carry, flat]) if len(carry) else flat
             n = len(stream) // seq_len
             if n:
-                fh.write(stream[: n * seq_len].astype(dtype).tobytes())
+                fh.write(stream[: n * seq_len].tobytes())
                 rows += n
-            carry = stream[n * seq_len :]
+            carry = stream[n * seq_len :].copy()
             batch.clear()
+            chars = 0
 
         for doc in iter_all_documents(src, files):
             if doc:
                 batch.append(doc)
                 docs += 1
-            if len(batch) >= ENCODE_BATCH:
+                chars += len(doc)
+            if len(batch) >= ENCODE_BATCH or chars >= ENCODE_CHARS:
                 flush()
         flush()
     return out, rows, docs

@@ -36,11 +36,16 @@ class SourceFile:
 
 
 def _builtin_path(name: str) -> Path:
+    from pretrain.corpora.tasks import GENERATED, generated_path
+
+    made = generated_path(name)
+    if made is not None:
+        return made
     corpora = resources.files("pretrain") / "corpora"
     path = Path(str(corpora / f"{name}.txt"))
     if not path.is_file():
         known = sorted(p.name.removesuffix(".txt") for p in Path(str(corpora)).glob("*.txt"))
-        raise DataError(f"builtin://{name}: no such bundled corpus (bundled: {', '.join(known)})")
+        raise DataError(f"builtin://{name}: no such bundled corpus (bundled: {', '.join([*known, *GENERATED])})")
     return path
 
 
@@ -103,11 +108,40 @@ def _format(src: DataSourceSpec, uri: str) -> str:
         return "jsonl"
     if name.endswith(".parquet"):
         return "parquet"
+    if name.endswith(".csv"):
+        return "csv"
     return "text"
 
 
 def iter_documents(src: DataSourceSpec, file: SourceFile) -> Iterator[str]:
-    """Documents of one file (text in line-aligned chunks, one per JSONL line or Parquet row)."""
+    """Documents of one file (text in line-aligned chunks, else the text field of each row)."""
+    if (file.uri.startswith("hf://") and file.version == "hf") or _format(src, file.uri) != "text":
+        for where, row in iter_rows(src, file):
+            value = _field(row, src.text_field, where)
+            if value:
+                yield value
+        return
+    import fsspec
+
+    try:
+        with fsspec.open(file.uri, "rt", encoding="utf-8", compression="infer") as f:
+            while True:
+                chunk = f.read(TEXT_CHUNK_CHARS)
+                if not chunk:
+                    break
+                tail = f.readline()  # end the chunk on a line boundary
+                yield chunk + tail
+    except UnicodeDecodeError:
+        raise DataError(f"{file.uri}: not UTF-8 text (set format: parquet or jsonl?)") from None
+    except FileNotFoundError:
+        raise DataError(f"{file.uri}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{file.uri}: cannot read ({e.__class__.__name__}: {e})") from None
+
+
+def iter_rows(src: DataSourceSpec, file: SourceFile) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, row) for every record of a JSONL, CSV or Parquet file or a Hugging Face dataset;
+    `where` names the file and row for error messages."""
     if file.uri.startswith("hf://") and file.version == "hf":
         yield from _iter_hf(src)
         return
@@ -116,27 +150,27 @@ def iter_documents(src: DataSourceSpec, file: SourceFile) -> Iterator[str]:
 
     try:
         if fmt == "parquet":
-            yield from _iter_parquet(src, file.uri)
+            yield from _iter_parquet(file.uri)
             return
-        with fsspec.open(file.uri, "rt", encoding="utf-8", compression="infer") as f:
-            if fmt == "jsonl":
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{file.uri}:{lineno}: not valid JSON ({e.msg})") from None
-                    yield _field(row, src.text_field, f"{file.uri}:{lineno}")
-            else:
-                while True:
-                    chunk = f.read(TEXT_CHUNK_CHARS)
-                    if not chunk:
-                        break
-                    tail = f.readline()  # end the chunk on a line boundary
-                    yield chunk + tail
+        with fsspec.open(file.uri, "rt", encoding="utf-8", compression="infer", newline="") as f:
+            if fmt == "csv":
+                import csv
+
+                for lineno, row in enumerate(csv.DictReader(f), 2):
+                    yield f"{file.uri}:{lineno}", dict(row)
+                return
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{file.uri}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{file.uri}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                yield f"{file.uri}:{lineno}", row
     except UnicodeDecodeError:
-        raise DataError(f"{file.uri}: not UTF-8 text (set format: parquet or jsonl?)") from None
+        raise DataError(f"{file.uri}: not UTF-8 text") from None
     except FileNotFoundError:
         raise DataError(f"{file.uri}: no such file") from None
     except OSError as e:
@@ -153,7 +187,7 @@ def _field(row: Any, field: str, where: str) -> str:
     return value
 
 
-def _iter_parquet(src: DataSourceSpec, uri: str) -> Iterator[str]:
+def _iter_parquet(uri: str) -> Iterator[tuple[str, dict[str, Any]]]:
     import fsspec
     import pyarrow.parquet as pq
 
@@ -162,15 +196,14 @@ def _iter_parquet(src: DataSourceSpec, uri: str) -> Iterator[str]:
             pf = pq.ParquetFile(f)
         except Exception as e:  # pyarrow raises ArrowInvalid and friends
             raise DataError(f"{uri}: not a Parquet file ({str(e).splitlines()[0]})") from None
-        if src.text_field not in pf.schema_arrow.names:
-            raise DataError(f"{uri}: no text field {src.text_field!r} (fields: {', '.join(pf.schema_arrow.names)})")
-        for batch in pf.iter_batches(columns=[src.text_field], batch_size=4096):
-            for value in batch.column(0).to_pylist():
-                if value:
-                    yield str(value)
+        n = 0
+        for batch in pf.iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                n += 1
+                yield f"{uri} row {n}", row
 
 
-def _iter_hf(src: DataSourceSpec) -> Iterator[str]:
+def _iter_hf(src: DataSourceSpec) -> Iterator[tuple[str, dict[str, Any]]]:
     """A Hugging Face dataset by name or local directory: hf://owner/name[/split]."""
     import datasets
 
@@ -184,4 +217,4 @@ def _iter_hf(src: DataSourceSpec) -> Iterator[str]:
     except Exception as e:  # the hub client raises many kinds; all mean "cannot read"
         raise DataError(f"{src.uri}: cannot load dataset ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
     for i, row in enumerate(ds):
-        yield _field(row, src.text_field, f"{src.uri} row {i}")
+        yield f"{src.uri} row {i}", dict(row)

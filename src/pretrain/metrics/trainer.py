@@ -92,6 +92,11 @@ class TrainerMetrics:
             "pretrain_checkpoint_last_verified_timestamp_seconds",
             "Unix time of the newest verified checkpoint (age: time() - this).",
         )
+        self._eval_metric = Gauge(
+            "pretrain_eval_metric", "Task metrics of the last evaluation (accuracy, f1, exact_match...).",
+            [*names, "metric"], registry=self.registry,
+        )  # fmt: skip
+        self._labels = lv
         self.attempt = gauge("pretrain_attempt", "Attempt of this run (1 + gang restarts so far).")
         self.attempt.set(labels.attempt)
         self.port: int | None = None
@@ -120,6 +125,11 @@ class TrainerMetrics:
         self.tokens_per_second.set(tokens / seconds if seconds > 0 else 0.0)
         if mfu is not None:
             self.mfu.set(mfu)
+
+    def observe_eval(self, scores: dict[str, float]) -> None:
+        for name, value in scores.items():
+            if name != "loss":
+                self._eval_metric.labels(**self._labels, metric=name).set(value)
 
     def observe_memory(self, allocated: int, reserved: int) -> None:
         self.mem_allocated.set(allocated)

@@ -21,7 +21,7 @@ from pretrain.api.validation import SpecError, parse_spec
 from pretrain.operator import metrics
 from pretrain.operator.cluster import AlreadyExists, Cluster, NotFound
 from pretrain.operator.planner import Plan, plan
-from pretrain.operator.progress import progress_from, scrape
+from pretrain.operator.progress import evaluation_from, progress_from, scrape
 
 log = logging.getLogger("pretrain.operator")
 
@@ -159,6 +159,9 @@ def progress(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
         return
     prog, ckpt = progress_from(samples, _now())
     patch.status["progress"] = prog
+    evaluation = evaluation_from(samples)
+    if evaluation:
+        patch.status["evaluation"] = evaluation
     if ckpt is not None:
         uri = job.spec.checkpoint.uri
         if uri:

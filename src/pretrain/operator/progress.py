@@ -16,8 +16,11 @@ def parse_metrics(text: str) -> dict[str, float]:
     for line in text.splitlines():
         if not line or line.startswith("#"):
             continue
-        name_labels, _, rest = line.partition(" ")
+        name_labels, _, rest = line.rpartition("} ") if "{" in line else line.partition(" ")
         name = name_labels.split("{", 1)[0]
+        if name == "pretrain_eval_metric":  # keep the metric label: one sample per task metric
+            label = name_labels.split('metric="', 1)[1].split('"', 1)[0] if 'metric="' in name_labels else ""
+            name = f"{name}:{label}"
         try:
             out[name] = float(rest.split()[0])
         except (ValueError, IndexError):
@@ -28,6 +31,12 @@ def parse_metrics(text: str) -> dict[str, float]:
 def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return parse_metrics(resp.read().decode("utf-8", "replace"))
+
+
+def evaluation_from(samples: dict[str, float]) -> dict[str, float]:
+    """status.evaluation: the task metrics of the latest evaluation."""
+    prefix = "pretrain_eval_metric:"
+    return {k[len(prefix) :]: round(v, 4) for k, v in samples.items() if k.startswith(prefix) and k != prefix}
 
 
 def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:

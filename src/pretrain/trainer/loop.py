@@ -24,12 +24,14 @@ import numpy as np
 
 from pretrain.api.spec import PretrainJob
 from pretrain.api.validation import total_steps
+from pretrain.data import labeled
 from pretrain.data.collator import Collator
 from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
 from pretrain.data.prepare import prepare_cached, text_sample
 from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
 from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
 from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, step_name
+from pretrain.trainer import tasks
 from pretrain.trainer.model import build_model, parameter_groups
 from pretrain.trainer.progress import Progress
 from pretrain.trainer.recipe import batch_plan, deepspeed_config, lr_multiplier, model_flops_per_token
@@ -88,11 +90,25 @@ class Trainer:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def build_tokenizer(self, store: CheckpointStore) -> Any:
+    def fetch_init(self) -> Path | None:
+        """A node-local copy of model.initFrom (downloaded by each node's local rank 0)."""
+        uri = self.spec.model.init_from
+        if not uri:
+            return None
+        target = self.workdir / "init"
+        if self.local_rank == 0:
+            download_dir(uri, target, dict(self.spec.checkpoint.storage_options))
+        self.barrier()
+        return download_dir(uri, target) if "://" not in uri or uri.startswith("file://") else target
+
+    def build_tokenizer(self, store: CheckpointStore, init_dir: Path | None = None) -> Any:
         """The job's tokenizer, kept beside its checkpoints so that every resume (and every
-        node) tokenizes exactly as the first run did. Rank 0 builds or fetches it."""
+        node) tokenizes exactly as the first run did. Rank 0 builds or fetches it. A model
+        initialised from an export brings its own tokenizer, which then wins."""
         from transformers import AutoTokenizer
 
+        if init_dir is not None and (init_dir / "tokenizer.json").exists() and self.spec.tokenizer.type != "pretrained":
+            return AutoTokenizer.from_pretrained(str(init_dir))
         tok_dir = self.workdir / "tokenizer"
         if self.rank == 0:
             if store.exists("tokenizer/tokenizer.json") and self.spec.checkpoint.resume != "never":
@@ -219,7 +235,7 @@ class Trainer:
             step, writes_manifest=self.rank == 0, uploads=self.local_rank == 0, meta=meta, background=background
         )
 
-    def export(self, engine: Any, tokenizer: Any, store: CheckpointStore) -> str | None:
+    def export(self, engine: Any, tokenizer: Any, store: CheckpointStore, evaluation: dict[str, float]) -> str | None:
         """Write a plain Hugging Face directory to <checkpoint.uri>/final (rank 0 writes)."""
         if self.spec.training.zero.stage == 3:
             state = engine._zero3_consolidated_16bit_state_dict()
@@ -231,6 +247,7 @@ class Trainer:
             model = engine.module
             model.save_pretrained(str(out), state_dict={k: v.detach().cpu() for k, v in state.items()})
             tokenizer.save_pretrained(str(out))
+            (out / "metrics.json").write_text(json.dumps(evaluation, indent=1))
             uri = store.upload_dir(out, "final")
         self.barrier()
         return uri
@@ -275,8 +292,19 @@ class Trainer:
         random.seed(t.seed)
 
         store = self.store()
-        tokenizer = self.build_tokenizer(store)
-        train_split, val_split = self.build_data(tokenizer)
+        init_dir = self.fetch_init()
+        tokenizer = self.build_tokenizer(store, init_dir)
+        names: list[str] | None = None
+        train_split: Any
+        val_split: Any
+        if spec.objective.fine_tuning:
+            if init_dir is None and self.rank == 0:
+                log.warning(
+                    "objective %s without model.initFrom: the task trains from random weights", spec.objective_type
+                )
+            train_split, val_split, names = labeled.load(spec.objective, spec.data, tokenizer, t.seed)
+        else:
+            train_split, val_split = self.build_data(tokenizer)
         plan = batch_plan(spec, self.world)
         loader = DistributedLoader(
             train_split, rank=self.rank, world_size=self.world, micro_batch=plan.micro_batch,
@@ -286,14 +314,15 @@ class Trainer:
             objective=spec.objective_type, vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
             special_ids=tuple(tokenizer.all_special_ids), mask_probability=spec.objective.mask_probability, seed=t.seed,
         )  # fmt: skip
-        val = eval_batches(
-            val_split, rank=self.rank, world_size=self.world, micro_batch=plan.micro_batch, steps=t.eval_steps
+        val = (
+            []
+            if spec.objective.fine_tuning
+            else eval_batches(
+                val_split, rank=self.rank, world_size=self.world, micro_batch=plan.micro_batch, steps=t.eval_steps
+            )
         )
 
-        init_dir = None
-        if spec.model.init_from:
-            init_dir = download_dir(spec.model.init_from, self.workdir / "init")
-        model = build_model(spec, tokenizer, init_dir)
+        model = build_model(spec, tokenizer, init_dir, names)
         n_params = sum(p.numel() for p in model.parameters())
         engine = self.build_engine(model)
         steps = total_steps(spec) or 1
@@ -364,7 +393,7 @@ class Trainer:
             if self.rank == 0 and (step % t.log_interval == 0 or step == steps or step == start + 1):
                 progress.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_second=tokens_per_step / seconds)
             if t.eval_interval and step % t.eval_interval == 0 and step < steps:
-                self.log_eval(step, self.evaluate(engine, val, collate), metrics, progress)
+                self.run_eval(engine, step, val, val_split, collate, names, metrics, progress)
             if step % spec.checkpoint.interval_steps == 0 or stop:
                 self.save(engine, store, loader, step)
                 last_saved = step
@@ -381,15 +410,17 @@ class Trainer:
                 return 0
 
         progress.close()
-        eval_loss = self.log_eval(step, self.evaluate(engine, val, collate), metrics, progress)
+        final_eval = self.run_eval(engine, step, val, val_split, collate, names, metrics, progress)
+        eval_loss = final_eval.get("loss")
         if last_saved != step:
             self.save(engine, store, loader, step, background=False)
         store.close()
         self.report_checkpoint(store, metrics)
         self.check_checkpoint_errors(store)
-        uri = self.export(engine, tokenizer, store)
+        uri = self.export(engine, tokenizer, store, final_eval)
         if self.rank == 0:
-            summary = {"step": step, "train_loss": loss, "eval_loss": eval_loss, "final": uri}
+            summary = {"step": step, "train_loss": loss, "eval_loss": eval_loss, "final": uri,
+                       "eval": {k: v for k, v in final_eval.items() if k != "loss"}}  # fmt: skip
             log.info("done: %s", json.dumps(summary))
             (self.workdir / "result.json").write_text(json.dumps(summary))
         metrics.close()
@@ -400,6 +431,30 @@ class Trainer:
         if self.rank == 0:
             with open(self.workdir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
+
+    def run_eval(self, engine: Any, step: int, val: list[np.ndarray[Any, Any]], val_split: Any, collate: Collator,
+                 names: list[str] | None, metrics: TrainerMetrics, progress: Progress) -> dict[str, float]:  # fmt: skip
+        """Evaluate now: loss and perplexity for language modelling, task metrics for fine-tuning."""
+        if not self.spec.objective.fine_tuning:
+            loss = self.log_eval(step, self.evaluate(engine, val, collate), metrics, progress)
+            return {} if loss is None else {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        if len(val_split) == 0:
+            return {}
+        engine.eval()
+        scores = tasks.evaluate(
+            engine, val_split, self.spec.objective, names or [], rank=self.rank, world=self.world,
+            micro_batch=self.spec.training.micro_batch_size, to_device=self.to_device,
+        )  # fmt: skip
+        engine.train()
+        self.record(
+            {"step": step, "eval_loss": scores["loss"], **{f"eval_{k}": v for k, v in scores.items() if k != "loss"}}
+        )
+        metrics.eval_loss.set(scores["loss"])
+        metrics.observe_eval(scores)
+        if self.rank == 0:
+            progress.clear()
+            log.info("eval step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+        return scores
 
     def log_eval(self, step: int, eval_loss: float | None, metrics: TrainerMetrics, progress: Progress) -> float | None:
         if eval_loss is None:

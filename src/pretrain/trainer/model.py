@@ -45,21 +45,41 @@ def model_config(spec: PretrainJobSpec, tokenizer: Any) -> Any:
 
 
 def auto_class(objective: str) -> Any:
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    import transformers
 
-    return AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    return getattr(
+        transformers,
+        {
+            "clm": "AutoModelForCausalLM",
+            "mlm": "AutoModelForMaskedLM",
+            "sequence-classification": "AutoModelForSequenceClassification",
+            "token-classification": "AutoModelForTokenClassification",
+            "extractive-qa": "AutoModelForQuestionAnswering",
+        }[objective],
+    )
 
 
-def build_model(spec: PretrainJobSpec, tokenizer: Any, init_dir: Path | None = None) -> Any:
-    """A fresh model from the spec, or the weights in `init_dir` (a local copy of initFrom)."""
+def build_model(
+    spec: PretrainJobSpec, tokenizer: Any, init_dir: Path | None = None, label_names: list[str] | None = None
+) -> Any:
+    """A fresh model from the spec, or the weights in `init_dir` (a local copy of initFrom);
+    a fine-tuning task adds its head (and, for classification, the label mapping) on top."""
     objective = spec.objective_type
     cls = auto_class(objective)
     attn = spec.model.attention
+    labels: dict[str, Any] = {}
+    if label_names:
+        labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+                  "label2id": {n: i for i, n in enumerate(label_names)}}  # fmt: skip
     if init_dir is not None:
-        model = cls.from_pretrained(str(init_dir), attn_implementation=attn)
+        model = cls.from_pretrained(str(init_dir), attn_implementation=attn, **labels)
     else:
-        model = cls.from_config(model_config(spec, tokenizer), attn_implementation=attn)
-    model.loss_type = "ForMaskedLM" if objective == "mlm" else "ForCausalLM"
+        config = model_config(spec, tokenizer)
+        for key, value in labels.items():
+            setattr(config, key, value)
+        model = cls.from_config(config, attn_implementation=attn)
+    if objective in ("clm", "mlm"):
+        model.loss_type = "ForMaskedLM" if objective == "mlm" else "ForCausalLM"
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

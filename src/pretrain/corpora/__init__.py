@@ -1,0 +1,1 @@
+"""Corpora and labelled tasks bundled with pretrain."""
