@@ -200,3 +200,15 @@ def test_extractive_qa_beats_first_word(pretrained: tuple[Path, Any], tmp_path: 
     first_word = qa_scores([r["context"].split()[0] for r in rows], [r["answers"]["text"] for r in rows])
     m = final_metrics(run)
     assert m["exact_match"] >= first_word["exact_match"] + 0.2, (m, first_word)
+
+
+def test_csv_labelled_rows_and_held_out_split(tmp_path: Path) -> None:
+    rows = "text,label\n" + "".join(f"line {i},{'even' if i % 2 == 0 else 'odd'}\n" for i in range(200))
+    (tmp_path / "cls.csv").write_text(rows)
+    data = DataSpec(sources=[DataSourceSpec(uri=str(tmp_path / "cls.csv"))], sequence_length=8, validation_split=0.25)
+    train, val, names = labeled.load(ObjectiveSpec(type="sequence-classification"), data, bytes_tokenizer(), seed=3)
+    assert names == ["even", "odd"]
+    assert len(train) + len(val) == 200 and 30 <= len(val) <= 70
+    assert train.features["input_ids"].shape == (len(train), 8)
+    again = labeled.load(ObjectiveSpec(type="sequence-classification"), data, bytes_tokenizer(), seed=3)[1]
+    assert again.gold == val.gold, "the split is deterministic"
