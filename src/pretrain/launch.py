@@ -107,6 +107,22 @@ def _supervise(cmd: list[str], env: dict[str, str]) -> int:
     return 130 if interrupted else code
 
 
+def load_export(model_uri: str) -> Path:
+    """A local copy of an exported model (…/final), with transformers' chatter turned down."""
+    import tempfile
+
+    from transformers.utils import logging as hf_logging
+
+    from pretrain.storage.checkpoint import download_dir
+
+    path = download_dir(model_uri, Path(tempfile.mkdtemp(prefix="pretrain-model-")))
+    if not (path / "config.json").is_file():
+        raise UserError(f"--model: {model_uri} holds no exported model (config.json is missing)")
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    return path
+
+
 @click.command()
 @click.option("--model", "model_uri", required=True, help="An exported model directory or URI (…/final).")
 @click.option("--prompt", default="", help="Text to continue.")
@@ -122,19 +138,10 @@ def generate(
     seed: int | None, num_samples: int,
 ) -> None:  # fmt: skip
     """Generate text from an exported model."""
-    import tempfile
-
-    from pretrain.storage.checkpoint import download_dir
-
-    path = download_dir(model_uri, Path(tempfile.mkdtemp(prefix="pretrain-model-")))
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model: {model_uri} holds no exported model (config.json is missing)")
+    path = load_export(model_uri)
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     if seed is not None:
         torch.manual_seed(seed)
     config = AutoConfig.from_pretrained(str(path))
@@ -186,23 +193,16 @@ def evaluate(
 ) -> None:  # fmt: skip
     """Evaluate an exported model on data without training: perplexity (clm, mlm) or task metrics."""
     import json
-    import tempfile
 
     from pretrain.api.spec import DataSourceSpec, DataSpec, ObjectiveSpec
     from pretrain.data.sources import DataError
-    from pretrain.storage.checkpoint import download_dir
 
-    path = download_dir(model_uri, Path(tempfile.mkdtemp(prefix="pretrain-model-")))
-    if not (path / "config.json").is_file():
-        raise UserError(f"--model: {model_uri} holds no exported model (config.json is missing)")
+    path = load_export(model_uri)
     import torch
     from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from pretrain.trainer.model import auto_class
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(str(path))
     tok = AutoTokenizer.from_pretrained(str(path))
     model = auto_class(objective).from_pretrained(str(path)).eval()

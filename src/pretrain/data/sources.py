@@ -8,6 +8,7 @@ Every problem raises `DataError` with one line naming the source.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Iterator
@@ -113,6 +114,19 @@ def _format(src: DataSourceSpec, uri: str) -> str:
     return "text"
 
 
+@contextlib.contextmanager
+def reading(uri: str) -> Iterator[None]:
+    """Turn the errors of reading `uri` into one-line DataErrors naming it."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        raise DataError(f"{uri}: not UTF-8 text (set the source's format?)") from None
+    except FileNotFoundError:
+        raise DataError(f"{uri}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{uri}: cannot read ({e.__class__.__name__}: {e})") from None
+
+
 def iter_documents(src: DataSourceSpec, file: SourceFile) -> Iterator[str]:
     """Documents of one file (text in line-aligned chunks, else the text field of each row)."""
     if (file.uri.startswith("hf://") and file.version == "hf") or _format(src, file.uri) != "text":
@@ -123,20 +137,13 @@ def iter_documents(src: DataSourceSpec, file: SourceFile) -> Iterator[str]:
         return
     import fsspec
 
-    try:
-        with fsspec.open(file.uri, "rt", encoding="utf-8", compression="infer") as f:
-            while True:
-                chunk = f.read(TEXT_CHUNK_CHARS)
-                if not chunk:
-                    break
-                tail = f.readline()  # end the chunk on a line boundary
-                yield chunk + tail
-    except UnicodeDecodeError:
-        raise DataError(f"{file.uri}: not UTF-8 text (set format: parquet or jsonl?)") from None
-    except FileNotFoundError:
-        raise DataError(f"{file.uri}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{file.uri}: cannot read ({e.__class__.__name__}: {e})") from None
+    with reading(file.uri), fsspec.open(file.uri, "rt", encoding="utf-8", compression="infer") as f:
+        while True:
+            chunk = f.read(TEXT_CHUNK_CHARS)
+            if not chunk:
+                break
+            tail = f.readline()  # end the chunk on a line boundary
+            yield chunk + tail
 
 
 def iter_rows(src: DataSourceSpec, file: SourceFile) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -148,7 +155,7 @@ def iter_rows(src: DataSourceSpec, file: SourceFile) -> Iterator[tuple[str, dict
     fmt = _format(src, file.uri)
     import fsspec
 
-    try:
+    with reading(file.uri):
         if fmt == "parquet":
             yield from _iter_parquet(file.uri)
             return
@@ -169,12 +176,6 @@ def iter_rows(src: DataSourceSpec, file: SourceFile) -> Iterator[tuple[str, dict
                 if not isinstance(row, dict):
                     raise DataError(f"{file.uri}:{lineno}: expected a JSON object, got {type(row).__name__}")
                 yield f"{file.uri}:{lineno}", row
-    except UnicodeDecodeError:
-        raise DataError(f"{file.uri}: not UTF-8 text") from None
-    except FileNotFoundError:
-        raise DataError(f"{file.uri}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{file.uri}: cannot read ({e.__class__.__name__}: {e})") from None
 
 
 def _field(row: Any, field: str, where: str) -> str:
