@@ -118,10 +118,12 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
 
 
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, sharp=False)
+# One level-triggered reconcile behind every trigger, each with an id of its own (Kopf keeps
+# per-handler progress under its id).
+@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-on-create")
+@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-on-update")
+@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-on-resume")
+@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, sharp=False, id="reconcile-timer")
 def reconcile(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
     namespace = body["metadata"].get("namespace") or "default"
     t0 = time.perf_counter()

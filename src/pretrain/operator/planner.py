@@ -315,6 +315,7 @@ def plan(
     if missing:  # Pending and some pods not created yet (e.g. the operator stopped half-way)
         for rank in missing:
             out.create.append(build_pod(job, namespace, uid, attempt, rank))
+        _check_scheduling(st, current, job, now, scheduling_grace)  # the new pods are not stuck
         return _finish(out, st)
     if all(p.phase == "Succeeded" for p in current):
         st.phase(Phase.SUCCEEDED, "Completed", f"all {nodes} pod(s) succeeded")
@@ -327,16 +328,22 @@ def plan(
             st.phase(Phase.RUNNING, "Running", f"all {nodes} pod(s) running (attempt {attempt})")
         st.condition("Unschedulable", False, "")
         return _finish(out, st)
-    # some pods still Pending
-    grace = scheduling_grace or timedelta(seconds=rp.scheduling_timeout_seconds)
-    stuck = [p for p in current if p.phase == "Pending" and p.created and now >= p.created + grace]
+    _check_scheduling(st, current, job, now, scheduling_grace)  # some pods still Pending
+    return _finish(out, st)
+
+
+def _check_scheduling(
+    st: _Status, pods: list[PodView], job: PretrainJob, now: datetime, grace: timedelta | None
+) -> None:
+    """Raise the Unschedulable condition (and one event) for pods pending past the timeout."""
+    grace = grace or timedelta(seconds=job.spec.run_policy.scheduling_timeout_seconds)
+    stuck = [p for p in pods if p.phase == "Pending" and p.created and now >= p.created + grace]
     if stuck:
         cond = st.get_condition("Unschedulable")
         msg = f"{len(stuck)} pod(s) pending longer than {int(grace.total_seconds())}s (e.g. {stuck[0].name})"
         if not cond or cond["status"] != "True":
             st.events.append(Event("Warning", "Unschedulable", msg))
         st.condition("Unschedulable", True, "PodsPending", msg)
-    return _finish(out, st)
 
 
 def _finish(out: Plan, st: _Status) -> Plan:
