@@ -63,6 +63,27 @@ def dataset_fingerprint(
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class Inputs:
+    """The files of every source, listed once, and the fingerprint of the dataset they make."""
+
+    files: list[list[SourceFile]]
+    val_files: list[list[SourceFile]]
+    prints: list[str]
+    val_prints: list[str]
+    fingerprint: str
+
+
+def resolve_inputs(spec: DataSpec, tokenizer_fingerprint: str) -> Inputs:
+    files = [resolve_files(s) for s in spec.sources]
+    val_files = [resolve_files(s) for s in spec.validation_sources]
+    prints = [source_fingerprint(s, f) for s, f in zip(spec.sources, files, strict=True)]
+    val_prints = [source_fingerprint(s, f) for s, f in zip(spec.validation_sources, val_files, strict=True)]
+    return Inputs(
+        files, val_files, prints, val_prints, dataset_fingerprint(spec, prints, val_prints, tokenizer_fingerprint)
+    )
+
+
 def iter_all_documents(src: DataSourceSpec, files: list[SourceFile]) -> Iterator[str]:
     for f in files:
         yield from iter_documents(src, f)
@@ -192,13 +213,12 @@ def prepare(
     cache_dir: Path,
     *,
     shard_rows: int = DEFAULT_SHARD_ROWS,
+    inputs: Inputs | None = None,
 ) -> Path:
     """Prepare (or reuse) the packed dataset for `spec`; return its directory."""
-    files = [resolve_files(s) for s in spec.sources]
-    val_files = [resolve_files(s) for s in spec.validation_sources]
-    prints = [source_fingerprint(s, f) for s, f in zip(spec.sources, files, strict=True)]
-    val_prints = [source_fingerprint(s, f) for s, f in zip(spec.validation_sources, val_files, strict=True)]
-    fp = dataset_fingerprint(spec, prints, val_prints, tokenizer_fingerprint)
+    inputs = inputs or resolve_inputs(spec, tokenizer_fingerprint)
+    files, val_files, prints, val_prints = inputs.files, inputs.val_files, inputs.prints, inputs.val_prints
+    fp = inputs.fingerprint
     target = cache_dir / fp
     if (target / "manifest.json").is_file():
         return target
@@ -280,14 +300,8 @@ def prepare_cached(
 
     from pretrain.storage.checkpoint import download_dir, upload_dir
 
-    files = [resolve_files(s) for s in spec.sources]
-    val_files = [resolve_files(s) for s in spec.validation_sources]
-    fp = dataset_fingerprint(
-        spec,
-        [source_fingerprint(s, f) for s, f in zip(spec.sources, files, strict=True)],
-        [source_fingerprint(s, f) for s, f in zip(spec.validation_sources, val_files, strict=True)],
-        tokenizer_fingerprint,
-    )
+    inputs = resolve_inputs(spec, tokenizer_fingerprint)
+    fp = inputs.fingerprint
     target = local_cache / fp
     if (target / "manifest.json").is_file():
         return target
@@ -298,7 +312,7 @@ def prepare_cached(
         download_dir(remote, staging, into=True)
         staging.rename(target)
         return target
-    path = prepare(spec, tokenizer, tokenizer_fingerprint, local_cache)
+    path = prepare(spec, tokenizer, tokenizer_fingerprint, local_cache, inputs=inputs)
     if publish:
         manifest = path / "manifest.json"
         held = path.parent / f".{fp}.manifest"
