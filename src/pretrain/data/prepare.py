@@ -14,7 +14,6 @@ prepared set serves CLM and MLM alike.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.api.spec import DataSourceSpec, DataSpec
+from pretrain.data.encode import BatchEncoder
 from pretrain.data.sources import DataError, SourceFile, iter_documents, resolve_files, source_fingerprint
 
 FORMAT_VERSION = 1
@@ -149,61 +149,75 @@ class _ShardWriter:
         return self.shards
 
 
-def _encode(tokenizer: Any, batch: list[str]) -> list[list[int]]:
-    """Token ids of a batch of documents, straight from the Rust tokenizer when there is one
-    (its batch encoder runs on all cores; the transformers wrapper adds Python overhead)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and hasattr(backend, "encode_batch_fast"):
-        return [e.ids for e in backend.encode_batch_fast(batch, add_special_tokens=False)]
-    ids: list[list[int]] = tokenizer(batch, add_special_tokens=False)["input_ids"]
-    return ids
+def _batches(src: DataSourceSpec, files: list[SourceFile], counter: list[int]) -> Iterator[list[str]]:
+    """Non-empty documents in batches of ENCODE_BATCH documents or ENCODE_CHARS characters;
+    counter[0] counts the documents."""
+    batch: list[str] = []
+    chars = 0
+    for doc in iter_all_documents(src, files):
+        if not doc:
+            continue
+        batch.append(doc)
+        counter[0] += 1
+        chars += len(doc)
+        if len(batch) >= ENCODE_BATCH or chars >= ENCODE_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
 
 
 def _pack_source(
-    src: DataSourceSpec,
-    files: list[SourceFile],
-    tokenizer: Any,
-    seq_len: int,
-    tmp: Path,
-    dtype: np.dtype[Any],
+    src: DataSourceSpec, files: list[SourceFile], encoder: BatchEncoder, seq_len: int, tmp: Path, dtype: np.dtype[Any]
 ) -> tuple[Path, int, int]:
     """Tokenize one source into a flat file of rows; returns (file, rows, documents)."""
-    eos = int(tokenizer.eos_token_id)
     out = tmp / f"rows-{source_fingerprint(src, files)}.bin"
     carry = np.zeros(0, dtype=dtype)
-    rows = docs = 0
+    rows = 0
+    docs = [0]
     with open(out, "wb") as fh:
-        batch: list[str] = []
-        chars = 0
-
-        def flush() -> None:
-            nonlocal carry, rows, chars
-            if not batch:
-                return
-            encoded = _encode(tokenizer, batch)
-            lengths = np.fromiter((len(ids) + 1 for ids in encoded), dtype=np.int64, count=len(encoded))
-            flat = np.fromiter(
-                itertools.chain.from_iterable(itertools.chain(ids, (eos,)) for ids in encoded),
-                dtype=dtype, count=int(lengths.sum()),
-            )  # fmt: skip
+        for flat in encoder.map(_batches(src, files, docs)):
             stream = np.concatenate([carry, flat]) if len(carry) else flat
             n = len(stream) // seq_len
             if n:
                 fh.write(stream[: n * seq_len].tobytes())
                 rows += n
             carry = stream[n * seq_len :].copy()
-            batch.clear()
-            chars = 0
+    return out, rows, docs[0]
 
-        for doc in iter_all_documents(src, files):
-            if doc:
-                batch.append(doc)
-                docs += 1
-                chars += len(doc)
-            if len(batch) >= ENCODE_BATCH or chars >= ENCODE_CHARS:
-                flush()
-        flush()
-    return out, rows, docs
+
+def _pack_sources(
+    spec: DataSpec, inputs: Inputs, encoder: BatchEncoder, work: Path, train: _ShardWriter, val: _ShardWriter
+) -> list[dict[str, Any]]:
+    """Pack every source into the train/val shard writers; return the manifest's source entries."""
+    seq, dtype = spec.sequence_length, train.dtype
+    source_entries = []
+    for i, (src, fs) in enumerate(zip(spec.sources, inputs.files, strict=True)):
+        flat, rows, docs = _pack_source(src, fs, encoder, seq, work, dtype)
+        if rows == 0:
+            raise DataError(f"{src.uri}: too little text for one sequence of {seq} tokens ({docs} documents)")
+        data = np.memmap(flat, dtype=dtype, mode="r", shape=(rows, seq))
+        n_val = 0 if spec.validation_sources else math.ceil(rows * spec.validation_split)
+        if n_val and rows - n_val < 1:
+            raise DataError(f"{src.uri}: {rows} sequences leave none for training after the validation split")
+        train.write(data[: rows - n_val], i)
+        if n_val:
+            val.write(data[rows - n_val :], i)
+        del data
+        flat.unlink()
+        source_entries.append(
+            {"uri": src.uri, "fingerprint": inputs.prints[i], "weight": src.weight, "documents": docs,
+             "files": [f.uri for f in fs], "rows": rows, "val_rows": n_val}
+        )  # fmt: skip
+    for j, (src, fs) in enumerate(zip(spec.validation_sources, inputs.val_files, strict=True)):
+        flat, rows, _ = _pack_source(src, fs, encoder, seq, work, dtype)
+        if rows == 0:
+            raise DataError(f"{src.uri}: too little text for one validation sequence of {seq} tokens")
+        data = np.memmap(flat, dtype=dtype, mode="r", shape=(rows, seq))
+        val.write(data, len(spec.sources) + j)
+        del data
+        flat.unlink()
+    return source_entries
 
 
 def prepare(
@@ -217,7 +231,6 @@ def prepare(
 ) -> Path:
     """Prepare (or reuse) the packed dataset for `spec`; return its directory."""
     inputs = inputs or resolve_inputs(spec, tokenizer_fingerprint)
-    files, val_files, prints, val_prints = inputs.files, inputs.val_files, inputs.prints, inputs.val_prints
     fp = inputs.fingerprint
     target = cache_dir / fp
     if (target / "manifest.json").is_file():
@@ -230,32 +243,8 @@ def prepare(
     work.mkdir(parents=True)
     train = _ShardWriter(work, "train", dtype, seq, shard_rows)
     val = _ShardWriter(work, "val", dtype, seq, shard_rows)
-    source_entries = []
-    for i, (src, fs) in enumerate(zip(spec.sources, files, strict=True)):
-        flat, rows, docs = _pack_source(src, fs, tokenizer, seq, work, dtype)
-        if rows == 0:
-            raise DataError(f"{src.uri}: too little text for one sequence of {seq} tokens ({docs} documents)")
-        data = np.memmap(flat, dtype=dtype, mode="r", shape=(rows, seq))
-        n_val = 0 if spec.validation_sources else math.ceil(rows * spec.validation_split)
-        if n_val and rows - n_val < 1:
-            raise DataError(f"{src.uri}: {rows} sequences leave none for training after the validation split")
-        train.write(data[: rows - n_val], i)
-        if n_val:
-            val.write(data[rows - n_val :], i)
-        del data
-        flat.unlink()
-        source_entries.append(
-            {"uri": src.uri, "fingerprint": prints[i], "weight": src.weight, "documents": docs,
-             "files": [f.uri for f in fs], "rows": rows, "val_rows": n_val}
-        )  # fmt: skip
-    for j, (src, fs) in enumerate(zip(spec.validation_sources, val_files, strict=True)):
-        flat, rows, _ = _pack_source(src, fs, tokenizer, seq, work, dtype)
-        if rows == 0:
-            raise DataError(f"{src.uri}: too little text for one validation sequence of {seq} tokens")
-        data = np.memmap(flat, dtype=dtype, mode="r", shape=(rows, seq))
-        val.write(data, len(spec.sources) + j)
-        del data
-        flat.unlink()
+    with BatchEncoder(tokenizer, dtype) as encoder:
+        source_entries = _pack_sources(spec, inputs, encoder, work, train, val)
     train_shards, val_shards = train.close(), val.close()
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -265,7 +254,7 @@ def prepare(
         "vocab_size": vocab,
         "tokenizer_fingerprint": tokenizer_fingerprint,
         "sources": source_entries,
-        "validation_sources": val_prints,
+        "validation_sources": inputs.val_prints,
         "splits": {
             name: {
                 "rows": sum(s.rows for s in shards),

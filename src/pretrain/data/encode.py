@@ -1,0 +1,304 @@
+"""Token ids of many documents, fast: what `pretrain data prepare` spends its time on.
+
+The Rust tokenizer builds a full `Encoding` for every document (token strings, offsets, masks)
+and runs BPE on every pre-token again, although natural text repeats its words endlessly. For
+the pipelines whose output is a pure function of each pre-token, `PieceEncoder` does less:
+
+- byte-level BPE (GPT-2 style: the `ByteLevel` pre-tokenizer with its regex, no normaliser),
+  which `pretrain tokenizer train` and most pretrained GPT-style tokenizers use;
+- the built-in `chars` tokenizer (`Split` on whitespace runs, BPE without merges);
+- the built-in `bytes` tokenizer (byte-level, no regex, no merges: a 256-entry table).
+
+It splits each document with the same regex, asks the tokenizer's own BPE model once per
+distinct piece, and assembles the ids of a whole batch with numpy. Any other tokenizer, and any
+document that contains an added token's text (which the tokenizer would extract first), goes
+through the tokenizer itself. Either way the ids equal `tokenizer.encode(doc).ids`; the tests
+check that on the corpus and on random Unicode text.
+
+`BatchEncoder` runs the encoder in spawned worker processes, one per core, once the input is
+large enough to repay their start-up (a spawned worker imports only numpy, regex and tokenizers).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: The pre-tokenisation regex of `tokenizers`' ByteLevel (and of GPT-2).
+BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+#: Split patterns known to mean the same in Oniguruma (tokenizers) and Python's `regex`.
+SPLIT_PATTERNS = {r"\s+|\S+"}
+#: Distinct pieces remembered per encoder before the memory is cleared (bounds its size).
+MAX_PIECES = 500_000
+#: Characters encoded in-process before worker processes are started.
+PARALLEL_AFTER_CHARS = 8 * 2**20
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, as `tokenizers`' ByteLevel uses it."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars), strict=True))
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything a worker process needs (picklable): the backend tokenizer's JSON definition."""
+
+    tokenizer_json: str
+    eos: int
+    dtype: str
+
+
+@dataclass(frozen=True)
+class PieceRule:
+    """How a tokenizer cuts text into independently tokenised pieces."""
+
+    pattern: str | None  # None: the whole document is one piece
+    byte_level: bool
+    add_prefix_space: bool
+    merges: bool
+
+
+def piece_rule(definition: dict[str, Any]) -> PieceRule | None:
+    """The piece rule of a tokenizer definition (tokenizer.json), or None when its output is not a
+    pure function of the pieces we can cut (normalisers, other pre-tokenizers, dropout, ...)."""
+    model = definition.get("model") or {}
+    if definition.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
+        return None
+    merges = bool(model.get("merges"))
+    pre = definition.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel":
+        if pre.get("use_regex", True):
+            return PieceRule(BYTE_LEVEL_PATTERN, True, bool(pre.get("add_prefix_space")), merges)
+        if not merges and not pre.get("add_prefix_space"):
+            return PieceRule(None, True, False, False)
+        return None
+    pattern = (pre.get("pattern") or {}).get("Regex")
+    split = pre.get("type") == "Split" and pre.get("behavior") == "Isolated" and not pre.get("invert")
+    if split and pattern in SPLIT_PATTERNS:
+        return PieceRule(pattern, False, False, merges)
+    return None
+
+
+class _PieceIndex(dict[str, int]):
+    """Piece -> entry number; a miss learns the piece (in C on every hit)."""
+
+    def __init__(self, learn: Callable[[str], int]) -> None:
+        super().__init__()
+        self._learn = learn
+
+    def __missing__(self, piece: str) -> int:
+        index = self[piece] = self._learn(piece)
+        return index
+
+
+class PieceEncoder:
+    """Ids of documents from a cache of distinct pieces (see the module docstring)."""
+
+    def __init__(self, tokenizer: Any, rule: PieceRule, eos: int, dtype: np.dtype[Any]) -> None:
+        import regex
+
+        self._tokenizer, self._rule, self._eos, self._dtype = tokenizer, rule, eos, dtype
+        self._model = tokenizer.model
+        self._split: Callable[[str], list[str]] | None = regex.compile(rule.pattern).findall if rule.pattern else None
+        self._added = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.content]
+        table = bytes_to_unicode()
+        self._to_byte_chars = {b: table[b] for b in range(256)}
+        if rule.pattern is None:
+            self._byte_ids = np.array([self._piece_ids(table[b])[0] for b in range(256)], dtype=dtype)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._index = _PieceIndex(self._learn)
+        self._ids: list[int] = [self._eos]  # piece 0 is EOS
+        self._starts: list[int] = [0, 1]
+        self._arrays: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
+
+    def _piece_ids(self, piece: str) -> list[int]:
+        return [t.id for t in self._model.tokenize(piece)]
+
+    def _learn(self, piece: str) -> int:
+        text = (
+            piece.encode("utf-8").decode("latin-1").translate(self._to_byte_chars) if self._rule.byte_level else piece
+        )
+        self._ids.extend(self._piece_ids(text))
+        self._starts.append(len(self._ids))
+        self._arrays = None
+        return len(self._starts) - 2
+
+    def _reference(self, doc: str) -> list[int]:
+        ids: list[int] = self._tokenizer.encode(doc, add_special_tokens=False).ids
+        return ids
+
+    def __call__(self, docs: list[str]) -> np.ndarray[Any, Any]:
+        """The ids of `docs`, each followed by EOS, as one flat array."""
+        if len(self._index) > MAX_PIECES:
+            self._reset()
+        parts: list[np.ndarray[Any, Any]] = []
+        pieces: list[int] = []
+        lookup, split, added = self._index.__getitem__, self._split, self._added
+        for doc in docs:
+            if added and any(a in doc for a in added):
+                parts.append(self._assemble(pieces))
+                pieces = []
+                parts.append(np.array([*self._reference(doc), self._eos], dtype=self._dtype))
+                continue
+            if split is None:  # bytes: a table lookup per byte
+                parts.append(self._assemble(pieces))
+                pieces = []
+                parts.append(self._byte_ids[np.frombuffer(doc.encode("utf-8") + b"\0", np.uint8)])
+                parts[-1][-1] = self._eos
+                continue
+            if self._rule.add_prefix_space and doc and not doc.startswith(" "):
+                doc = " " + doc
+            pieces.extend(map(lookup, split(doc)))
+            pieces.append(0)  # EOS
+        parts.append(self._assemble(pieces))
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _assemble(self, pieces: list[int]) -> np.ndarray[Any, Any]:
+        if not pieces:
+            return np.zeros(0, dtype=self._dtype)
+        if self._arrays is None:
+            starts = np.array(self._starts, dtype=np.int64)
+            self._arrays = (np.array(self._ids, dtype=self._dtype), starts[:-1], np.diff(starts))
+        ids, starts, lengths = self._arrays
+        which = np.array(pieces, dtype=np.int64)
+        lens = lengths[which]
+        ends = np.cumsum(lens)
+        positions = np.arange(int(ends[-1])) + np.repeat(starts[which] - (ends - lens), lens)
+        out: np.ndarray[Any, Any] = ids[positions]
+        return out
+
+
+class TokenizerEncoder:
+    """Ids through the tokenizer itself: any tokenizer, Rust batch encoder when there is one."""
+
+    def __init__(self, tokenizer: Any, eos: int, dtype: np.dtype[Any]) -> None:
+        self._tokenizer, self._eos, self._dtype = tokenizer, eos, dtype
+
+    def __call__(self, docs: list[str]) -> np.ndarray[Any, Any]:
+        tok = self._tokenizer
+        if hasattr(tok, "encode_batch_fast"):  # a `tokenizers.Tokenizer`
+            encoded = [e.ids for e in tok.encode_batch_fast(docs, add_special_tokens=False)]
+        else:  # a transformers tokenizer without a Rust backend
+            encoded = tok(docs, add_special_tokens=False)["input_ids"]
+        count = sum(len(ids) for ids in encoded) + len(encoded)
+        flat = itertools.chain.from_iterable(itertools.chain(ids, (self._eos,)) for ids in encoded)
+        return np.fromiter(flat, dtype=self._dtype, count=count)
+
+
+def encoder_from_config(config: EncoderConfig) -> Callable[[list[str]], np.ndarray[Any, Any]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(config.tokenizer_json)
+    tok.no_truncation()
+    tok.no_padding()
+    rule = piece_rule(json.loads(config.tokenizer_json))
+    dtype = np.dtype(config.dtype)
+    if rule is not None:
+        return PieceEncoder(tok, rule, config.eos, dtype)
+    return TokenizerEncoder(tok, config.eos, dtype)
+
+
+_worker_encoder: Callable[[list[str]], np.ndarray[Any, Any]] | None = None
+
+
+def _init_worker(config: EncoderConfig) -> None:
+    global _worker_encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _worker_encoder = encoder_from_config(config)
+
+
+def _encode_in_worker(docs: list[str]) -> np.ndarray[Any, Any]:
+    assert _worker_encoder is not None
+    return _worker_encoder(docs)
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The container's CPU quota in cores (cgroup v2 `cpu.max`, or v1 CFS quota), None if unlimited:
+    a pod limited to 8 CPUs on a 128-core node must not start 128 workers."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by the container's CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    limit = cgroup_cpu_limit()
+    return max(1, min(cores, math.ceil(limit))) if limit else cores
+
+
+class BatchEncoder:
+    """Encodes batches of documents in order, in worker processes once the input is large.
+
+    Use as a context manager (it owns the workers): `for ids in enc.map(batches): ...`.
+    """
+
+    def __init__(self, tokenizer: Any, dtype: np.dtype[Any], *, workers: int | None = None) -> None:
+        eos = int(tokenizer.eos_token_id)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._config = EncoderConfig(backend.to_str(), eos, dtype.name) if backend is not None else None
+        self._local = encoder_from_config(self._config) if self._config else TokenizerEncoder(tokenizer, eos, dtype)
+        self._workers = usable_cores() if workers is None else workers
+        self._pool: Any = None
+
+    def __enter__(self) -> BatchEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def map(self, batches: Iterable[list[str]]) -> Iterator[np.ndarray[Any, Any]]:
+        """Flat ids (EOS after every document) of each batch, in the order given."""
+        seen = 0
+        it = iter(batches)
+        for batch in it:
+            yield self._local(batch)
+            seen += sum(map(len, batch))
+            if seen >= PARALLEL_AFTER_CHARS and self._workers > 1 and self._config is not None:
+                break
+        else:
+            return
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
+            self._pool = ctx.Pool(self._workers, initializer=_init_worker, initargs=(self._config,))
+        pending: collections.deque[Any] = collections.deque()
+        for batch in it:
+            pending.append(self._pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * self._workers:  # bounded: the corpus never sits in memory
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
