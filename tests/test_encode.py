@@ -77,7 +77,11 @@ PIECES = st.sampled_from(
      "<|pad|>", "<|endoftext", "\x00", "\U0010ffff", "\ud7ff", "ﷺ", "ǅ", "ʰ", "\u3007", "\u0301", "a\u0301"]
 )  # fmt: skip
 DOCS = st.lists(
-    st.one_of(st.text(min_size=0, max_size=30), st.lists(st.one_of(PIECES, st.text(max_size=4))).map("".join)),
+    st.one_of(
+        st.text(min_size=0, max_size=30),
+        st.text(st.characters(max_codepoint=127), max_size=30),  # ASCII documents take another regex
+        st.lists(st.one_of(PIECES, st.text(max_size=4))).map("".join),
+    ),
     min_size=1,
     max_size=8,
 )
