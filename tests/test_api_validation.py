@@ -176,6 +176,9 @@ def test_set_overrides_apply_and_validate() -> None:
     assert job.spec.training.max_steps == 7
     assert job.spec.training.zero.stage == 3
     assert job.spec.data.sources[0].uri == "/tmp/x.txt"
+    assert load_job(path, ["data.sources[0].uri=/tmp/y.txt"]).spec.data.sources[0].uri == "/tmp/y.txt"  # helm style
+    with pytest.raises(SpecError, match=r"^spec\.data\.sources\[0\]\.bogus: unknown field$"):
+        load_job(path, ["data.sources[0].bogus=1"])
     with pytest.raises(SpecError, match=r"spec.training.microBatchSize"):
         load_job(path, ["training.microBatchSize=-1"])
     result = CliRunner().invoke(main, ["validate", str(path), "--set", "training.globalBatchSize=33"])

@@ -85,7 +85,7 @@ def apply_overrides(doc: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         if "=" not in item:
             raise SpecError("--set", f"expected path=value, got {item!r}")
         path, raw = item.split("=", 1)
-        parts = [p for p in path.strip().split(".") if p]
+        parts = [p for p in re.split(r"[.\[\]]", path.strip()) if p]  # a.0.b or a[0].b, as helm --set
         if not parts:
             raise SpecError("--set", f"empty field path in {item!r}")
         if parts[0] not in _TOP_LEVEL:
@@ -186,7 +186,10 @@ def _first_error(e: ValidationError, doc: dict[str, Any], prefix: str = "") -> S
     errors = e.errors(include_url=False)
     # Prefer an error on a field the user wrote over a "missing" one higher up.
     err = errors[0]
-    path = _format_loc(tuple(err["loc"]))
+    loc = tuple(err["loc"])
+    path = _format_loc(loc)
+    if err["type"] == "extra_forbidden":  # the last part is the unknown name itself, whatever it looks like
+        path = f"{_format_loc(loc[:-1])}.{loc[-1]}" if len(loc) > 1 else str(loc[-1])
     if prefix:
         path = f"{prefix}.{path}" if path != "document" else prefix
     kind = err["type"]
