@@ -120,6 +120,28 @@ def test_worker_processes_keep_batch_order(tokenizers: dict[str, Any], monkeypat
         np.testing.assert_array_equal(ids, expected(tok, batch))
 
 
+def test_a_killed_worker_does_not_hang_or_lose_batches(tokenizers: dict[str, Any], monkeypatch: Any) -> None:
+    """The OOM killer may take a worker in a pod: the rest is encoded in-process, in order."""
+    import os
+    import signal
+
+    monkeypatch.setattr(encode, "PARALLEL_AFTER_CHARS", 1)
+    tok = tokenizers["bpe"]
+    batches = [[SAMPLE[i : i + 1500]] for i in range(0, 150_000, 1500)]
+    got = []
+    with BatchEncoder(tok, np.dtype(np.uint16), workers=2) as enc:
+        stream = enc.map(batches)
+        got += [next(stream), next(stream), next(stream)]
+        assert enc._pool is not None
+        for pid in list(enc._pool._processes):  # type: ignore[attr-defined]
+            os.kill(pid, signal.SIGKILL)
+        got += list(stream)
+        assert enc._pool is None, "the broken pool must have been dropped"
+    assert len(got) == len(batches)
+    for batch, ids in zip(batches, got, strict=True):
+        np.testing.assert_array_equal(ids, expected(tok, batch))
+
+
 def test_prepare_with_workers_writes_the_same_shards(tmp_path: Path, monkeypatch: Any) -> None:
     from pretrain.api.spec import DataSourceSpec, DataSpec
 

@@ -24,16 +24,21 @@ from __future__ import annotations
 import collections
 import itertools
 import json
+import logging
 import math
 import multiprocessing
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("pretrain.data")
 
 #: The pre-tokenisation regex of `tokenizers`' ByteLevel (and of GPT-2).
 BYTE_LEVEL_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -316,15 +321,14 @@ class BatchEncoder:
         self._config = EncoderConfig(backend.to_str(), eos, dtype.name) if backend is not None else None
         self._local = encoder_from_config(self._config) if self._config else TokenizerEncoder(tokenizer, eos, dtype)
         self._workers = usable_cores() if workers is None else workers
-        self._pool: Any = None
+        self._pool: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> BatchEncoder:
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
     def map(self, batches: Iterable[list[str]]) -> Iterator[np.ndarray[Any, Any]]:
@@ -339,12 +343,34 @@ class BatchEncoder:
         else:
             return
         if self._pool is None:
-            ctx = multiprocessing.get_context("spawn")  # never fork a process that may hold torch threads
-            self._pool = ctx.Pool(self._workers, initializer=_init_worker, initargs=(self._config,))
-        pending: collections.deque[Any] = collections.deque()
-        for batch in it:
-            pending.append(self._pool.apply_async(_encode_in_worker, (batch,)))
-            if len(pending) >= 2 * self._workers:  # bounded: the corpus never sits in memory
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+            self._pool = ProcessPoolExecutor(
+                self._workers,
+                mp_context=multiprocessing.get_context("spawn"),  # never fork a process that may hold torch threads
+                initializer=_init_worker,
+                initargs=(self._config,),
+            )
+        pending: collections.deque[tuple[list[str], Future[np.ndarray[Any, Any]]]] = collections.deque()
+        unsent: list[str] | None = None  # taken from `it`, not yet in `pending`
+        try:
+            for batch in it:
+                unsent = batch
+                pending.append((batch, self._pool.submit(_encode_in_worker, batch)))
+                unsent = None
+                if len(pending) >= 2 * self._workers:  # bounded: the corpus never sits in memory
+                    ids = pending[0][1].result()
+                    pending.popleft()  # only once its ids are in hand
+                    yield ids
+            while pending:
+                ids = pending[0][1].result()
+                pending.popleft()
+                yield ids
+        except BrokenProcessPool:  # a worker died (the OOM killer, most likely): finish here, slower
+            log.warning("a tokenizer worker process died; encoding the rest in this process")
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            for batch, _ in pending:
+                yield self._local(batch)
+            if unsent is not None:
+                yield self._local(unsent)
+            for batch in it:
+                yield self._local(batch)
