@@ -15,8 +15,8 @@ document that contains an added token's text (which the tokenizer would extract 
 through the tokenizer itself. Either way the ids equal `tokenizer.encode(doc).ids`; the tests
 check that on the corpus and on random Unicode text.
 
-`BatchEncoder` runs the encoder in spawned worker processes, one per core, once the input is
-large enough to repay their start-up (a spawned worker imports only numpy, regex and tokenizers).
+`BatchEncoder` runs the encoder in spawned worker processes, one per usable core, once the input
+is large enough to repay their start-up (a worker imports numpy, regex and tokenizers, not torch).
 """
 
 from __future__ import annotations
