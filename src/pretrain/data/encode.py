@@ -109,6 +109,29 @@ def piece_rule(definition: dict[str, Any]) -> PieceRule | None:
     return None
 
 
+class _Growable:
+    """A numpy array that appends in amortised constant time (its capacity doubles), so learning
+    new pieces never copies everything learned before."""
+
+    def __init__(self, dtype: np.dtype[Any], initial: Iterable[int]) -> None:
+        self._data = np.empty(1024, dtype=dtype)
+        self._size = 0
+        self.extend(list(initial))
+
+    def extend(self, values: Any) -> None:
+        values = np.asarray(values, dtype=self._data.dtype)
+        end = self._size + len(values)
+        if end > len(self._data):
+            grown = np.empty(max(end, 2 * len(self._data)), dtype=self._data.dtype)
+            grown[: self._size] = self._data[: self._size]
+            self._data = grown
+        self._data[self._size : end] = values
+        self._size = end
+
+    def view(self) -> np.ndarray[Any, Any]:
+        return self._data[: self._size]
+
+
 class _PieceIndex(dict[str, int]):
     """Piece -> entry number. A miss numbers the piece and queues it (hits stay in C); the encoder
     learns the whole queue in one tokenizer call before it assembles ids."""
@@ -158,9 +181,8 @@ class PieceEncoder:
 
     def _reset(self) -> None:
         self._index = _PieceIndex(first=1)
-        self._ids: list[int] = [self._eos]  # entry 0 is EOS
-        self._starts: list[int] = [0, 1]
-        self._arrays: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None
+        self._ids = _Growable(self._dtype, [self._eos])  # ids of every entry, back to back; entry 0 is EOS
+        self._starts = _Growable(np.dtype(np.int64), [0, 1])  # entry i is ids[starts[i]:starts[i + 1]]
 
     def _piece_ids(self, piece: str) -> list[int]:
         return [t.id for t in self._model.tokenize(piece)]
@@ -179,19 +201,16 @@ class PieceEncoder:
         if self._many is not None:  # all pieces in one call: ByteLevel text never holds a raw newline
             enc = self._many.encode("\n".join(texts), add_special_tokens=False)
             lengths = np.bincount(np.array(enc.word_ids, dtype=np.int64), minlength=len(texts))
-            if len(lengths) == len(texts) and lengths.all():
-                self._ids.extend(enc.ids)
-            else:  # not one word per piece after all: learn them one by one
+            ids = enc.ids
+            if len(lengths) != len(texts) or not lengths.all():  # not one word per piece after all
                 lengths = None
-        if lengths is None:
-            lengths = np.zeros(len(texts), dtype=np.int64)
-            for i, text in enumerate(texts):
-                ids = self._piece_ids(text)
-                self._ids.extend(ids)
-                lengths[i] = len(ids)
-        self._starts.extend((self._starts[-1] + np.cumsum(lengths)).tolist())
+        if lengths is None:  # one by one
+            per_piece = [self._piece_ids(text) for text in texts]
+            lengths = np.array([len(x) for x in per_piece], dtype=np.int64)
+            ids = list(itertools.chain.from_iterable(per_piece))
+        self._ids.extend(ids)
+        self._starts.extend(self._starts.view()[-1] + np.cumsum(lengths))
         queue.clear()
-        self._arrays = None
 
     def _reference(self, doc: str) -> list[int]:
         ids: list[int] = self._tokenizer.encode(doc, add_special_tokens=False).ids
@@ -227,15 +246,13 @@ class PieceEncoder:
         if not pieces:
             return np.zeros(0, dtype=self._dtype)
         self._learn_queued()
-        if self._arrays is None:
-            starts = np.array(self._starts, dtype=np.int64)
-            self._arrays = (np.array(self._ids, dtype=self._dtype), starts[:-1], np.diff(starts))
-        ids, starts, lengths = self._arrays
+        starts = self._starts.view()
         which = np.array(pieces, dtype=np.int64)
-        lens = lengths[which]
+        first = starts[which]
+        lens = starts[which + 1] - first
         ends = np.cumsum(lens)
-        positions = np.arange(int(ends[-1])) + np.repeat(starts[which] - (ends - lens), lens)
-        out: np.ndarray[Any, Any] = ids[positions]
+        positions = np.arange(int(ends[-1])) + np.repeat(first - (ends - lens), lens)
+        out: np.ndarray[Any, Any] = self._ids.view()[positions]
         return out
 
 
