@@ -1,11 +1,14 @@
-"""A stand-in kubelet for the in-memory cluster: runs the operator's pods as local processes.
+"""A stand-in node (scheduler and kubelet) that talks to the API server like the real ones.
 
-For every Pod the operator creates it starts the container's command and args (with Kubernetes'
-`$(VAR)` expansion) as a process tree, with the pod's env (values, the downward-API fields and
-ConfigMap/Secret references the operator uses, `envFrom` Secrets), its ConfigMap volumes written
-to a folder, and reports the phase back: Running when started, Succeeded or Failed with the exit
-code when it ends. Deleting a pod sends SIGTERM to its processes, SIGKILL after the grace
-period, and then removes it.
+It watches pods through the API (the `kubernetes` client's watch), binds each new pod to its node
+through the `binding` subresource (the scheduler's call), starts the container's command and args
+(with Kubernetes' `$(VAR)` expansion) as a local process tree, with the pod's env (values, the
+downward-API fields, ConfigMap and Secret references read from the API, `envFrom` Secrets) and its
+ConfigMap volumes written to a folder, and writes the pod status back through `pods/status` as a
+kubelet does: phase, podIP, conditions, containerStatuses with state running or terminated (exit
+code, reason Completed/Error, and the log tail as message when terminationMessagePolicy is
+FallbackToLogsOnError). A pod marked for deletion gets SIGTERM, SIGKILL after its grace period,
+then the kubelet's final delete with a zero grace period.
 
 What it substitutes, as a real node would differ from this machine: mount paths (to folders of
 its own), each pod's IP (127.0.0.<n>, so that node 0's DNS name resolves to it), the rendezvous
@@ -15,7 +18,9 @@ virtual environment). Never the command, the args' meaning, or the trainer confi
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import logging
 import os
 import re
 import signal
@@ -25,13 +30,14 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pretrain.operator.cluster import InMemoryCluster
 from pretrain.trainer.command import RENDEZVOUS_PORT
 
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+log = logging.getLogger("tests.kubelet")
 
 
 def expand(value: str, env: dict[str, str]) -> str:
@@ -54,25 +60,98 @@ def signal_tree(pid: int, sig: int) -> None:
             p.send_signal(sig)
 
 
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass
 class PodProcess:
     name: str
     proc: subprocess.Popen[bytes]
     log: Path
-    deleting_since: float | None = None
+    started: str
+    term_sent: float | None = None
+    reported: bool = False
 
 
 @dataclass
-class LocalKubelet:
-    cluster: InMemoryCluster
+class Kubelet:
+    """One node: `start()` runs its watch and sync threads until `stop()`."""
+
+    kubeconfig: Path
     root: Path
     namespace: str = "default"
-    grace_seconds: float = 60.0
+    node: str = "node-0"
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, PodProcess] = field(default_factory=dict)
     ips: dict[str, str] = field(default_factory=dict)
+    pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # the watch's view
+    errors: list[str] = field(default_factory=list)
     _next_ip: int = 10
     _port: int | None = None
+
+    def __post_init__(self) -> None:
+        import kubernetes
+
+        self.k = kubernetes
+        self.client = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
+        self.core = kubernetes.client.CoreV1Api(self.client)
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._watch, daemon=True, name="kubelet-watch"),
+                         threading.Thread(target=self._sync_loop, daemon=True, name="kubelet-sync")]  # fmt: skip
+
+    # ------------------------------------------------------------------ threads
+
+    def start(self) -> Kubelet:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for pp in self.processes.values():
+            signal_tree(pp.proc.pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                pp.proc.wait(10)
+        for t in self._threads:
+            t.join(10)
+
+    def _watch(self) -> None:
+        """List, then watch from the list's resourceVersion (re-list on 410 Gone), as informers do."""
+        while not self._stop.is_set():
+            try:
+                listed = self.client.sanitize_for_serialization(self.core.list_namespaced_pod(self.namespace))
+                with self._lock:
+                    self.pods = {p["metadata"]["name"]: p for p in listed["items"]}
+                rv = listed["metadata"]["resourceVersion"]
+                w = self.k.watch.Watch()
+                for ev in w.stream(self.core.list_namespaced_pod, self.namespace, resource_version=rv,
+                                   timeout_seconds=5, _request_timeout=10):  # fmt: skip
+                    obj = self.client.sanitize_for_serialization(ev["object"])
+                    with self._lock:
+                        if ev["type"] == "DELETED":
+                            self.pods.pop(obj["metadata"]["name"], None)
+                        elif ev["type"] in ("ADDED", "MODIFIED"):
+                            self.pods[obj["metadata"]["name"]] = obj
+                    if self._stop.is_set():
+                        break
+            except Exception as e:  # the API went away or expired the version: list again
+                if not self._stop.is_set():
+                    log.debug("kubelet watch restarts: %s", e)
+                    time.sleep(0.2)
+
+    def _sync_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sync()
+            except Exception as e:
+                if not self._stop.is_set():
+                    self.errors.append(repr(e))
+                    log.warning("kubelet sync failed: %r", e)
+            self._stop.wait(0.3)
+
+    # ------------------------------------------------------------------ env and volumes
 
     def _rendezvous_port(self) -> int:
         if self._port is None:
@@ -81,15 +160,19 @@ class LocalKubelet:
                 self._port = int(s.getsockname()[1])
         return self._port
 
-    # ------------------------------------------------------------------ env and volumes
+    def _secret(self, name: str) -> dict[str, str]:
+        data = self.core.read_namespaced_secret(name, self.namespace).data or {}
+        return {k: base64.b64decode(v).decode() for k, v in data.items()}
+
+    def _configmap(self, name: str) -> dict[str, str]:
+        return self.core.read_namespaced_config_map(name, self.namespace).data or {}
 
     def _resolve_env(self, pod: dict[str, Any], ip: str) -> dict[str, str]:
         c = pod["spec"]["containers"][0]
         meta = pod["metadata"]
         env: dict[str, str] = {}
         for ref in c.get("envFrom", []):
-            secret = self.cluster.objects[("Secret", self.namespace, ref["secretRef"]["name"])]
-            env.update(secret["stringData"])
+            env.update(self._secret(ref["secretRef"]["name"]))
         for e in c.get("env", []):
             if "value" in e:
                 env[e["name"]] = expand(e["value"], env)
@@ -98,13 +181,13 @@ class LocalKubelet:
             if "fieldRef" in src:
                 path = src["fieldRef"]["fieldPath"]
                 env[e["name"]] = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-                                  "status.podIP": ip}[path]  # fmt: skip
+                                  "status.podIP": ip, "spec.nodeName": self.node}[path]  # fmt: skip
             elif "configMapKeyRef" in src:
                 ref = src["configMapKeyRef"]
-                env[e["name"]] = self.cluster.objects[("ConfigMap", self.namespace, ref["name"])]["data"][ref["key"]]
+                env[e["name"]] = self._configmap(ref["name"])[ref["key"]]
             elif "secretKeyRef" in src:
                 ref = src["secretKeyRef"]
-                env[e["name"]] = self.cluster.objects[("Secret", self.namespace, ref["name"])]["stringData"][ref["key"]]
+                env[e["name"]] = self._secret(ref["name"])[ref["key"]]
         return env
 
     def _mounts(self, pod: dict[str, Any], base: Path) -> dict[str, Path]:
@@ -118,19 +201,22 @@ class LocalKubelet:
             local.mkdir(parents=True, exist_ok=True)
             v = volumes[m["name"]]
             if "configMap" in v:
-                data = self.cluster.objects[("ConfigMap", self.namespace, v["configMap"]["name"])]["data"]
-                for key, text in data.items():
+                for key, text in self._configmap(v["configMap"]["name"]).items():
                     (local / key).write_text(text)
             out[m["mountPath"]] = local
         return out
-
-    # ------------------------------------------------------------------ the sync loop
 
     def ip_of(self, pod_name: str) -> str:
         if pod_name not in self.ips:
             self.ips[pod_name] = f"127.0.0.{self._next_ip}"
             self._next_ip += 1
         return self.ips[pod_name]
+
+    # ------------------------------------------------------------------ pod lifecycle
+
+    def _patch_status(self, name: str, status: dict[str, Any]) -> None:
+        with contextlib.suppress(self.k.client.ApiException):  # a pod already gone has no status to write
+            self.core.patch_namespaced_pod_status(name, self.namespace, {"status": status})
 
     def _start(self, pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
@@ -160,71 +246,76 @@ class LocalKubelet:
             local(a).replace(f"--master-port={RENDEZVOUS_PORT}", f"--master-port={self._rendezvous_port()}")
             for a in argv
         ]
-        log = base / "container.log"
-        with open(log, "wb") as out:
+        log_path = base / "container.log"
+        with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True
             )
-        self.processes[name] = PodProcess(name, proc, log)
-        obj = self.cluster.objects[("Pod", self.namespace, name)]
-        obj["status"] = {"phase": "Running", "podIP": ip}
+        started = _now()
+        self.processes[name] = PodProcess(name, proc, log_path, started)
+        self._patch_status(name, {
+            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1", "startTime": started,
+            "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
+                           for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")],
+            "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": True,
+                                   "restartCount": 0, "started": True, "state": {"running": {"startedAt": started}}}],
+        })  # fmt: skip
+
+    def _terminated(self, pod: dict[str, Any], pp: PodProcess, code: int) -> None:
+        c = pod["spec"]["containers"][0]
+        exit_code = code if code >= 0 else 128 - code
+        term: dict[str, Any] = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+                                "startedAt": pp.started, "finishedAt": _now()}  # fmt: skip
+        if exit_code != 0 and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            lines = pp.log.read_text(errors="replace").splitlines()[-80:]
+            term["message"] = "\n".join(lines)[-2048:]
+        ready = [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": _now()}
+                 for t in ("ContainersReady", "Ready")]  # fmt: skip
+        self._patch_status(pod["metadata"]["name"], {
+            "phase": "Succeeded" if exit_code == 0 else "Failed",
+            "conditions": ready,
+            "containerStatuses": [{"name": c["name"], "image": c["image"], "imageID": "", "ready": False,
+                                   "restartCount": 0, "started": False, "state": {"terminated": term}}],
+        })  # fmt: skip
+        pp.reported = True
 
     def sync(self) -> None:
-        pods = {p["metadata"]["name"]: p for p in self.cluster.pods(self.namespace)}
+        with self._lock:
+            pods = dict(self.pods)
         for name, pod in pods.items():
-            if name not in self.processes and not pod["metadata"].get("deletionTimestamp"):
+            deleting = bool(pod["metadata"].get("deletionTimestamp"))
+            if not pod["spec"].get("nodeName") and not deleting:
+                with contextlib.suppress(self.k.client.ApiException):  # the scheduler's bind
+                    self.core.create_namespaced_pod_binding(name, self.namespace, {
+                        "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
+                        "target": {"apiVersion": "v1", "kind": "Node", "name": self.node}},
+                        _preload_content=False)  # the reply is a Status, which the client cannot read as a Binding  # fmt: skip
+                continue
+            pp = self.processes.get(name)
+            if pp is None and not deleting and pod["status"].get("phase") == "Pending":
                 self._start(pod)
-        for name, pp in list(self.processes.items()):
-            pod = pods.get(name)
+                continue
+            if pp is None:
+                if deleting:  # never started here (or already stopped): confirm the deletion
+                    with contextlib.suppress(self.k.client.ApiException):
+                        self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
+                continue
             code = pp.proc.poll()
-            if pod is not None and pod["metadata"].get("deletionTimestamp"):
+            if code is not None and not pp.reported:
+                self._terminated(pod, pp, code)
+            if deleting:
                 if code is None:
-                    if pp.deleting_since is None:
-                        pp.deleting_since = time.monotonic()
+                    grace = float(pod["metadata"].get("deletionGracePeriodSeconds") or 0)
+                    if pp.term_sent is None:
+                        pp.term_sent = time.monotonic()
                         signal_tree(pp.proc.pid, signal.SIGTERM)
-                    elif time.monotonic() - pp.deleting_since > self.grace_seconds:
+                    elif time.monotonic() - pp.term_sent > grace:
                         signal_tree(pp.proc.pid, signal.SIGKILL)
                     continue
-                del self.cluster.objects[("Pod", self.namespace, name)]
-                del self.processes[name]
-                continue
-            if code is not None and pod is not None and pod["status"].get("phase") == "Running":
-                exit_code = code if code >= 0 else 128 - code
-                lines = [ln for ln in pp.log.read_text(errors="replace").splitlines() if ln.strip()]
-                self.cluster.set_phase(name, "Succeeded" if code == 0 else "Failed", exit_code,
-                                       message=lines[-1] if lines else "", namespace=self.namespace)  # fmt: skip
+                with contextlib.suppress(self.k.client.ApiException):
+                    self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
+        for name in [n for n, pp in self.processes.items() if n not in pods and pp.proc.poll() is not None]:
+            del self.processes[name]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         signal_tree(self.processes[name].proc.pid, sig)
-
-    def stop(self) -> None:
-        for pp in self.processes.values():
-            signal_tree(pp.proc.pid, signal.SIGKILL)
-            pp.proc.wait()
-
-
-class Loop:
-    """Operator and kubelet together, in a background thread, every `period` seconds."""
-
-    def __init__(self, step: Any, period: float = 0.5) -> None:
-        self.step, self.period = step, period
-        self._stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except BaseException as e:  # surfaced by the test
-                self.error = e
-                return
-            time.sleep(self.period)
-
-    def __enter__(self) -> Loop:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.thread.join(timeout=30)

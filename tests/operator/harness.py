@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from datetime import timedelta
 from typing import Any
@@ -13,6 +12,7 @@ import yaml
 from pretrain.operator import handlers
 from pretrain.operator.cluster import InMemoryCluster
 from tests.conftest import ROOT
+from tests.kubeapi.patches import merge_patch
 
 
 def job_body(overrides: dict[str, Any] | None = None, name: str = "tiny") -> dict[str, Any]:
@@ -28,13 +28,10 @@ def job_body(overrides: dict[str, Any] | None = None, name: str = "tiny") -> dic
 
 
 def apply_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
-    for k, v in patch.items():
-        if v is None:
-            target.pop(k, None)
-        elif isinstance(v, dict) and isinstance(target.get(k), dict) and k not in ("progress", "lastCheckpoint"):
-            apply_merge(target[k], v)
-        else:
-            target[k] = copy.deepcopy(v)
+    """Apply a status patch as the API server applies Kopf's JSON merge patch (RFC 7386)."""
+    merged = merge_patch(target, patch)
+    target.clear()
+    target.update(merged)
 
 
 class Harness:

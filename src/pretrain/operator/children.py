@@ -152,6 +152,9 @@ def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: in
         "name": "trainer",
         "image": r.image,
         "imagePullPolicy": r.image_pull_policy,
+        # A failed trainer's last log lines become the container's termination message, which the
+        # operator copies into the job's status and events (nothing writes /dev/termination-log).
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "command": args[:1],
         "args": args[1:],
         "env": env,

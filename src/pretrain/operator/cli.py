@@ -36,12 +36,32 @@ def render(file: Path, namespace: str | None, overrides: tuple[str, ...]) -> Non
 @click.option("--metrics-port", type=int, default=9090, show_default=True, help="Operator metrics /metrics (0: off).")
 @click.option("--peering/--no-peering", default=False, show_default=True, help="Kopf peering (for several replicas).")
 @click.option(
+    "--reconcile-interval",
+    type=click.FloatRange(min=0.5),
+    default=5.0,
+    show_default=True,
+    help="Seconds between level-triggered reconciles of each job.",
+)
+@click.option(
+    "--progress-interval",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    show_default=True,
+    help="Seconds between scrapes of node 0's metrics into status.progress.",
+)
+@click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
 def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int, metrics_port: int, peering: bool,
-             log_level: str) -> None:  # fmt: skip
+             reconcile_interval: float, progress_interval: float, log_level: str) -> None:  # fmt: skip
     """Run the PretrainJob operator (in a pod, or against your kubeconfig)."""
     import logging
+    import os
+
+    if namespaces and all_namespaces:
+        raise click.UsageError("--namespace and --all-namespaces exclude each other")
+    os.environ["PRETRAIN_RECONCILE_INTERVAL"] = str(reconcile_interval)
+    os.environ["PRETRAIN_PROGRESS_INTERVAL"] = str(progress_interval)
 
     import kopf
     from prometheus_client import start_http_server
@@ -56,7 +76,7 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int
         start_http_server(metrics_port, registry=REGISTRY)
     kopf.run(
         standalone=not peering,
-        clusterwide=all_namespaces or not namespaces,
+        clusterwide=not namespaces,
         namespaces=list(namespaces),
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
     )

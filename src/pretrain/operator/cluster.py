@@ -130,51 +130,44 @@ class NotFound(Exception):
 
 
 class KubeCluster:
-    """The real adapter: thin calls on the `kubernetes` client, API errors left to the caller
-    (Kopf retries a handler that raises, with backoff)."""
+    """The real adapter: thin calls on the `kubernetes` client. 409 on create and 404 on delete
+    become `AlreadyExists` and `NotFound`, as in `InMemoryCluster` (the handlers treat both as
+    done); every other API error goes to the caller (Kopf retries a handler that raises)."""
 
-    def __init__(self) -> None:
+    def __init__(self, api_client: Any = None) -> None:
         import kubernetes
 
-        try:
-            kubernetes.config.load_incluster_config()
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config()
+        if api_client is None:
+            try:
+                kubernetes.config.load_incluster_config()
+            except kubernetes.config.ConfigException:
+                kubernetes.config.load_kube_config()
+            api_client = kubernetes.client.ApiClient()
         self.k = kubernetes
-        self.core = kubernetes.client.CoreV1Api()
-        self.custom = kubernetes.client.CustomObjectsApi()
-        self.api = kubernetes.client.ApiClient()
+        self.api = api_client
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
-    def _exists(self, read: Any, *args: Any) -> bool:
+    def _read(self, read: Any, *args: Any) -> Any:
+        """The object, or None when the API says 404 (403 too for a PodMonitor: its CRD absent
+        or not granted means there is none to see)."""
         try:
-            read(*args)
-            return True
+            return read(*args)
         except self.k.client.ApiException as e:
             if e.status == 404:
-                return False
+                return None
             raise
 
     def observe(self, namespace: str, job: str) -> Observed:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}").items
-        try:
-            cm = self.core.read_namespaced_config_map(configmap_name(job), namespace)
-        except self.k.client.ApiException as e:
-            if e.status != 404:
-                raise
-            cm = None
+        cm = self._read(self.core.read_namespaced_config_map, configmap_name(job), namespace)
         return Observed(
             pods=[pod_view(self.api.sanitize_for_serialization(p)) for p in pods],
-            service=self._exists(self.core.read_namespaced_service, service_name(job), namespace),
+            service=self._read(self.core.read_namespaced_service, service_name(job), namespace) is not None,
             configmap=cm is not None,
             pod_monitor=self._pod_monitor_exists(namespace, job),
             config=(cm.data or {}).get(CONFIG_KEY) if cm is not None else None,
         )
-
-    def replace(self, obj: dict[str, Any]) -> None:
-        body: Any = obj
-        if obj["kind"] != "ConfigMap":
-            raise ValueError(f"the operator does not update {obj['kind']}")
-        self.core.replace_namespaced_config_map(obj["metadata"]["name"], obj["metadata"]["namespace"], body)
 
     def _pod_monitor_exists(self, namespace: str, job: str) -> bool:
         try:
@@ -183,6 +176,17 @@ class KubeCluster:
         except self.k.client.ApiException as e:
             if e.status in (403, 404):  # no such object, or the Prometheus Operator is not installed
                 return False
+            raise
+
+    def replace(self, obj: dict[str, Any]) -> None:
+        if obj["kind"] != "ConfigMap":
+            raise ValueError(f"the operator does not update {obj['kind']}")
+        body: Any = obj
+        try:
+            self.core.replace_namespaced_config_map(obj["metadata"]["name"], obj["metadata"]["namespace"], body)
+        except self.k.client.ApiException as e:
+            if e.status == 404:
+                raise NotFound(f"ConfigMap {obj['metadata']['name']} not found") from e
             raise
 
     def create(self, obj: dict[str, Any]) -> None:
@@ -201,8 +205,9 @@ class KubeCluster:
             else:
                 raise ValueError(f"the operator does not create {kind}")
         except self.k.client.ApiException as e:
-            if e.status != 409:  # already there: creation is idempotent
-                raise
+            if e.status == 409:
+                raise AlreadyExists(f"{kind} {obj['metadata']['name']} already exists") from e
+            raise
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
         body = self.k.client.V1DeleteOptions(propagation_policy="Background")
@@ -215,11 +220,14 @@ class KubeCluster:
                 self.core.delete_namespaced_config_map(name, namespace, body=body)
             elif kind == "PodMonitor":
                 self.custom.delete_namespaced_custom_object(
-                    "monitoring.coreos.com", "v1", namespace, "podmonitors", name
+                    "monitoring.coreos.com", "v1", namespace, "podmonitors", name, body=body
                 )
+            else:
+                raise ValueError(f"the operator does not delete {kind}")
         except self.k.client.ApiException as e:
-            if e.status != 404:
-                raise
+            if e.status == 404:
+                raise NotFound(f"{kind} {name} not found") from e
+            raise
 
     def event(self, namespace: str, job: str, uid: str, event: Event) -> None:
         from datetime import UTC
@@ -232,5 +240,6 @@ class KubeCluster:
             ),
             type=event.type, reason=event.reason, message=event.message[:1024], first_timestamp=now,
             last_timestamp=now, count=1, source=self.k.client.V1EventSource(component="pretrain-operator"),
+            reporting_component="pretrain-operator", reporting_instance="pretrain-operator",
         )  # fmt: skip
         self.core.create_namespaced_event(namespace, ev)

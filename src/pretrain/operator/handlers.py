@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -26,9 +27,11 @@ from pretrain.operator.progress import evaluation_from, progress_from, scrape
 log = logging.getLogger("pretrain.operator")
 
 #: Seconds between level-triggered reconciles of every job (also on create/update/resume).
-RECONCILE_INTERVAL = 5.0
-#: Seconds between progress scrapes of node 0's metrics endpoint.
-PROGRESS_INTERVAL = 30.0
+#: `pretrain operator --reconcile-interval` sets it (through the environment: Kopf reads timer
+#: intervals when this module is imported).
+RECONCILE_INTERVAL = float(os.environ.get("PRETRAIN_RECONCILE_INTERVAL", "5"))
+#: Seconds between progress scrapes of node 0's metrics endpoint (`--progress-interval`).
+PROGRESS_INTERVAL = float(os.environ.get("PRETRAIN_PROGRESS_INTERVAL", "30"))
 
 
 def _utcnow() -> datetime:
@@ -160,7 +163,8 @@ def progress(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
     if "pretrain_step" not in samples:
         return
     prog, ckpt = progress_from(samples, _now())
-    patch.status["progress"] = prog
+    # A merge patch merges into the old progress: fields this scrape lacks are cleared explicitly.
+    patch.status["progress"] = {**{k: None for k in status.get("progress") or {} if k not in prog}, **prog}
     evaluation = evaluation_from(samples)
     if evaluation:
         patch.status["evaluation"] = evaluation

@@ -15,7 +15,7 @@ same plan and never duplicates or loses anything. The phase machine:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pretrain.api.spec import Phase, PretrainJob
@@ -40,10 +40,18 @@ def iso(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def parse_time(s: str | None) -> datetime | None:
+def parse_time(s: str | datetime | None) -> datetime | None:
+    """A Kubernetes timestamp as a naive UTC datetime.
+
+    The API server writes RFC 3339 with `Z` (`2026-01-01T00:00:00Z`), MicroTime adds fractions,
+    and the `kubernetes` client's `sanitize_for_serialization` turns its parsed datetimes back
+    into `2026-01-01T00:00:00+00:00`: every form is accepted, offsets converted to UTC."""
     if not s:
         return None
-    return datetime.strptime(s, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=None)
+    t = s if isinstance(s, datetime) else datetime.fromisoformat(s)
+    if t.tzinfo is not None:
+        t = t.astimezone(UTC).replace(tzinfo=None)
+    return t
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,7 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         attempt=int(labels.get(LABEL_ATTEMPT, "0")),
         rank=int(labels.get(LABEL_RANK, "0")),
         phase=status.get("phase", "Pending"),
-        created=parse_time(created) if isinstance(created, str) else created,
+        created=parse_time(created),
         exit_code=exit_code,
         message=str(message).strip().splitlines()[-1] if message else "",
         deleting=bool(meta.get("deletionTimestamp")),
