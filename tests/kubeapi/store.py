@@ -291,6 +291,10 @@ class Store:
         warnings: list[str] = []
         if res.schema is not None:
             problems, warnings = crd_schema.admit(new, old, res.schema, strict)
+            unknown = [p for p in problems if p.detail.startswith("unknown field")]
+            if unknown:  # strict field validation fails decoding, before admission
+                raise ApiError(400, "BadRequest", f'{res.kind} in version "{res.version}" cannot be handled as a '
+                               f"{res.kind}: strict decoding error: " + ", ".join(p.detail for p in unknown))  # fmt: skip
             if problems:
                 causes = [{"reason": p.reason, "message": p.detail, "field": p.field} for p in problems]
                 raise self._invalid(res, name, [str(p) for p in problems], causes)

@@ -1,0 +1,120 @@
+"""`pretrain operator` as the chart runs it (Kopf, the `kubernetes` client, a kubeconfig), against
+the API emulator, driven by the real kubectl v1.35. No node runs here: pods stay Pending unless a
+test writes their status as a kubelet would. The training path is tests/test_system.py."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver, wait_for
+from tests.kubeapi.server import ApiServer
+
+
+class Env:
+    def __init__(self, root: Path) -> None:
+        self.api = start_apiserver(root / "api")
+        self.kubectl = Kubectl(self.api)
+        self.operator = OperatorProcess(self.api, root / "operator.log", ["--reconcile-interval", "1"]).start()
+
+    def job(self, name: str) -> dict[str, Any]:
+        return next((o for o in self.api.objects("pretrainjobs", "pretrain.io") if o["metadata"]["name"] == name), {})
+
+    def children(self, name: str) -> dict[str, list[str]]:
+        return {kind: sorted(o["metadata"]["name"] for o in self.api.objects(kind)
+                             if (o["metadata"].get("labels") or {}).get("pretrain.io/job-name") == name)
+                for kind in ("pods", "services", "configmaps")}  # fmt: skip
+
+    def wait(self, predicate: Any, what: str, timeout: float = 60) -> Any:
+        return wait_for(predicate, timeout, what, lambda: self.operator.text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    e = Env(tmp_path_factory.mktemp("operator"))
+    yield e
+    e.operator.stop()
+    e.api.stop()
+
+
+def manifest(name: str, **overrides: Any) -> str:
+    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+    doc["metadata"] = {"name": name}
+    for path, value in overrides.items():
+        node = doc["spec"]
+        keys = path.split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def test_a_spec_the_crd_refuses_gets_the_api_servers_error(env: Env) -> None:
+    p = env.kubectl("apply", "-f", "-", stdin=manifest("bad", **{"training.globalBatchSize": 30}), check=False)
+    assert p.returncode == 1
+    assert ('The PretrainJob "bad" is invalid: spec.training.globalBatchSize: Invalid value: "object": '
+            "training.globalBatchSize must be divisible by microBatchSize x nodes x procsPerNode") in p.stderr  # fmt: skip
+    p = env.kubectl("apply", "-f", "-", stdin=manifest("bad", **{"training.optimizer.lrr": 1}), check=False)
+    assert p.returncode == 1 and 'strict decoding error: unknown field "spec.training.optimizer.lrr"' in p.stderr
+    assert env.job("bad") == {}
+
+
+def test_apply_creates_the_children_and_status_then_delete_collects_them(env: Env) -> None:
+    name = "lifecycle"
+    out = env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"resources.nodes": 2, "resources.procsPerNode": 1,
+                                                                  "checkpoint.uri": "s3://bucket/ck"})).stdout  # fmt: skip
+    assert f"pretrainjob.pretrain.io/{name} created" in out
+    env.wait(lambda: env.children(name)["pods"] == [f"{name}-a1-n0", f"{name}-a1-n1"], "two pods")
+    assert env.children(name) == {"pods": [f"{name}-a1-n0", f"{name}-a1-n1"], "services": [name],
+                                  "configmaps": [f"{name}-config"]}  # fmt: skip
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Pending", "phase Pending")
+    table = env.kubectl("get", "ptj", name).stdout.splitlines()
+    assert table[0].split() == ["NAME", "PHASE", "STEP", "LOSS", "TOKENS/S", "RESTARTS", "AGE"]
+    assert table[1].split()[:3] == [name, "Pending", "0"], table
+    pods = env.kubectl("get", "pods", "-l", f"pretrain.io/job-name={name}", "-o", "json").stdout
+    assert [p["status"]["phase"] for p in json.loads(pods)["items"]] == ["Pending", "Pending"]
+    job = env.job(name)
+    assert "pretrain.io/finalizer" in job["metadata"]["finalizers"], "Kopf holds deletion until it has cleaned up"
+
+    env.kubectl("delete", "ptj", name, timeout=60)  # kubectl waits until the job is gone
+    assert env.job(name) == {}
+    env.wait(lambda: env.children(name) == {"pods": [], "services": [], "configmaps": []}, "children collected")
+
+
+def test_spec_edits_mutable_ones_reach_the_configmap_immutable_ones_are_refused(env: Env) -> None:
+    name = "edits"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name))
+    env.wait(lambda: env.children(name)["configmaps"], "the ConfigMap")
+    p = env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"model.layers": 8}), check=False)
+    assert p.returncode == 1 and "model is immutable" in p.stderr
+    assert "configured" in env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"training.maxSteps": 77})).stdout
+    assert env.job(name)["metadata"]["generation"] == 2
+
+    def config_steps() -> int:
+        cm = next(o for o in env.api.objects("configmaps") if o["metadata"]["name"] == f"{name}-config")
+        return int(json.loads(cm["data"]["job.json"])["spec"]["training"]["maxSteps"])
+
+    env.wait(lambda: config_steps() == 77, "the ConfigMap to follow the edit")
+    env.wait(lambda: env.job(name).get("status", {}).get("observedGeneration") == 2, "observedGeneration 2")
+    env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_a_spec_only_the_operator_can_judge_fails_with_a_one_line_condition(env: Env) -> None:
+    """Two nodes without a shared checkpoint location pass the CRD but not the operator."""
+    name = "invalid"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"resources.nodes": 2, "resources.procsPerNode": 1}))
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Failed", "phase Failed")
+    status = env.job(name)["status"]
+    invalid = next(c for c in status["conditions"] if c["type"] == "Invalid")
+    assert invalid["status"] == "True" and invalid["message"].startswith("spec.checkpoint.uri: required with 2 nodes")
+    assert "\n" not in invalid["message"] and env.children(name)["pods"] == []
+    described = env.kubectl("describe", "ptj", name).stdout
+    assert re.search(r"Warning\s+InvalidSpec", described), described
+    env.kubectl("delete", "ptj", name, timeout=60)
