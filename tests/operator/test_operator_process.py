@@ -15,7 +15,6 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver, wait_for
-from tests.kubeapi.server import ApiServer
 
 
 class Env:
