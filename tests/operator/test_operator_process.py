@@ -117,3 +117,34 @@ def test_a_spec_only_the_operator_can_judge_fails_with_a_one_line_condition(env:
     described = env.kubectl("describe", "ptj", name).stdout
     assert re.search(r"Warning\s+InvalidSpec", described), described
     env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_status_writes_hold_up_while_others_write_the_job(env: Env) -> None:
+    """Other writers (the progress timer, `kubectl label`, Kueue) change the job between the
+    operator's read and its status write. Merge patches to /status carry no resourceVersion, so
+    none of them conflicts; a replace of the read object would answer 409 and fail the handler."""
+    import time
+
+    import kubernetes
+
+    name = "busy"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name))
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Pending", "phase Pending")
+    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=str(env.api.kubeconfig)))
+    before = env.operator.text()
+    deadline = time.monotonic() + 6
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1
+        custom.patch_namespaced_custom_object_status(
+            "pretrain.io", "v1alpha1", "default", "pretrainjobs", name, {"status": {"progress": {"step": i}}}
+        )
+        time.sleep(0.05)
+    time.sleep(2)
+    during = env.operator.text()[len(before) :]
+    assert "failed with an exception" not in during, during[-3000:]
+    puts = [r for r in env.api.store.requests if r == ("put", "pretrainjobs")]
+    assert puts == [], "status is written with merge patches, never a replace of what was read"
+    status = env.job(name)["status"]
+    assert status["phase"] == "Pending" and status["progress"]["step"] == i, "the operator kept what others wrote"
+    env.kubectl("delete", "ptj", name, timeout=60)
