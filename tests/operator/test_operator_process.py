@@ -130,7 +130,9 @@ def test_status_writes_hold_up_while_others_write_the_job(env: Env) -> None:
     name = "busy"
     env.kubectl("apply", "-f", "-", stdin=manifest(name))
     env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Pending", "phase Pending")
-    custom = kubernetes.client.CustomObjectsApi(kubernetes.config.new_client_from_config(config_file=str(env.api.kubeconfig)))
+    custom = kubernetes.client.CustomObjectsApi(
+        kubernetes.config.new_client_from_config(config_file=str(env.api.kubeconfig))
+    )
     before = env.operator.text()
     deadline = time.monotonic() + 6
     i = 0
@@ -148,3 +150,38 @@ def test_status_writes_hold_up_while_others_write_the_job(env: Env) -> None:
     status = env.job(name)["status"]
     assert status["phase"] == "Pending" and status["progress"]["step"] == i, "the operator kept what others wrote"
     env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_kubectl_get_watch_follows_the_job(env: Env) -> None:
+    """`kubectl get ptj -w`: the printer columns of every change, from the watch stream."""
+    import os
+    import subprocess
+    import time
+
+    from tests.kubeapi.harness import KUBECTL
+
+    name = "watched"
+    cmd = [
+        str(KUBECTL),
+        "--cache-dir",
+        str(env.api.workdir / "kubectl-cache"),
+        "get",
+        "ptj",
+        "-w",
+        "--output-watch-events",
+    ]
+    watcher = subprocess.Popen(cmd, env={**os.environ, "KUBECONFIG": str(env.api.kubeconfig)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        time.sleep(1.5)  # the watch is open before the job exists
+        env.kubectl("apply", "-f", "-", stdin=manifest(name))
+        env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Pending", "phase Pending")
+        env.kubectl("delete", "ptj", name, timeout=60)
+        time.sleep(1)
+    finally:
+        watcher.terminate()
+        out = watcher.communicate(timeout=10)[0]
+    rows = [line.split() for line in out.splitlines() if name in line]
+    assert rows[0][:2] == ["ADDED", name], out
+    assert any(r[0] == "MODIFIED" and r[2] == "Pending" for r in rows), out
+    assert rows[-1][:2] == ["DELETED", name], out
