@@ -16,27 +16,19 @@ import urllib.request
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.conftest import ROOT
 from tests.kubeapi.conftest import Raw
 from tests.kubeapi.server import ApiServer
+from tests.operator.harness import job_manifest
 
 JOBS = "/apis/pretrain.io/v1alpha1/namespaces/default/pretrainjobs"
 CMS = "/api/v1/namespaces/default/configmaps"
 PODS = "/api/v1/namespaces/default/pods"
 
 
-def job(name: str, **spec_overrides: Any) -> dict[str, Any]:
-    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
-    doc["metadata"] = {"name": name}
-    for path, value in spec_overrides.items():
-        node = doc["spec"]
-        keys = path.split("__")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return doc
+def job(name: str, **overrides: Any) -> dict[str, Any]:
+    """The tiny example named `name`; keyword overrides spell dotted paths with "__"."""
+    return job_manifest(name, {k.replace("__", "."): v for k, v in overrides.items()})
 
 
 def cm(name: str, labels: dict[str, str] | None = None, owner: dict[str, Any] | None = None) -> dict[str, Any]:

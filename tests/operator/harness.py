@@ -15,15 +15,23 @@ from tests.conftest import ROOT
 from tests.kubeapi.patches import merge_patch
 
 
-def job_body(overrides: dict[str, Any] | None = None, name: str = "tiny") -> dict[str, Any]:
+def job_manifest(name: str = "tiny", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """examples/tiny-cpu.yaml named `name`, with spec overrides by dotted path ("training.maxSteps")."""
     doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
-    doc["metadata"] = {"name": name, "namespace": "default", "uid": f"uid-{name}", "generation": 1}
+    doc["metadata"] = {"name": name}
     for path, value in (overrides or {}).items():
         node = doc["spec"]
         keys = path.split(".")
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
+    return doc
+
+
+def job_body(overrides: dict[str, Any] | None = None, name: str = "tiny") -> dict[str, Any]:
+    """The job as Kopf hands it to a handler (namespace, uid and generation set)."""
+    doc = job_manifest(name, overrides)
+    doc["metadata"].update({"namespace": "default", "uid": f"uid-{name}", "generation": 1})
     return doc
 
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import ROOT
 from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver, wait_for
+from tests.operator.harness import job_manifest
 
 
 class Env:
@@ -44,15 +44,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def manifest(name: str, **overrides: Any) -> str:
-    doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
-    doc["metadata"] = {"name": name}
-    for path, value in overrides.items():
-        node = doc["spec"]
-        keys = path.split(".")
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return yaml.safe_dump(doc, sort_keys=False)
+    return yaml.safe_dump(job_manifest(name, overrides), sort_keys=False)
 
 
 def test_a_spec_the_crd_refuses_gets_the_api_servers_error(env: Env) -> None:
