@@ -27,6 +27,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/pretrain run examples/tiny-cpu.yaml --output runs/tiny-cpu
 	$(BIN)/pretrain generate --model runs/tiny-cpu/checkpoints/final --prompt "ROMEO:" --max-new-tokens 200 --seed 1
+	$(BIN)/pretrain report runs/tiny-cpu --output runs/tiny-cpu/report
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

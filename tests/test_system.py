@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 import yaml
 
+from pretrain.metrics.history import current_records, parse_history
 from tests.conftest import ROOT
 from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver, wait_for
 from tests.kubeapi.server import ApiServer
@@ -145,6 +146,13 @@ def test_kubectl_apply_to_success_through_a_gang_restart_and_an_operator_crash(c
     train_log = c.root / "node" / f"{JOB}-a2-n0" / "workspace" / "train_log.jsonl"
     steps = [json.loads(x)["step"] for x in train_log.read_text().splitlines() if '"loss"' in x]
     assert steps[0] == step + 1 and steps[-1] == STEPS, "the step count continues from the checkpoint"
+    # the run's history in the bucket: both attempts, the second superseding what followed its checkpoint
+    raw = c.s3.client().get_object(Bucket=c.bucket, Key=f"{JOB}/metrics.jsonl")["Body"].read().decode()  # type: ignore[attr-defined]
+    history = current_records(parse_history(raw))
+    starts = [(r["attempt"], r["step"]) for r in history if r.get("event") == "start"]
+    assert starts == [(1, 0), (2, step)], starts
+    logged = [r["step"] for r in history if "loss" in r]
+    assert logged == sorted(logged) and logged[-1] == STEPS and any(r.get("event") == "checkpoint" for r in history)
     described = c.kubectl("describe", "ptj", JOB).stdout
     assert re.search(r"^\s+Phase:\s+Succeeded$", described, re.M), described
     events = described.split("\nEvents:", 1)[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import click
@@ -48,3 +49,15 @@ set_option = click.option(
     metavar="PATH=VALUE",
     help="Override a field (camelCase path as in the YAML, e.g. training.maxSteps=100); repeatable.",
 )
+
+
+def shown(location: str | Path) -> str:
+    """A path as a person reads it: relative to the current folder when it lies below it (URIs
+    and paths elsewhere unchanged), so that output does not name the machine's layout."""
+    text = str(location)
+    if "://" in text:
+        return text
+    try:
+        return str(Path(text).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return text

@@ -7,6 +7,7 @@ import click
 from pretrain.data.cli import data, tokenizer
 from pretrain.launch import evaluate, generate, run
 from pretrain.operator.cli import operator, render
+from pretrain.report import report
 from pretrain.storage.cli import checkpoints
 
-COMMANDS: list[click.Command] = [run, generate, evaluate, data, tokenizer, checkpoints, render, operator]
+COMMANDS: list[click.Command] = [run, generate, evaluate, report, data, tokenizer, checkpoints, render, operator]

@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from pretrain.api.validation import load_job, parse_job
-from pretrain.clitools import UserError, friendly_errors, set_option
+from pretrain.clitools import UserError, friendly_errors, set_option, shown
 from pretrain.trainer.command import trainer_command
 
 
@@ -40,7 +40,10 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
     A second run of the same job resumes from its newest verified checkpoint. Ctrl-C or SIGTERM
     saves a checkpoint and stops.
     """
-    job = load_job(file, overrides)
+    # --nproc decides the world size before validation: batch arithmetic is checked at the size
+    # that will run, not at the file's own.
+    one_machine = ("resources.nodes=1", f"resources.procsPerNode={nproc}") if nproc else ()
+    job = load_job(file, [*overrides, *one_machine])
     doc: dict[str, Any] = job.model_dump(by_alias=True, exclude_none=True, mode="json")
     doc.pop("status", None)
     res = doc["spec"]["resources"]
@@ -65,15 +68,16 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
     tmp = out / "tmp"  # torchelastic leaves folders in TMPDIR
     tmp.mkdir(exist_ok=True)
     env["TMPDIR"] = str(tmp)
-    click.echo(f"run folder: {out}", err=True)
-    click.echo(f"checkpoints: {job.spec.checkpoint.uri}", err=True)
+    click.echo(f"run folder: {shown(out)}", err=True)
+    click.echo(f"checkpoints: {shown(job.spec.checkpoint.uri or '')}", err=True)
     click.echo(f"metrics: http://127.0.0.1:{job.spec.monitoring.metrics_port}/metrics (rank 0)", err=True)
     code = _supervise([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env)
     if code == 0:
         final = f"{job.spec.checkpoint.uri}/final"
         if (Path(final) / "config.json").exists() or "://" in final:
-            click.echo(f"final model: {final}", err=True)
-            click.echo(f"try: pretrain generate --model {final} --prompt 'ROMEO:'", err=True)
+            click.echo(f"final model: {shown(final)}", err=True)
+            click.echo(f"try: pretrain generate --model {shown(final)} --prompt 'ROMEO:'", err=True)
+            click.echo(f"curves: pretrain report {shown(out)}", err=True)
         return
     if code in (130, -signal.SIGINT, 128 + signal.SIGTERM):
         click.echo("stopped: the last checkpoint was saved; run the same command again to resume", err=True)

@@ -350,10 +350,14 @@ class RunPolicySpec(Spec):
 
 
 class MonitoringSpec(Spec):
-    """Prometheus metrics of the trainer."""
+    """Prometheus metrics of the trainer, and the run's history files."""
 
     metrics_port: int = Field(9464, ge=1024, le=65535, description="Port of the /metrics endpoint on every rank.")
     pod_monitor: bool = Field(False, description="Create a Prometheus Operator PodMonitor.")
+    tensorboard: bool = Field(
+        False,
+        description="Also write TensorBoard event files to <checkpoint.uri>/tensorboard (metrics.jsonl is always written).",
+    )
     peak_flops: PositiveFloat | None = Field(
         None, description="Peak FLOP/s of one device for MFU; default from a table of GPUs."
     )

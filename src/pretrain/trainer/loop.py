@@ -24,11 +24,13 @@ import numpy as np
 
 from pretrain.api.spec import PretrainJob
 from pretrain.api.validation import total_steps
+from pretrain.clitools import shown
 from pretrain.data import labeled
 from pretrain.data.collator import Collator
 from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
 from pretrain.data.prepare import prepare_cached, text_sample
 from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
+from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
 from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, step_name
 from pretrain.trainer import tasks
@@ -55,6 +57,8 @@ class Trainer:
         self.attempt = int(os.environ.get("PRETRAIN_ATTEMPT", "1"))
         self.stop_requested = False
         self.gpu = self.spec.resources.accelerator == "gpu"
+        self.history = RunHistory.off(workdir)
+        self._last_checkpoint_logged: int | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -345,6 +349,11 @@ class Trainer:
         metrics.total_steps.set(steps)
         metrics.step.set(start)
         progress = Progress(total=steps, start=start, enabled=self.rank == 0)
+        self.history = RunHistory(store.uri, self.workdir, store.options, enabled=self.rank == 0,
+                                  tensorboard=spec.monitoring.tensorboard)  # fmt: skip
+        self._last_checkpoint_logged = store.stats.last_verified_step
+        self.history.log({"event": "start", "step": start, "attempt": self.attempt, "world_size": self.world,
+                          "job": self.job.model_dump(by_alias=True, exclude_none=True, mode="json")})  # fmt: skip
         if self.rank == 0:
             log.info(
                 "job %s: %s %.2fM params, %d processes, ZeRO-%d %s, %d steps of %d x %d tokens (accumulation %d)%s",
@@ -392,6 +401,8 @@ class Trainer:
                          "seconds": seconds, "epoch": loader.epoch})  # fmt: skip
             if self.rank == 0 and (step % t.log_interval == 0 or step == steps or step == start + 1):
                 progress.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_second=tokens_per_step / seconds)
+                self.history.log({"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                  "tokens_per_second": tokens_per_step / seconds, "mfu": mfu})  # fmt: skip
             if t.eval_interval and step % t.eval_interval == 0 and step < steps:
                 self.run_eval(engine, step, val, val_split, collate, names, metrics, progress)
             if step % spec.checkpoint.interval_steps == 0 or stop:
@@ -407,6 +418,7 @@ class Trainer:
                         "stopped at step %d on request; checkpoint %s saved; run again to resume", step, step_name(step)
                     )
                 metrics.close()
+                self.history.close()
                 return 0
 
         progress.close()
@@ -417,20 +429,24 @@ class Trainer:
         store.close()
         self.report_checkpoint(store, metrics)
         self.check_checkpoint_errors(store)
+        self.history.close()
         uri = self.export(engine, tokenizer, store, final_eval)
         if self.rank == 0:
             summary = {"step": step, "train_loss": loss, "eval_loss": eval_loss, "final": uri,
                        "eval": {k: v for k, v in final_eval.items() if k != "loss"}}  # fmt: skip
-            log.info("done: %s", json.dumps(summary))
+            log.info("done: %s", json.dumps({**summary, "final": shown(uri) if uri else None}))
             (self.workdir / "result.json").write_text(json.dumps(summary))
         metrics.close()
         return 0
 
-    def record(self, entry: dict[str, Any]) -> None:
-        """Append one line to rank 0's train_log.jsonl (the run's own record, read by tests and tools)."""
+    def record(self, entry: dict[str, Any], *, durable: bool = False) -> None:
+        """Append one line to rank 0's train_log.jsonl (this attempt's own record of every step,
+        read by tests and tools); `durable` records also go to the run's metrics.jsonl."""
         if self.rank == 0:
             with open(self.workdir / "train_log.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
+        if durable:
+            self.history.log(entry)
 
     def run_eval(self, engine: Any, step: int, val: list[np.ndarray[Any, Any]], val_split: Any, collate: Collator,
                  names: list[str] | None, metrics: TrainerMetrics, progress: Progress) -> dict[str, float]:  # fmt: skip
@@ -447,7 +463,8 @@ class Trainer:
         )  # fmt: skip
         engine.train()
         self.record(
-            {"step": step, "eval_loss": scores["loss"], **{f"eval_{k}": v for k, v in scores.items() if k != "loss"}}
+            {"step": step, "eval_loss": scores["loss"], **{f"eval_{k}": v for k, v in scores.items() if k != "loss"}},
+            durable=True,
         )
         metrics.eval_loss.set(scores["loss"])
         metrics.observe_eval(scores)
@@ -460,7 +477,7 @@ class Trainer:
         if eval_loss is None:
             return None
         ppl = math.exp(min(eval_loss, 50.0))
-        self.record({"step": step, "eval_loss": eval_loss, "eval_perplexity": ppl})
+        self.record({"step": step, "eval_loss": eval_loss, "eval_perplexity": ppl}, durable=True)
         metrics.eval_loss.set(eval_loss)
         metrics.eval_perplexity.set(ppl)
         if self.rank == 0:
@@ -474,6 +491,11 @@ class Trainer:
             seconds=s.last_seconds, nbytes=s.last_bytes, failures=s.failures, step=s.last_verified_step,
             when=s.last_verified_time,
         )  # fmt: skip
+        if s.last_verified_step is not None and s.last_verified_step != self._last_checkpoint_logged:
+            self._last_checkpoint_logged = s.last_verified_step
+            self.history.log({"event": "checkpoint", "step": s.last_verified_step, "seconds": s.last_seconds,
+                              "bytes": s.last_bytes})  # fmt: skip
+            self.history.sync()
         if s.failures and self.spec.checkpoint.fail_on_error:
             self.check_checkpoint_errors(store)
 

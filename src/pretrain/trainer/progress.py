@@ -1,10 +1,11 @@
-"""Rank 0's live progress line (step/total, loss, tokens/s, ETA) and its periodic log lines."""
+"""Rank 0's live progress bar (tqdm: step/total, loss, tokens/s, ETA) and its periodic log lines."""
 
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from typing import Any
 
 log = logging.getLogger("pretrain.trainer")
 
@@ -19,16 +20,17 @@ def format_eta(seconds: float) -> str:
 
 
 class Progress:
-    """A one-line bar redrawn in place on a terminal; silent elsewhere (log lines carry it)."""
-
-    WIDTH = 24
+    """A tqdm bar redrawn in place on a terminal; nothing elsewhere (the log lines carry it)."""
 
     def __init__(self, total: int, start: int, enabled: bool) -> None:
         self.total, self.start = total, start
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
         self.t0 = time.monotonic()
-        self._drawn = False
+        self.bar: Any = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, file=sys.stderr, unit="step", dynamic_ncols=True, leave=False,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]")  # fmt: skip
 
     def eta(self, step: int) -> float:
         done = step - self.start
@@ -37,22 +39,14 @@ class Progress:
         return (time.monotonic() - self.t0) / done * (self.total - step)
 
     def update(self, step: int, *, loss: float, tokens_per_second: float, lr: float) -> None:
-        if not self.tty:
+        if self.bar is None:
             return
-        filled = int(self.WIDTH * step / max(self.total, 1))
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        sys.stderr.write(
-            f"\r[{bar}] {step}/{self.total} loss {loss:.4f} lr {lr:.2e} "
-            f"{tokens_per_second:,.0f} tok/s ETA {format_eta(self.eta(step))}  "
-        )
-        sys.stderr.flush()
-        self._drawn = True
+        self.bar.set_postfix_str(f"loss {loss:.4f} lr {lr:.2e} {tokens_per_second:,.0f} tok/s", refresh=False)
+        self.bar.update(step - self.bar.n)
 
     def clear(self) -> None:
-        if self._drawn:
-            sys.stderr.write("\r" + " " * 100 + "\r")
-            sys.stderr.flush()
-            self._drawn = False
+        if self.bar is not None:
+            self.bar.clear()
 
     def log(self, step: int, *, loss: float, lr: float, grad_norm: float | None, tokens_per_second: float) -> None:
         self.clear()
@@ -61,6 +55,10 @@ class Progress:
             "step %d/%d loss %.4f lr %.3e%s tokens/s %.0f eta %s",
             step, self.total, loss, lr, gn, tokens_per_second, format_eta(self.eta(step)),
         )  # fmt: skip
+        if self.bar is not None:
+            self.bar.refresh()
 
     def close(self) -> None:
-        self.clear()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

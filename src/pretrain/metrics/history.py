@@ -1,0 +1,159 @@
+"""The run's durable history: `metrics.jsonl` (and TensorBoard event files) in its checkpoint
+location, so that the curves outlive the pods, the Prometheus retention and the run folder.
+
+One JSON object per line, every one with `time` (Unix seconds):
+- `{"event": "start", "step": S, "attempt": A, "world_size": W, "job": {...}}` when an attempt
+  starts (S is the step it resumes from: later records of earlier attempts are superseded);
+- `{"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu"}` per logged training step;
+- `{"step", "eval_loss", "eval_perplexity"}` (or `eval_<task metric>`) per evaluation;
+- `{"event": "checkpoint", "step", "seconds", "bytes"}` per verified checkpoint.
+
+Crash safety: a line is written by one `os.write` on an O_APPEND descriptor; a reader skips a
+line that does not parse (a torn last line after kill -9 or a full disk), and a writer that finds
+the file not ending in a newline ends it first. Object storage has no append: rank 0 appends to a
+local copy and puts the whole file (one atomic PUT) after every checkpoint and at the end; a
+restarted attempt downloads it first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pretrain.storage.checkpoint import is_local, local_path, upload_dir, with_retries
+
+log = logging.getLogger("pretrain.trainer")
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+#: A reader refuses a history larger than this (no unbounded read of a bucket's object).
+MAX_HISTORY_BYTES = 256 * 2**20
+
+#: TensorBoard tag of each record key.
+TAGS = {
+    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
+    "tokens_per_second": "train/tokens_per_second", "mfu": "train/mfu",
+}  # fmt: skip
+
+
+def parse_history(text: str) -> list[dict[str, Any]]:
+    """Every record that parses, in order (a torn or foreign line is skipped)."""
+    out = []
+    for line in text.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
+
+
+def current_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the run as it stands: an attempt that resumed from step S supersedes what
+    earlier attempts logged after S (those steps were trained again)."""
+    out: list[dict[str, Any]] = []
+    for rec in records:
+        if rec.get("event") == "start":
+            resumed = int(rec.get("step") or 0)
+            out = [r for r in out if r.get("event") == "start" or int(r.get("step") or 0) <= resumed]
+        out.append(rec)
+    return out
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN or infinity: such values are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class RunHistory:
+    """Rank 0's writer of metrics.jsonl and the TensorBoard scalars; other ranks hold a disabled one."""
+
+    def __init__(self, uri: str, workdir: Path, storage_options: dict[str, Any] | None = None, *, enabled: bool = True,
+                 tensorboard: bool = False) -> None:  # fmt: skip
+        self.enabled = enabled
+        self.remote = not is_local(uri)
+        self.uri = uri.rstrip("/")
+        self.options = storage_options or {}
+        base = workdir if self.remote else local_path(uri)
+        self.path = base / METRICS_FILE
+        self.tb_dir = base / TENSORBOARD_DIR
+        self._tb: Any = None
+        if not enabled:
+            return
+        base.mkdir(parents=True, exist_ok=True)
+        if self.remote:
+            self._download()
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.tb_dir))
+
+    @classmethod
+    def off(cls, workdir: Path) -> RunHistory:
+        """A history that writes nothing (ranks other than 0, and before the run starts)."""
+        return cls(str(workdir), workdir, enabled=False)
+
+    def _download(self) -> None:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(f"{self.uri}/{METRICS_FILE}", **self.options)
+        if not with_retries("read metrics.jsonl", lambda: fs.exists(root)):
+            return
+        if fs.size(root) > MAX_HISTORY_BYTES:
+            log.warning(
+                "%s/%s is larger than %d bytes: starting a new history", self.uri, METRICS_FILE, MAX_HISTORY_BYTES
+            )
+            return
+        with_retries("read metrics.jsonl", lambda: fs.get_file(root, str(self.path)))
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"time": round(time.time(), 3), **{k: _clean(v) for k, v in record.items()}}
+        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size:  # end a torn last line first, so the new record stands on its own line
+                with open(self.path, "rb") as f:
+                    f.seek(size - 1)
+                    if f.read(1) != b"\n":
+                        line = b"\n" + line
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        if self._tb is not None and "step" in rec and rec.get("event") is None:
+            for key, value in rec.items():
+                tag = TAGS.get(key) or (f"eval/{key[5:]}" if key.startswith("eval_") else None)
+                if tag and isinstance(value, int | float):
+                    self._tb.add_scalar(tag, value, int(rec["step"]), walltime=rec["time"])
+
+    def sync(self) -> None:
+        """Make what was logged durable where the checkpoints are (a PUT on object storage)."""
+        if not self.enabled:
+            return
+        if self._tb is not None:
+            self._tb.flush()
+        if not self.remote:
+            return
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(f"{self.uri}/{METRICS_FILE}", **self.options)
+        if self.path.exists():
+            with_retries("upload metrics.jsonl", lambda: fs.put_file(str(self.path), root))
+        if self._tb is not None and self.tb_dir.exists():
+            upload_dir(self.tb_dir, f"{self.uri}/{TENSORBOARD_DIR}", self.options)
+
+    def close(self) -> None:
+        self.sync()
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
