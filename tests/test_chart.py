@@ -87,6 +87,7 @@ def test_deployment_hardening_and_values() -> None:
 
 RESOURCE = {"Pod": ("", "pods"), "Service": ("", "services"), "ConfigMap": ("", "configmaps"),
             "Event": ("", "events"), "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
+            "PretrainJob": ("pretrain.io", "pretrainjobs"), "PretrainJob/status": ("pretrain.io", "pretrainjobs/status"),
             }  # fmt: skip
 #: What Kopf itself does with the PretrainJob resource (watch; patch status, finalizers and its
 #: progress annotations; events go through core v1 like the operator's), and, cluster-wide, to

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pretrain.operator.children import LABEL_ATTEMPT
-from pretrain.operator.handlers import job_from, reconcile_body
+from pretrain.operator.handlers import job_from, reconcile_job
 from pretrain.operator.planner import plan
 from tests.operator.harness import Harness, job_body
 
@@ -78,6 +78,6 @@ def test_planner_invariants(nodes: int, max_restarts: int, steps: list[tuple[str
 
 def test_reconcile_body_is_deterministic() -> None:
     a, b = Harness(job_body()), Harness(job_body())
-    pa = reconcile_body(a.body, a.cluster, a.cluster.now)
-    pb = reconcile_body(b.body, b.cluster, b.cluster.now)
+    pa = reconcile_job("default", a.body["metadata"]["name"], a.cluster, a.cluster.now)
+    pb = reconcile_job("default", b.body["metadata"]["name"], b.cluster, b.cluster.now)
     assert pa.create == pb.create and pa.status == pb.status

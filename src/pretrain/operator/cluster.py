@@ -13,11 +13,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+from pretrain.api.spec import GROUP, PLURAL, VERSION
 from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, service_name
 from pretrain.operator.planner import Event, Observed, iso, pod_view
 
 #: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
 API_CALLS: list[tuple[str, str, list[str]]] = [
+    (GROUP, PLURAL, ["get"]),
+    (GROUP, f"{PLURAL}/status", ["patch"]),
     ("", "pods", ["create", "delete", "list"]),
     ("", "services", ["create", "delete", "get"]),
     ("", "configmaps", ["create", "delete", "get", "update"]),
@@ -27,6 +30,8 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
 
 
 class Cluster(Protocol):
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str) -> None: ...
     def observe(self, namespace: str, job: str) -> Observed: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def replace(self, obj: dict[str, Any]) -> None: ...
@@ -39,10 +44,34 @@ class InMemoryCluster:
     """Objects in dicts; pods change phase only when a test (or a kubelet stand-in) says so."""
 
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # PretrainJobs, as the API holds them
     events: list[tuple[str, Event]] = field(default_factory=list)
     calls: list[tuple[str, str]] = field(default_factory=list)
     now: datetime = field(default_factory=lambda: datetime(2026, 1, 1))
     _ips: itertools.count[int] = field(default_factory=lambda: itertools.count(2))
+    _rv: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def add_job(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Store a PretrainJob (tests edit the returned dict as a user edits the object)."""
+        body["metadata"].setdefault("resourceVersion", str(next(self._rv)))
+        self.jobs[(body["metadata"].get("namespace") or "default", body["metadata"]["name"])] = body
+        return body
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        self.calls.append(("get", "PretrainJob"))
+        job = self.jobs.get((namespace, name))
+        return copy.deepcopy(job) if job is not None else None
+
+    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str) -> None:
+        """A JSON merge patch of the status, refused when the job changed since it was read."""
+        self.calls.append(("patch", "PretrainJob/status"))
+        job = self.jobs.get((namespace, name))
+        if job is None:
+            raise NotFound(f"PretrainJob {name} not found")
+        if job["metadata"].get("resourceVersion") != resource_version:
+            raise Conflict(f"PretrainJob {name} changed since it was read")
+        job["status"] = merge_patch(job.get("status") or {}, patch)
+        job["metadata"]["resourceVersion"] = str(next(self._rv))
 
     def observe(self, namespace: str, job: str) -> Observed:
         # the same reads as KubeCluster.observe
@@ -125,6 +154,23 @@ class AlreadyExists(Exception):
     pass
 
 
+class Conflict(Exception):
+    """The object changed since it was read (409): the write did not happen."""
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch, as the API server applies one."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = merge_patch(out.get(k), v)
+    return out
+
+
 class NotFound(Exception):
     pass
 
@@ -156,6 +202,22 @@ class KubeCluster:
         except self.k.client.ApiException as e:
             if e.status == 404:
                 return None
+            raise
+
+    def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        job = self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
+        return dict(job) if job is not None else None
+
+    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str) -> None:
+        """A merge patch of /status whose resourceVersion is a precondition (409 if it moved on)."""
+        body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
+        except self.k.client.ApiException as e:
+            if e.status == 409:
+                raise Conflict(f"PretrainJob {name} changed since it was read") from e
+            if e.status == 404:
+                raise NotFound(f"PretrainJob {name} not found") from e
             raise
 
     def observe(self, namespace: str, job: str) -> Observed:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ import kopf
 from pretrain.api.spec import GROUP, PLURAL, VERSION, Phase, PretrainJob
 from pretrain.api.validation import SpecError, parse_spec
 from pretrain.operator import metrics
-from pretrain.operator.cluster import AlreadyExists, Cluster, NotFound
+from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound
 from pretrain.operator.planner import Plan, plan
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
 
@@ -61,6 +62,17 @@ def _cluster() -> Cluster:
     return STATE.cluster
 
 
+_locks: dict[tuple[str, str], threading.Lock] = {}
+_locks_guard = threading.Lock()
+
+
+def _job_lock(namespace: str, name: str) -> threading.Lock:
+    """Kopf runs a job's handlers (create, update, timers) concurrently: reconciles of one job
+    take turns, each with its own fresh read."""
+    with _locks_guard:
+        return _locks.setdefault((namespace, name), threading.Lock())
+
+
 def _plain(x: Any) -> Any:
     return json.loads(json.dumps(x, default=dict)) if x is not None else None
 
@@ -78,16 +90,28 @@ def job_from(body: Mapping[str, Any]) -> tuple[PretrainJob | None, str | None]:
     return PretrainJob(metadata={"name": meta["name"], "namespace": meta.get("namespace")}, spec=spec), None
 
 
-def reconcile_body(body: Mapping[str, Any], cluster: Cluster, now: datetime) -> Plan:
-    """One reconcile of one job: observe, plan, apply. Returns the plan (status included)."""
+def plan_for(body: Mapping[str, Any], cluster: Cluster, now: datetime) -> Plan:
+    """Observe the job's children and plan, from `body` as read from the API."""
+    meta = body["metadata"]
+    name, namespace = meta["name"], meta.get("namespace") or "default"
+    job, invalid = job_from(body)
+    return plan(
+        job, name=name, namespace=namespace, uid=meta.get("uid", ""), generation=meta.get("generation"),
+        status=_plain(body.get("status")) or {}, observed=cluster.observe(namespace, name), now=now, invalid=invalid,
+    )  # fmt: skip
+
+
+def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
+    """Write the planned status first, fenced by the resourceVersion the plan was made from, then
+    act. A reconcile whose view went stale (another reconcile, or any writer, changed the job
+    since) gets Conflict before it touches a pod; the pods of a new attempt are created only once
+    the attempt number is stored, so no crash can leave pods the status does not know of."""
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace") or "default", meta.get("uid", "")
-    job, invalid = job_from(body)
     old = _plain(body.get("status")) or {}
-    p = plan(
-        job, name=name, namespace=namespace, uid=uid, generation=meta.get("generation"), status=old,
-        observed=cluster.observe(namespace, name), now=now, invalid=invalid,
-    )  # fmt: skip
+    change = status_patch(old, p.status)
+    if change:
+        cluster.write_status(namespace, name, change, meta.get("resourceVersion", ""))
     for obj in p.create:
         with contextlib.suppress(AlreadyExists):  # creation is idempotent
             cluster.create(obj)
@@ -102,6 +126,16 @@ def reconcile_body(body: Mapping[str, Any], cluster: Cluster, now: datetime) -> 
     if p.status.get("restarts", 0) > old.get("restarts", 0):
         metrics.RESTARTS.labels(namespace).inc()
     metrics.observe_phase(namespace, name, p.status.get("phase"))
+
+
+def reconcile_job(namespace: str, name: str, cluster: Cluster, now: datetime) -> Plan | None:
+    """One reconcile of one job: read it fresh from the API, observe, plan, apply.
+    None when the job is gone or being deleted (its children go with it)."""
+    body = cluster.read_job(namespace, name)
+    if body is None or body["metadata"].get("deletionTimestamp"):
+        return None
+    p = plan_for(body, cluster, now)
+    apply_plan(body, p, cluster)
     return p
 
 
@@ -127,17 +161,21 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-on-update")
 @kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-on-resume")
 @kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, sharp=False, id="reconcile-timer")
-def reconcile(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
-    namespace = body["metadata"].get("namespace") or "default"
+def reconcile(body: Mapping[str, Any], **_: Any) -> None:
+    meta = body["metadata"]
+    namespace, name = meta.get("namespace") or "default", meta["name"]
     t0 = time.perf_counter()
     try:
-        p = reconcile_body(body, _cluster(), _now())
+        with _job_lock(namespace, name):  # one reconcile of a job at a time in this process
+            reconcile_job(namespace, name, _cluster(), _now())
+    except Conflict:
+        # Someone wrote the job between our read and our status write: nothing was done; read again soon.
+        raise kopf.TemporaryError("the job changed while it was reconciled; again with a fresh read", delay=1) from None
     except Exception:
         metrics.ERRORS.labels(namespace).inc()
         raise  # Kopf retries with backoff
     finally:
         metrics.RECONCILE.observe(time.perf_counter() - t0)
-    patch.status.update(status_patch(body.get("status"), p.status))
 
 
 @kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL, sharp=False)

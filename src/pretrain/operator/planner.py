@@ -231,6 +231,13 @@ def plan(
     attempt = int(st.s.get("attempt") or 0)
     restarts = int(st.s.get("restarts") or 0)
     st.s.setdefault("restarts", restarts)
+    newest = max((p.attempt for p in observed.pods), default=0)
+    if newest > attempt:
+        # Pods of a later attempt than the status knows: this view of the status is stale, or the
+        # status was reset. Adopt them; the status write is fenced by the resourceVersion the view
+        # was read at, so a stale view's plan is refused before it acts.
+        attempt = newest
+        st.s["attempt"] = newest
 
     # ---- suspend
     if rp.suspend:
@@ -261,10 +268,12 @@ def plan(
         out.create.append(build_pod_monitor(job, namespace, uid))
 
     # ---- leftovers of earlier attempts go first
-    stale = [p for p in live if p.attempt != attempt]
+    # Only earlier attempts are leftovers: pods of the current attempt, or of a later one a stale
+    # view does not know of, are never deleted as such.
+    stale = [p for p in live if p.attempt < attempt]
     delete_pods(stale)
     current = [p for p in live if p.attempt == attempt]
-    lingering = [p for p in observed.pods if p.attempt != attempt or p.deleting]
+    lingering = [p for p in observed.pods if p.attempt < attempt or p.deleting]
 
     def start_attempt(new_attempt: int, reason: str, message: str) -> None:
         st.s["attempt"] = new_attempt
