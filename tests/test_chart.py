@@ -89,12 +89,13 @@ RESOURCE = {"Pod": ("", "pods"), "Service": ("", "services"), "ConfigMap": ("", 
             "Event": ("", "events"), "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
             "PretrainJob": ("pretrain.io", "pretrainjobs"), "PretrainJob/status": ("pretrain.io", "pretrainjobs/status"),
             }  # fmt: skip
-#: What Kopf itself does with the PretrainJob resource (watch; patch status, finalizers and its
-#: progress annotations; events go through core v1 like the operator's), and, cluster-wide, to
-#: discover namespaces and CRDs.
+#: What Kopf itself does: watch the jobs and their pods (events go through core v1 like the
+#: operator's), and the permission blockOwnerDeletion needs; cluster-wide, Kopf also discovers
+#: namespaces and CRDs.
 KOPF_JOB_RULES = {
-    ("pretrain.io", "pretrainjobs"): {"get", "list", "watch", "patch"},
-    ("pretrain.io", "pretrainjobs/status"): {"get", "patch"},
+    ("pretrain.io", "pretrainjobs"): {"list", "watch"},
+    ("", "pods"): {"list", "watch"},
+    ("pretrain.io", "pretrainjobs/finalizers"): {"update"},
 }
 KOPF_CLUSTER_RULES = {
     ("", "namespaces"): {"list", "watch"},
@@ -144,7 +145,7 @@ def test_rbac_grants_exactly_what_the_operator_calls() -> None:
     for key, verbs in called.items():
         assert verbs <= declared[key], (key, verbs)
     assert called == declared, "API_CALLS lists a call that no lifecycle path makes (or misses one)"
-    expected = {**declared, **KOPF_JOB_RULES}
+    expected = {key: declared.get(key, set()) | KOPF_JOB_RULES.get(key, set()) for key in {*declared, *KOPF_JOB_RULES}}
     cluster = rbac_rules(template(VALUES["default"]), "ClusterRole")
     assert cluster == {**expected, **KOPF_CLUSTER_RULES}
     namespaced = rbac_rules(template(VALUES["ci-values"]), "Role")

@@ -57,9 +57,7 @@ class Cluster:
     def __init__(self, api: ApiServer, root: Path, s3: S3, bucket: str) -> None:
         self.api, self.root, self.s3, self.bucket = api, root, s3, bucket
         self.kubectl = Kubectl(api)
-        self.operator = OperatorProcess(
-            api, root / "operator.log", ["--reconcile-interval", "1", "--progress-interval", "2"]
-        )
+        self.operator = OperatorProcess(api, root / "operator.log", ["--progress-interval", "2"])
         self.node = Kubelet(api.kubeconfig, root / "node")
 
     def job(self) -> dict[str, Any]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import logging
 from datetime import timedelta
 from typing import Any
 
-import kopf
 import yaml
 
 from pretrain.operator import handlers
@@ -57,13 +55,10 @@ class Harness:
         return self.status.get("phase")
 
     def reconcile(self) -> None:
-        handlers.reconcile(body=self.body, logger=logging.getLogger("test"), spec=self.body["spec"],
-                           status=self.status, meta=self.body["metadata"])  # fmt: skip
+        handlers.reconcile_job("default", self.body["metadata"]["name"], self.cluster, self.cluster.now)
 
     def progress(self) -> None:
-        patch = kopf.Patch()
-        handlers.progress(body=self.body, patch=patch, logger=logging.getLogger("test"))
-        apply_merge(self.body.setdefault("status", {}), dict(patch.get("status", {})))
+        handlers.progress_job("default", self.body["metadata"]["name"], self.cluster, self.cluster.now)
 
     def advance(self, seconds: float) -> None:
         self.cluster.now += timedelta(seconds=seconds)

@@ -21,7 +21,7 @@ class Env:
     def __init__(self, root: Path) -> None:
         self.api = start_apiserver(root / "api")
         self.kubectl = Kubectl(self.api)
-        self.operator = OperatorProcess(self.api, root / "operator.log", ["--reconcile-interval", "1"]).start()
+        self.operator = OperatorProcess(self.api, root / "operator.log").start()
 
     def job(self, name: str) -> dict[str, Any]:
         return next((o for o in self.api.objects("pretrainjobs", "pretrain.io") if o["metadata"]["name"] == name), {})
@@ -72,7 +72,8 @@ def test_apply_creates_the_children_and_status_then_delete_collects_them(env: En
     pods = env.kubectl("get", "pods", "-l", f"pretrain.io/job-name={name}", "-o", "json").stdout
     assert [p["status"]["phase"] for p in json.loads(pods)["items"]] == ["Pending", "Pending"]
     job = env.job(name)
-    assert "pretrain.io/finalizer" in job["metadata"]["finalizers"], "Kopf holds deletion until it has cleaned up"
+    assert not job["metadata"].get("finalizers") and not job["metadata"].get("annotations", {}).keys() - {
+        "kubectl.kubernetes.io/last-applied-configuration"}, "the operator keeps nothing on the job that deletion waits for"  # fmt: skip
 
     env.kubectl("delete", "ptj", name, timeout=60)  # kubectl waits until the job is gone
     assert env.job(name) == {}
@@ -177,3 +178,47 @@ def test_kubectl_get_watch_follows_the_job(env: Env) -> None:
     assert rows[0][:2] == ["ADDED", name], out
     assert any(r[0] == "MODIFIED" and r[2] == "Pending" for r in rows), out
     assert rows[-1][:2] == ["DELETED", name], out
+
+
+def _client(env: Env) -> Any:
+    import kubernetes
+
+    return kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=str(env.api.kubeconfig)))
+
+
+def test_a_pod_failure_restarts_the_gang_from_its_watch_event(env: Env) -> None:
+    """The operator reconciles a job every 300 s when nothing happens; a failed pod is acted on
+    from its watch event, and the backoff's expiry from the plan's requeue time."""
+    name = "event-driven"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"resources.nodes": 2, "resources.procsPerNode": 1,
+                                                            "checkpoint.uri": "s3://b/c", "runPolicy.restartBackoffSeconds": 2}))  # fmt: skip
+    env.wait(lambda: len(env.children(name)["pods"]) == 2, "two pods")
+    core = _client(env)
+    for pod in env.children(name)["pods"]:
+        core.patch_namespaced_pod_status(pod, "default", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Running", "phase Running", timeout=20)
+    term = {"exitCode": 1, "reason": "Error", "message": "RuntimeError: boom"}
+    core.patch_namespaced_pod_status(f"{name}-a1-n1", "default", {"status": {"phase": "Failed", "containerStatuses": [
+        {"name": "trainer", "image": "i", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": term}}]}})  # fmt: skip
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Restarting", "phase Restarting", timeout=20)
+    status = env.job(name)["status"]
+    assert (
+        status["restarts"] == 1
+        and "tiny" not in status["message"]
+        and "failed (exit code 1): RuntimeError: boom" in status["message"]
+    )
+    env.wait(lambda: env.children(name)["pods"] == [f"{name}-a2-n0", f"{name}-a2-n1"], "the new gang", timeout=20)
+    env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_deleting_a_job_needs_no_operator(env: Env) -> None:
+    name = "orphaned"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name))
+    env.wait(lambda: env.children(name)["pods"] and env.children(name)["configmaps"], "children")
+    env.operator.stop()
+    try:
+        env.kubectl("delete", "ptj", name, timeout=30)  # kubectl waits until the job is gone
+        assert env.job(name) == {}
+        env.wait(lambda: env.children(name) == {"pods": [], "services": [], "configmaps": []}, "children collected")
+    finally:
+        env.operator.start()

@@ -35,13 +35,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "pretrain.jobRules" -}}
 - apiGroups: ["pretrain.io"]
   resources: ["pretrainjobs"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["pretrain.io"]
   resources: ["pretrainjobs/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
+# blockOwnerDeletion on the children's owner references, where OwnerReferencesPermissionEnforcement
+# is on (OpenShift, hardened clusters)
+- apiGroups: ["pretrain.io"]
+  resources: ["pretrainjobs/finalizers"]
+  verbs: ["update"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["create", "delete", "list"]
+  verbs: ["create", "delete", "list", "watch"]
 - apiGroups: [""]
   resources: ["services"]
   verbs: ["create", "delete", "get"]

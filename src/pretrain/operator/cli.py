@@ -34,27 +34,29 @@ def render(file: Path, namespace: str | None, overrides: tuple[str, ...]) -> Non
 @click.option("--all-namespaces", "-A", is_flag=True, help="Watch the whole cluster (the default without --namespace).")
 @click.option("--health-port", type=int, default=8080, show_default=True, help="Liveness endpoint /healthz.")
 @click.option("--metrics-port", type=int, default=9090, show_default=True, help="Operator metrics /metrics (0: off).")
-@click.option("--peering/--no-peering", default=False, show_default=True, help="Kopf peering (for several replicas).")
 @click.option(
     "--reconcile-interval",
     type=click.FloatRange(min=0.5),
-    default=5.0,
+    default=300.0,
     show_default=True,
-    help="Seconds between level-triggered reconciles of each job.",
+    help="Seconds between reconciles of a job when nothing happens (watch events drive the rest).",
 )
 @click.option(
     "--progress-interval",
     type=click.FloatRange(min=0.5),
-    default=30.0,
+    default=60.0,
     show_default=True,
-    help="Seconds between scrapes of node 0's metrics into status.progress.",
+    help="Seconds between scrapes of a running job's node 0 metrics into status.progress.",
 )
 @click.option(
     "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
 )
-def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int, metrics_port: int, peering: bool,
+def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int, metrics_port: int,
              reconcile_interval: float, progress_interval: float, log_level: str) -> None:  # fmt: skip
-    """Run the PretrainJob operator (in a pod, or against your kubeconfig)."""
+    """Run the PretrainJob operator (in a pod, or against your kubeconfig).
+
+    One replica at a time: there is no leader election (the Helm chart allows replicaCount 0 or 1
+    and replaces the pod with the Recreate strategy)."""
     import logging
     import os
 
@@ -75,7 +77,7 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int
     if metrics_port:
         start_http_server(metrics_port, registry=REGISTRY)
     kopf.run(
-        standalone=not peering,
+        standalone=True,
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",

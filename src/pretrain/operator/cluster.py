@@ -31,7 +31,7 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
 
 class Cluster(Protocol):
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
-    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str) -> None: ...
+    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None: ...
     def observe(self, namespace: str, job: str) -> Observed: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def replace(self, obj: dict[str, Any]) -> None: ...
@@ -62,13 +62,14 @@ class InMemoryCluster:
         job = self.jobs.get((namespace, name))
         return copy.deepcopy(job) if job is not None else None
 
-    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str) -> None:
-        """A JSON merge patch of the status, refused when the job changed since it was read."""
+    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None:
+        """A JSON merge patch of the status, refused when the job changed since it was read
+        (when `resource_version` is given)."""
         self.calls.append(("patch", "PretrainJob/status"))
         job = self.jobs.get((namespace, name))
         if job is None:
             raise NotFound(f"PretrainJob {name} not found")
-        if job["metadata"].get("resourceVersion") != resource_version:
+        if resource_version is not None and job["metadata"].get("resourceVersion") != resource_version:
             raise Conflict(f"PretrainJob {name} changed since it was read")
         job["status"] = merge_patch(job.get("status") or {}, patch)
         job["metadata"]["resourceVersion"] = str(next(self._rv))
@@ -208,9 +209,11 @@ class KubeCluster:
         job = self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
         return dict(job) if job is not None else None
 
-    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str) -> None:
-        """A merge patch of /status whose resourceVersion is a precondition (409 if it moved on)."""
-        body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
+    def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None:
+        """A merge patch of /status; a given resourceVersion is a precondition (409 if it moved on)."""
+        body: dict[str, Any] = {"status": patch}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, body)
         except self.k.client.ApiException as e:

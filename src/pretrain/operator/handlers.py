@@ -1,18 +1,28 @@
-"""Kopf handlers, kept thin: read the job, ask the planner, apply the plan, patch the status.
+"""The controller, kept thin: watch events of jobs and of their pods feed a work queue; one worker
+reconciles one job at a time (read it, observe its children, plan, write the status fenced by the
+resourceVersion it read, then act).
 
-Tests call these functions with the keyword arguments Kopf passes, over an `InMemoryCluster`;
-`pretrain operator` runs them under Kopf with a `KubeCluster`.
+No Kopf timers and no changing handlers: Kopf then puts no finalizer and no annotations on the
+jobs, so deleting a job never waits for the operator (owner references take the children, with
+the operator running or not). What timers did is the queue's: every job is requeued after
+`resync` seconds, and sooner when its plan says so (backoff expiry, scheduling timeout, deadline,
+TTL: `Plan.requeue_after`). A pod failure reaches the planner within a watch event's latency.
+
+Tests call `reconcile_job` and `progress_job` over an `InMemoryCluster`; `pretrain operator` runs
+the same functions under Kopf with a `KubeCluster`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,18 +31,18 @@ import kopf
 from pretrain.api.spec import GROUP, PLURAL, VERSION, Phase, PretrainJob
 from pretrain.api.validation import SpecError, parse_spec
 from pretrain.operator import metrics
+from pretrain.operator.children import LABEL_JOB
 from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound
-from pretrain.operator.planner import Plan, plan
+from pretrain.operator.planner import Observed, Plan, plan
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
 
 log = logging.getLogger("pretrain.operator")
 
-#: Seconds between level-triggered reconciles of every job (also on create/update/resume).
-#: `pretrain operator --reconcile-interval` sets it (through the environment: Kopf reads timer
-#: intervals when this module is imported).
-RECONCILE_INTERVAL = float(os.environ.get("PRETRAIN_RECONCILE_INTERVAL", "5"))
-#: Seconds between progress scrapes of node 0's metrics endpoint (`--progress-interval`).
-PROGRESS_INTERVAL = float(os.environ.get("PRETRAIN_PROGRESS_INTERVAL", "30"))
+#: Seconds between level-triggered reconciles of a job with nothing happening (the safety net:
+#: events drive the rest). `pretrain operator --reconcile-interval` sets it.
+RECONCILE_INTERVAL = float(os.environ.get("PRETRAIN_RECONCILE_INTERVAL", "300"))
+#: Seconds between progress scrapes of a running job's node 0 (`--progress-interval`).
+PROGRESS_INTERVAL = float(os.environ.get("PRETRAIN_PROGRESS_INTERVAL", "60"))
 
 
 def _utcnow() -> datetime:
@@ -62,17 +72,6 @@ def _cluster() -> Cluster:
     return STATE.cluster
 
 
-_locks: dict[tuple[str, str], threading.Lock] = {}
-_locks_guard = threading.Lock()
-
-
-def _job_lock(namespace: str, name: str) -> threading.Lock:
-    """Kopf runs a job's handlers (create, update, timers) concurrently: reconciles of one job
-    take turns, each with its own fresh read."""
-    with _locks_guard:
-        return _locks.setdefault((namespace, name), threading.Lock())
-
-
 def _plain(x: Any) -> Any:
     return json.loads(json.dumps(x, default=dict)) if x is not None else None
 
@@ -91,7 +90,7 @@ def job_from(body: Mapping[str, Any]) -> tuple[PretrainJob | None, str | None]:
 
 
 def plan_for(body: Mapping[str, Any], cluster: Cluster, now: datetime) -> Plan:
-    """Observe the job's children and plan, from `body` as read from the API."""
+    """Observe the job's children and plan from `body` (as read from the API, maybe a while ago)."""
     meta = body["metadata"]
     name, namespace = meta["name"], meta.get("namespace") or "default"
     job, invalid = job_from(body)
@@ -128,15 +127,96 @@ def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
     metrics.observe_phase(namespace, name, p.status.get("phase"))
 
 
-def reconcile_job(namespace: str, name: str, cluster: Cluster, now: datetime) -> Plan | None:
-    """One reconcile of one job: read it fresh from the API, observe, plan, apply.
-    None when the job is gone or being deleted (its children go with it)."""
+def reconcile(
+    namespace: str, name: str, cluster: Cluster, now: datetime
+) -> tuple[Plan, dict[str, Any], Observed] | None:
+    """One reconcile of one job: read it fresh from the API, observe, plan, apply. Returns the
+    plan with what it was made from; None when the job is gone or being deleted (its children
+    go with it, through their owner references)."""
     body = cluster.read_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
-    p = plan_for(body, cluster, now)
+    observed = cluster.observe(namespace, name)
+    job, invalid = job_from(body)
+    meta = body["metadata"]
+    p = plan(job, name=name, namespace=namespace, uid=meta.get("uid", ""), generation=meta.get("generation"),
+             status=_plain(body.get("status")) or {}, observed=observed, now=now, invalid=invalid)  # fmt: skip
     apply_plan(body, p, cluster)
-    return p
+    return p, body, observed
+
+
+def reconcile_job(namespace: str, name: str, cluster: Cluster, now: datetime) -> Plan | None:
+    done = reconcile(namespace, name, cluster, now)
+    return done[0] if done is not None else None
+
+
+@dataclass(frozen=True)
+class ProgressTarget:
+    """Where a running job's progress is read, and the status it would update."""
+
+    url: str
+    checkpoint_uri: str | None
+    status: dict[str, Any]
+
+
+def progress_target(body: Mapping[str, Any], observed: Observed) -> ProgressTarget | None:
+    status = _plain(body.get("status")) or {}
+    if status.get("phase") not in (Phase.RUNNING.value, Phase.PENDING.value):
+        return None
+    job, _invalid = job_from(body)
+    if job is None:
+        return None
+    node0 = [p for p in observed.pods
+             if p.attempt == status.get("attempt") and p.rank == 0 and p.phase == "Running" and p.ip and not p.deleting]  # fmt: skip
+    if not node0:
+        return None
+    return ProgressTarget(
+        f"http://{node0[0].ip}:{job.spec.monitoring.metrics_port}/metrics", job.spec.checkpoint.uri, status
+    )
+
+
+def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | None:
+    """The status patch of one scrape of node 0 (step, loss, tokens/s, ETA, last checkpoint, task
+    metrics), or None when the scrape failed (the old values stay: a scrape never fails a job)."""
+    try:
+        samples = scrape(target.url)
+    except OSError as e:
+        log.debug("progress scrape of %s failed: %s", target.url, e)
+        return None
+    if "pretrain_step" not in samples:
+        return None
+    prog, ckpt = progress_from(samples, now)
+    # A merge patch merges into the old progress: fields this scrape lacks are cleared explicitly.
+    patch: dict[str, Any] = {
+        "progress": {**{k: None for k in target.status.get("progress") or {} if k not in prog}, **prog}
+    }
+    evaluation = evaluation_from(samples)
+    if evaluation:
+        patch["evaluation"] = evaluation
+    if ckpt is not None:
+        if target.checkpoint_uri:
+            ckpt["uri"] = f"{target.checkpoint_uri.rstrip('/')}/step-{ckpt['step']:08d}"
+        patch["lastCheckpoint"] = ckpt
+    return patch
+
+
+def progress_job(
+    namespace: str, name: str, cluster: Cluster, now: datetime, target: ProgressTarget | None = None
+) -> bool:
+    """Scrape node 0 and write the progress into the status (merge patch, no precondition: it
+    only touches the fields it owns). Without a cached target, the job and its pods are read."""
+    if target is None:
+        body = cluster.read_job(namespace, name)
+        if body is None:
+            return False
+        target = progress_target(body, cluster.observe(namespace, name))
+    if target is None:
+        return False
+    patch = progress_patch(target, now)
+    if patch is None:
+        return False
+    cluster.write_status(namespace, name, patch, None)
+    return True
 
 
 def status_patch(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
@@ -147,67 +227,158 @@ def status_patch(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[str
     return patch
 
 
+class WorkQueue:
+    """Job keys waiting for a reconcile: each key once, at its earliest due time (client-go's
+    delaying queue). A key added while it is being processed is processed again after."""
+
+    def __init__(self) -> None:
+        self._due: dict[tuple[str, str], float] = {}
+        self._heap: list[tuple[float, tuple[str, str]]] = []
+        self._cv = threading.Condition()
+
+    def add(self, key: tuple[str, str], delay: float = 0.0) -> None:
+        due = time.monotonic() + max(delay, 0.0)
+        with self._cv:
+            if key in self._due and self._due[key] <= due:
+                return
+            self._due[key] = due
+            heapq.heappush(self._heap, (due, key))
+            self._cv.notify()
+
+    def forget(self, key: tuple[str, str]) -> None:
+        with self._cv:
+            self._due.pop(key, None)
+
+    def get(self, stop: threading.Event) -> tuple[str, str] | None:
+        with self._cv:
+            while not stop.is_set():
+                while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
+                    heapq.heappop(self._heap)  # superseded by an earlier add, or forgotten
+                if self._heap and self._heap[0][0] <= time.monotonic():
+                    _, key = heapq.heappop(self._heap)
+                    del self._due[key]
+                    return key
+                timeout = self._heap[0][0] - time.monotonic() if self._heap else 1.0
+                self._cv.wait(min(max(timeout, 0.01), 1.0))
+        return None
+
+    def __len__(self) -> int:
+        with self._cv:
+            return len(self._due)
+
+
+class Controller:
+    """The queue, its worker and the progress loop, fed by Kopf's watch events."""
+
+    def __init__(self, cluster: Callable[[], Cluster], clock: Callable[[], datetime], resync: float,
+                 progress_every: float) -> None:  # fmt: skip
+        self.cluster, self.clock = cluster, clock
+        self.resync, self.progress_every = resync, progress_every
+        self.queue = WorkQueue()
+        self.stop = threading.Event()
+        self.targets: dict[tuple[str, str], ProgressTarget] = {}
+        self.failures: dict[tuple[str, str], int] = {}
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        for target, name in ((self._work, "reconcile-worker"), (self._progress_loop, "progress-scraper")):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for t in self._threads:
+            t.join(10)
+
+    def job_event(self, event_type: str, namespace: str, name: str) -> None:
+        key = (namespace, name)
+        if event_type == "DELETED":
+            self.queue.forget(key)
+            self.targets.pop(key, None)
+            self.failures.pop(key, None)
+            metrics.observe_phase(namespace, name, None)
+            return
+        self.queue.add(key)
+
+    def pod_event(self, namespace: str, job: str) -> None:
+        self.queue.add((namespace, job))
+
+    def process(self, key: tuple[str, str]) -> None:
+        namespace, name = key
+        t0 = time.perf_counter()
+        try:
+            done = reconcile(namespace, name, self.cluster(), self.clock())
+        except Conflict:
+            self.queue.add(key, 0.2)  # someone wrote the job meanwhile: nothing was done; read again
+            return
+        except Exception as e:
+            n = self.failures[key] = self.failures.get(key, 0) + 1
+            delay = min(2.0**n, 60.0)
+            metrics.ERRORS.labels(namespace).inc()
+            log.warning("%s/%s: reconcile failed (%s: %s); again in %.0fs", namespace, name, type(e).__name__, e, delay)
+            self.queue.add(key, delay)
+            return
+        finally:
+            metrics.RECONCILE.observe(time.perf_counter() - t0)
+        self.failures.pop(key, None)
+        if done is None:
+            self.targets.pop(key, None)
+            return
+        p, body, observed = done
+        target = progress_target({**body, "status": p.status}, observed)
+        if target is None:
+            self.targets.pop(key, None)
+        else:
+            self.targets[key] = target
+        self.queue.add(key, min(self.resync, p.requeue_after) if p.requeue_after is not None else self.resync)
+
+    def _work(self) -> None:
+        while not self.stop.is_set():
+            key = self.queue.get(self.stop)
+            if key is not None:
+                self.process(key)
+
+    def _progress_loop(self) -> None:
+        while not self.stop.wait(self.progress_every):
+            for key, target in list(self.targets.items()):
+                try:
+                    patch = progress_patch(target, self.clock())
+                    if patch is not None:
+                        self.cluster().write_status(key[0], key[1], patch, None)
+                        merged = {**target.status, **{k: v for k, v in patch.items() if k != "progress"},
+                                  "progress": {k: v for k, v in patch["progress"].items() if v is not None}}  # fmt: skip
+                        self.targets[key] = ProgressTarget(target.url, target.checkpoint_uri, merged)
+                except Exception as e:  # a progress write never stops the controller
+                    log.debug("%s/%s: progress not written: %s", key[0], key[1], e)
+
+
+CONTROLLER: Controller | None = None
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global CONTROLLER
     settings.peering.standalone = True
     settings.posting.level = logging.WARNING
-    settings.persistence.finalizer = "pretrain.io/finalizer"
     settings.watching.server_timeout = 300
+    CONTROLLER = Controller(_cluster, _now, RECONCILE_INTERVAL, PROGRESS_INTERVAL)
+    CONTROLLER.start()
 
 
-# One level-triggered reconcile behind every trigger, each with an id of its own (Kopf keeps
-# per-handler progress under its id).
-@kopf.on.create(GROUP, VERSION, PLURAL, id="reconcile-on-create")
-@kopf.on.update(GROUP, VERSION, PLURAL, id="reconcile-on-update")
-@kopf.on.resume(GROUP, VERSION, PLURAL, id="reconcile-on-resume")
-@kopf.timer(GROUP, VERSION, PLURAL, interval=RECONCILE_INTERVAL, sharp=False, id="reconcile-timer")
-def reconcile(body: Mapping[str, Any], **_: Any) -> None:
-    meta = body["metadata"]
-    namespace, name = meta.get("namespace") or "default", meta["name"]
-    t0 = time.perf_counter()
-    try:
-        with _job_lock(namespace, name):  # one reconcile of a job at a time in this process
-            reconcile_job(namespace, name, _cluster(), _now())
-    except Conflict:
-        # Someone wrote the job between our read and our status write: nothing was done; read again soon.
-        raise kopf.TemporaryError("the job changed while it was reconciled; again with a fresh read", delay=1) from None
-    except Exception:
-        metrics.ERRORS.labels(namespace).inc()
-        raise  # Kopf retries with backoff
-    finally:
-        metrics.RECONCILE.observe(time.perf_counter() - t0)
+@kopf.on.cleanup()
+def stop_controller(**_: Any) -> None:
+    if CONTROLLER is not None:
+        CONTROLLER.shutdown()
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=PROGRESS_INTERVAL, sharp=False)
-def progress(body: Mapping[str, Any], patch: kopf.Patch, **_: Any) -> None:
-    """Copy node 0's step, loss, tokens/s, ETA and last checkpoint into the status."""
-    status = _plain(body.get("status")) or {}
-    if status.get("phase") not in (Phase.RUNNING.value, Phase.PENDING.value):
-        return
-    job, _invalid = job_from(body)
-    if job is None:
-        return
-    namespace = body["metadata"].get("namespace") or "default"
-    node0 = [p for p in _cluster().observe(namespace, job.metadata.name).pods
-             if p.attempt == status.get("attempt") and p.rank == 0 and p.phase == "Running" and p.ip]  # fmt: skip
-    if not node0:
-        return
-    url = f"http://{node0[0].ip}:{job.spec.monitoring.metrics_port}/metrics"
-    try:
-        samples = scrape(url)
-    except OSError as e:  # a failed scrape keeps the old values and never fails the job
-        log.debug("progress scrape of %s failed: %s", url, e)
-        return
-    if "pretrain_step" not in samples:
-        return
-    prog, ckpt = progress_from(samples, _now())
-    # A merge patch merges into the old progress: fields this scrape lacks are cleared explicitly.
-    patch.status["progress"] = {**{k: None for k in status.get("progress") or {} if k not in prog}, **prog}
-    evaluation = evaluation_from(samples)
-    if evaluation:
-        patch.status["evaluation"] = evaluation
-    if ckpt is not None:
-        uri = job.spec.checkpoint.uri
-        if uri:
-            ckpt["uri"] = f"{uri.rstrip('/')}/step-{ckpt['step']:08d}"
-        patch.status["lastCheckpoint"] = ckpt
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def job_changed(event: Mapping[str, Any], namespace: str | None, name: str, **_: Any) -> None:
+    if CONTROLLER is not None:
+        CONTROLLER.job_event(str(event.get("type") or "ADDED"), namespace or "default", name)
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
+def pod_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    if CONTROLLER is not None:
+        CONTROLLER.pod_event(namespace or "default", labels[LABEL_JOB])

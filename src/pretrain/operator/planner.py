@@ -92,6 +92,13 @@ class Plan:
     delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
     status: dict[str, Any] = field(default_factory=dict)  # the whole new status
     events: list[Event] = field(default_factory=list)
+    #: Seconds until something timed is due (backoff, scheduling timeout, deadline, TTL): the
+    #: controller reconciles again then, whatever the events.
+    requeue_after: float | None = None
+
+    def due_in(self, seconds: float) -> None:
+        seconds = max(seconds, 0.5)
+        self.requeue_after = seconds if self.requeue_after is None else min(self.requeue_after, seconds)
 
     @property
     def empty(self) -> bool:
@@ -138,6 +145,7 @@ class _Status:
         self.now = now
         self.s["observedGeneration"] = generation
         self.events: list[Event] = []
+        self.due: list[float] = []  # seconds until a timed check
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
         conds: list[dict[str, Any]] = self.s.setdefault("conditions", [])
@@ -210,6 +218,8 @@ def plan(
         elif policy == "Running":
             delete_pods([p for p in live if p.phase in ("Running", "Pending", "Unknown")])
         done = parse_time(st.s.get("completionTime"))
+        if rp.ttl_seconds_after_finished is not None and done and (observed.service or observed.configmap or live):
+            out.due_in((done + timedelta(seconds=rp.ttl_seconds_after_finished) - now).total_seconds())
         if (
             rp.ttl_seconds_after_finished is not None
             and done
@@ -248,6 +258,8 @@ def plan(
 
     # ---- deadline
     started = parse_time(st.s.get("startTime"))
+    if rp.active_deadline_seconds and started:
+        out.due_in((started + timedelta(seconds=rp.active_deadline_seconds) - now).total_seconds())
     if rp.active_deadline_seconds and started and now >= started + timedelta(seconds=rp.active_deadline_seconds):
         delete_pods(live)
         st.phase(Phase.FAILED, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)",
@@ -296,6 +308,8 @@ def plan(
         since = parse_time(cond.get("lastTransitionTime")) if cond else None
         wait = backoff_seconds(job, restarts)
         delete_pods([p for p in current])
+        if since and now < since + timedelta(seconds=wait):
+            out.due_in((since + timedelta(seconds=wait) - now).total_seconds())
         if lingering or current or (since and now < since + timedelta(seconds=wait)):
             return _finish(out, st)
         start_attempt(
@@ -355,6 +369,9 @@ def _check_scheduling(
     """Raise the Unschedulable condition (and one event) for pods pending past the timeout."""
     grace = grace or timedelta(seconds=job.spec.run_policy.scheduling_timeout_seconds)
     stuck = [p for p in pods if p.phase == "Pending" and p.created and now >= p.created + grace]
+    waiting = [p.created + grace - now for p in pods if p.phase == "Pending" and p.created and now < p.created + grace]
+    if waiting:
+        st.due.append(min(waiting).total_seconds())
     if stuck:
         cond = st.get_condition("Unschedulable")
         msg = f"{len(stuck)} pod(s) pending longer than {int(grace.total_seconds())}s (e.g. {stuck[0].name})"
@@ -367,6 +384,8 @@ def _finish(out: Plan, st: _Status) -> Plan:
     out.delete = list(dict.fromkeys(out.delete))  # each once, in order
     out.status = st.s
     out.events = st.events
+    for seconds in st.due:
+        out.due_in(seconds)
     return out
 
 

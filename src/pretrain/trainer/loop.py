@@ -224,6 +224,9 @@ class Trainer:
         import torch
 
         store.wait()  # at most one upload in flight
+        # The history goes up before this checkpoint can be committed: whatever attempt resumes
+        # from it finds the curves up to it.
+        self.history.sync()
         staging = store.staging_dir(step)
         engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
         if self.rank == 0:
