@@ -52,13 +52,15 @@ class OperatorProcess:
     log: Path
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    metrics_port: int = 0
 
     def start(self) -> OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.api.kubeconfig)}
         from tests.trainer_runs import free_port
 
+        self.metrics_port = free_port()
         cmd = [sys.executable, "-m", "pretrain.cli", "operator", "--namespace", "default",
-               "--health-port", str(free_port()), "--metrics-port", str(free_port()), *self.args]  # fmt: skip
+               "--health-port", str(free_port()), "--metrics-port", str(self.metrics_port), *self.args]  # fmt: skip
         with open(self.log, "ab") as out:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         return self

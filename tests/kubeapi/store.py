@@ -198,6 +198,8 @@ class Store:
         self.clock = clock or (lambda: datetime.now(UTC).replace(microsecond=0, tzinfo=None))
         self.on_register: list[Callable[[Resource], None]] = []
         self.requests: list[tuple[str, str]] = []  # (verb, resource plural): what clients asked
+        #: Extra admission on create (a test's ResourceQuota or webhook): an ApiError refuses.
+        self.admission: list[Callable[[Resource, Obj], ApiError | None]] = []
 
     # ------------------------------------------------------------------ resources
 
@@ -382,6 +384,10 @@ class Store:
         if res.kind == "Secret":
             _secret_string_data(obj)
         warnings = self._admit(res, obj, None, strict)
+        for check in self.admission:
+            refusal = check(res, obj)
+            if refusal is not None:
+                raise refusal
         if dry_run:
             return obj, warnings
         meta["resourceVersion"] = self._next_rv()

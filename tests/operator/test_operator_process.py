@@ -222,3 +222,53 @@ def test_deleting_a_job_needs_no_operator(env: Env) -> None:
         env.wait(lambda: env.children(name) == {"pods": [], "services": [], "configmaps": []}, "children collected")
     finally:
         env.operator.start()
+
+
+def test_a_refused_pod_leaves_a_condition_and_an_event_and_nothing_is_deleted(env: Env) -> None:
+    """A quota that refuses the second pod: the first stays, the job says why, and once the quota
+    allows it the missing pod is created."""
+    from tests.kubeapi.store import ApiError
+
+    name = "quota"
+
+    def quota(res: Any, obj: dict[str, Any]) -> ApiError | None:
+        if res.kind == "Pod" and obj["metadata"]["name"] == f"{name}-a1-n1":
+            return ApiError(403, "Forbidden", f'pods "{name}-a1-n1" is forbidden: exceeded quota: gpu, requested: '
+                            "nvidia.com/gpu=1, used: nvidia.com/gpu=8, limited: nvidia.com/gpu=8")  # fmt: skip
+        return None
+
+    env.api.call(lambda s: s.admission.append(quota))
+    try:
+        env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"resources.nodes": 2, "resources.procsPerNode": 1,
+                                                                "checkpoint.uri": "s3://b/c"}))  # fmt: skip
+
+        def failed() -> dict[str, Any] | None:
+            conds = env.job(name).get("status", {}).get("conditions", [])
+            return next((c for c in conds if c["type"] == "ApplyFailed" and c["status"] == "True"), None)
+
+        cond = env.wait(failed, "the ApplyFailed condition")
+        assert cond["reason"] == "Forbidden" and "exceeded quota" in cond["message"]
+        assert re.search(r"Warning\s+Forbidden", env.kubectl("describe", "ptj", name).stdout)
+        import time
+
+        time.sleep(3)  # several retries later, the pod that was created is still there
+        assert env.children(name)["pods"] == [f"{name}-a1-n0"]
+    finally:
+        env.api.call(lambda s: s.admission.remove(quota))
+    env.wait(lambda: env.children(name)["pods"] == [f"{name}-a1-n0", f"{name}-a1-n1"], "the missing pod", timeout=90)
+    env.wait(lambda: not failed(), "the condition cleared")
+    env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_pods_start_without_the_prometheus_operator(env: Env) -> None:
+    name = "no-podmonitor-crd"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"monitoring.podMonitor": True}))
+    env.wait(lambda: env.children(name)["pods"] == [f"{name}-a1-n0"], "the pod")
+
+    def unavailable() -> dict[str, Any] | None:
+        conds = env.job(name).get("status", {}).get("conditions", [])
+        return next((c for c in conds if c["type"] == "PodMonitorUnavailable" and c["status"] == "True"), None)
+
+    cond = env.wait(unavailable, "the PodMonitorUnavailable condition")
+    assert "Prometheus Operator" in cond["message"] and env.job(name)["status"]["phase"] == "Pending"
+    env.kubectl("delete", "ptj", name, timeout=60)

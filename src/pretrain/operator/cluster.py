@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -155,6 +156,21 @@ class AlreadyExists(Exception):
     pass
 
 
+def api_error(e: BaseException) -> tuple[str, str]:
+    """(reason, message) of an error: the API server's Status when it sent one (reason such as
+    Forbidden or Invalid, and its message), else the exception's type and text."""
+    import json
+
+    body = getattr(e, "body", None)
+    if body:
+        try:
+            status = json.loads(body)
+            return str(status.get("reason") or type(e).__name__), str(status.get("message") or e)
+        except (ValueError, AttributeError):
+            pass
+    return type(e).__name__, str(e)
+
+
 class Conflict(Exception):
     """The object changed since it was read (409): the write did not happen."""
 
@@ -272,6 +288,8 @@ class KubeCluster:
         except self.k.client.ApiException as e:
             if e.status == 409:
                 raise AlreadyExists(f"{kind} {obj['metadata']['name']} already exists") from e
+            if e.status == 404:  # the resource type (a CRD not installed) or the namespace is missing
+                raise NotFound(f"{kind}: {api_error(e)[1]}") from e
             raise
 
     def delete(self, kind: str, namespace: str, name: str) -> None:

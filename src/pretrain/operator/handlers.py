@@ -14,7 +14,6 @@ the same functions under Kopf with a `KubeCluster`.
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import json
 import logging
@@ -32,8 +31,8 @@ from pretrain.api.spec import GROUP, PLURAL, VERSION, Phase, PretrainJob
 from pretrain.api.validation import SpecError, parse_spec
 from pretrain.operator import metrics
 from pretrain.operator.children import LABEL_JOB
-from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound
-from pretrain.operator.planner import Observed, Plan, plan
+from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound, api_error
+from pretrain.operator.planner import Event, Observed, Plan, plan
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
 
 log = logging.getLogger("pretrain.operator")
@@ -100,31 +99,99 @@ def plan_for(body: Mapping[str, Any], cluster: Cluster, now: datetime) -> Plan:
     )  # fmt: skip
 
 
+class ApplyFailed(Exception):
+    """An API call of a plan failed; the job's ApplyFailed condition and an event say which."""
+
+
 def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
     """Write the planned status first, fenced by the resourceVersion the plan was made from, then
     act. A reconcile whose view went stale (another reconcile, or any writer, changed the job
     since) gets Conflict before it touches a pod; the pods of a new attempt are created only once
-    the attempt number is stored, so no crash can leave pods the status does not know of."""
+    the attempt number is stored, so no crash can leave pods the status does not know of.
+
+    Each action is tried even when an earlier one fails; a failure leaves the ApplyFailed
+    condition (reason from the API error) and one Warning event, and raises ApplyFailed so the
+    controller retries with backoff. Nothing created is deleted for it: the next reconcile sees
+    the attempt's missing pods and creates just those. A PodMonitor that cannot be created (the
+    Prometheus Operator's CRD absent) is a warning condition only: the pods start anyway."""
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta.get("namespace") or "default", meta.get("uid", "")
     old = _plain(body.get("status")) or {}
     change = status_patch(old, p.status)
     if change:
         cluster.write_status(namespace, name, change, meta.get("resourceVersion", ""))
+    failures: list[tuple[str, str]] = []
+    monitor_missing: str | None = None
     for obj in p.create:
-        with contextlib.suppress(AlreadyExists):  # creation is idempotent
+        what = f"create {obj['kind']} {obj['metadata']['name']}"
+        try:
             cluster.create(obj)
+        except AlreadyExists:  # creation is idempotent
+            pass
+        except NotFound as e:
+            if obj["kind"] == "PodMonitor":
+                monitor_missing = (f"monitoring.podMonitor is set but no PodMonitor can be created ({e}); "
+                                   "is the Prometheus Operator installed?")  # fmt: skip
+            else:
+                failures.append(("NotFound", f"{what}: {e}"))
+        except Exception as e:
+            reason, message = api_error(e)
+            failures.append((reason, f"{what}: {message}"))
     for obj in p.replace:
-        cluster.replace(obj)
+        try:
+            cluster.replace(obj)
+        except Exception as e:
+            reason, message = api_error(e)
+            failures.append((reason, f"update {obj['kind']} {obj['metadata']['name']}: {message}"))
     for kind, child in p.delete:
-        with contextlib.suppress(NotFound):
+        try:
             cluster.delete(kind, namespace, child)
+        except NotFound:
+            pass
+        except Exception as e:
+            reason, message = api_error(e)
+            failures.append((reason, f"delete {kind} {child}: {message}"))
     for ev in p.events:
         cluster.event(namespace, name, uid, ev)
         log.info("%s/%s: %s %s: %s", namespace, name, ev.type, ev.reason, ev.message)
+    _report_conditions(namespace, name, uid, p.status, cluster, failures, monitor_missing)
     if p.status.get("restarts", 0) > old.get("restarts", 0):
         metrics.RESTARTS.labels(namespace).inc()
     metrics.observe_phase(namespace, name, p.status.get("phase"))
+    if failures:
+        raise ApplyFailed(f"{failures[0][0]}: {failures[0][1]}")
+
+
+def _report_conditions(namespace: str, name: str, uid: str, status: dict[str, Any], cluster: Cluster,
+                       failures: list[tuple[str, str]], monitor_missing: str | None) -> None:  # fmt: skip
+    """Keep the ApplyFailed and PodMonitorUnavailable conditions current; an event when one turns True."""
+    conditions = [dict(c) for c in status.get("conditions") or []]
+    now = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    changed = False
+    for type_, reason, message in (
+        ("ApplyFailed", failures[0][0] if failures else "Applied", failures[0][1][:1024] if failures else ""),
+        ("PodMonitorUnavailable", "PodMonitorNotCreated" if monitor_missing else "", monitor_missing or ""),
+    ):
+        true = bool(message)
+        cond = next((c for c in conditions if c["type"] == type_), None)
+        if cond is None and not true:
+            continue
+        if cond is None:
+            cond = {"type": type_, "status": "False"}
+            conditions.append(cond)
+        value = "True" if true else "False"
+        if cond["status"] == value and cond.get("message", "") == message:
+            continue
+        if cond["status"] != value:
+            cond["lastTransitionTime"] = now
+        if true and (cond["status"] != "True" or cond.get("reason") != reason):
+            cluster.event(namespace, name, uid, Event("Warning", reason, message))
+            log.warning("%s/%s: %s: %s", namespace, name, reason, message)
+        cond.update({"status": value, "reason": reason, "message": message})
+        changed = True
+    if changed:
+        cluster.write_status(namespace, name, {"conditions": conditions}, None)
+        status["conditions"] = conditions
 
 
 def reconcile(
