@@ -60,17 +60,28 @@ def count(api: ApiServer, plural: str, group: str = "") -> int:
 def run_pending(store: Store) -> int:
     """Bind and mark Running every Pending pod (what a scheduler and kubelets would do)."""
     res = store.resources[("", "pods")]
-    n = 0
-    for pod in store.list(res, "default", LabelSelector(), FieldSelector())[0]:
-        if pod["status"].get("phase") == "Pending" and not pod["metadata"].get("deletionTimestamp"):
-            name = pod["metadata"]["name"]
-            if not pod["spec"].get("nodeName"):
-                store.bind("default", name, "node-0")
-            store.update(
-                res, "default", name, {"status": {"phase": "Running", "podIP": "127.0.0.2"}}, subresource="status"
-            )
-            n += 1
-    return n
+    pending = [o["metadata"]["name"] for o in store.objects[("", "pods")].values()
+               if o["status"].get("phase") == "Pending" and not o["metadata"].get("deletionTimestamp")]  # fmt: skip
+    for name in pending:
+        if not store.get(res, "default", name)["spec"].get("nodeName"):
+            store.bind("default", name, "node-0")
+        store.update(res, "default", name, {"status": {"phase": "Running", "podIP": "127.0.0.2"}}, subresource="status")
+    return len(pending)
+
+
+def running_jobs(store: Store) -> int:
+    return sum(1 for o in store.objects[("pretrain.io", "pretrainjobs")].values()
+               if (o.get("status") or {}).get("phase") == "Running")  # fmt: skip
+
+
+def confirm_deletions(store: Store) -> int:
+    """The kubelet's last word on pods being deleted (their containers have stopped)."""
+    res = store.resources[("", "pods")]
+    gone = [p["metadata"]["name"] for p in store.list(res, "default", LabelSelector(), FieldSelector())[0]
+            if p["metadata"].get("deletionTimestamp")]  # fmt: skip
+    for name in gone:
+        store.delete(res, "default", name, grace=0)
+    return len(gone)
 
 
 def job_phase(api: ApiServer, name: str) -> str | None:
@@ -78,26 +89,20 @@ def job_phase(api: ApiServer, name: str) -> str | None:
     return (job.get("status") or {}).get("phase")
 
 
-def phases(api: ApiServer) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for job in api.objects("pretrainjobs", "pretrain.io"):
-        phase = (job.get("status") or {}).get("phase") or "-"
-        out[phase] = out.get(phase, 0) + 1
-    return out
-
-
-def wait(predicate: Any, timeout: float, what: str) -> float:
+def wait(predicate: Any, timeout: float, what: str, period: float = 0.2) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if predicate():
             return time.monotonic() - t0
-        time.sleep(0.2)
+        time.sleep(period)
     raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def quantile(q: float, buckets: list[tuple[float, float]]) -> float:
     """histogram_quantile over cumulative (upper bound, count) buckets."""
     total = buckets[-1][1]
+    if total <= 0:
+        return float("nan")
     rank = q * total
     prev_le, prev_count = 0.0, 0.0
     for le, c in buckets:
@@ -151,14 +156,14 @@ def main() -> None:
         for i in range(burst, args.jobs):
             doc = job_doc(f"j{i:04d}", args.nodes)
             api.call(lambda s, d=doc: s.create(s.resources[jobs_res], "default", d))
-        wait(lambda: count(api, "pods") >= args.jobs * args.nodes, 1800, "every job's pods")
-        wait(
-            lambda: api.call(run_pending) == 0 and phases(api).get("Running", 0) == args.jobs, 1800, "every job Running"
-        )
+        wait(lambda: count(api, "pods") >= args.jobs * args.nodes, 1800, "every job's pods", period=2)
+        wait(lambda: api.call(run_pending) == 0 and api.call(running_jobs) == args.jobs, 1800, "every job Running",
+             period=2)  # fmt: skip
         settle = 10.0
         time.sleep(settle)
 
         # 3. steady state: every request the operator makes over one resync period
+        busy = reconcile_buckets(op.metrics_port)
         before = api.call(lambda s: len(s.requests))
         t1 = time.monotonic()
         time.sleep(window)
@@ -170,6 +175,7 @@ def main() -> None:
         assert op.proc is not None
         rss = psutil.Process(op.proc.pid).memory_info().rss / 2**20
         buckets = reconcile_buckets(op.metrics_port)
+        steady = [(le, c - b) for (le, c), (_, b) in zip(buckets, busy, strict=True)]
 
         # 4. failure -> new gang, backoff 0, one job at a time
         latencies = []
@@ -189,11 +195,9 @@ def main() -> None:
                 "phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": False,
                                                           "restartCount": 0, "state": {"terminated": {"exitCode": 1}}}]}},
                 subresource="status"))  # fmt: skip
-            wait(
-                lambda n=name: any(p["metadata"]["name"].startswith(f"{n}-a2-") for p in api.objects("pods")),
-                120,
-                "the new gang",
-            )
+            wait(lambda n=name: api.call(confirm_deletions) >= 0
+                 and any(p["metadata"]["name"].startswith(f"{n}-a2-") for p in api.objects("pods")), 120, "the new gang",
+                 period=0.02)  # fmt: skip
             latencies.append(time.monotonic() - t2)
     finally:
         op.stop()
@@ -203,8 +207,10 @@ def main() -> None:
         (f"kubectl apply of {burst} jobs -> all {burst * args.nodes} pods created", f"{burst_seconds:.1f} s", "< 30 s"),
         (f"steady-state API requests per job per minute ({args.jobs} jobs x {args.nodes} nodes, "
          f"{window:.0f} s window, resync {args.reconcile_interval:.0f} s)", f"{per_job_minute:.2f}", "<= 2"),
-        ("reconcile latency p50 / p99", f"{quantile(0.5, buckets) * 1000:.1f} / {quantile(0.99, buckets) * 1000:.1f} ms",
-         "p99 < 50 ms"),
+        (f"reconcile latency p50 / p99, steady state ({int(steady[-1][1])} reconciles)",
+         f"{quantile(0.5, steady) * 1000:.1f} / {quantile(0.99, steady) * 1000:.1f} ms", "p99 < 50 ms"),
+        (f"reconcile latency p50 / p99, all ({int(buckets[-1][1])}, creations included)",
+         f"{quantile(0.5, buckets) * 1000:.1f} / {quantile(0.99, buckets) * 1000:.1f} ms", ""),
         ("operator resident memory", f"{rss:.0f} MiB", "< 400 MiB"),
         (f"pod failure -> new gang's pods (backoff 0), median of {len(latencies)}",
          f"{statistics.median(latencies) * 1000:.0f} ms (min {min(latencies) * 1000:.0f}, max {max(latencies) * 1000:.0f})",
@@ -212,7 +218,7 @@ def main() -> None:
     ]  # fmt: skip
     width = max(len(r[0]) for r in rows)
     for what, value, target in rows:
-        print(f"{what:<{width}}  {value:>28}   target {target}")
+        print(f"{what:<{width}}  {value:>28}   {'target ' + target if target else ''}")
 
 
 if __name__ == "__main__":
