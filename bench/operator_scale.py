@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver  # noqa: E402
-from tests.kubeapi.selectors import FieldSelector, LabelSelector  # noqa: E402
 from tests.kubeapi.server import ApiServer  # noqa: E402
 from tests.kubeapi.store import Store  # noqa: E402
 
@@ -77,15 +76,22 @@ def running_jobs(store: Store) -> int:
 def confirm_deletions(store: Store) -> int:
     """The kubelet's last word on pods being deleted (their containers have stopped)."""
     res = store.resources[("", "pods")]
-    gone = [p["metadata"]["name"] for p in store.list(res, "default", LabelSelector(), FieldSelector())[0]
-            if p["metadata"].get("deletionTimestamp")]  # fmt: skip
+    gone = [
+        o["metadata"]["name"] for o in store.objects[("", "pods")].values() if o["metadata"].get("deletionTimestamp")
+    ]
     for name in gone:
         store.delete(res, "default", name, grace=0)
     return len(gone)
 
 
-def job_phase(api: ApiServer, name: str) -> str | None:
-    job = next((j for j in api.objects("pretrainjobs", "pretrain.io") if j["metadata"]["name"] == name), {})
+def has_pods(store: Store, prefix: str, n: int) -> bool:
+    """Whether pods <prefix>0 .. <prefix>(n-1) exist (a look-up, no copy of every pod)."""
+    pods = store.objects[("", "pods")]
+    return all(("default", f"{prefix}{i}") in pods for i in range(n))
+
+
+def job_phase(store: Store, name: str) -> str | None:
+    job = store.objects[("pretrain.io", "pretrainjobs")].get(("default", name)) or {}
     return (job.get("status") or {}).get("phase")
 
 
@@ -150,6 +156,9 @@ def main() -> None:
         kubectl("apply", "-f", "-", stdin=manifest, timeout=600)
         wait(lambda: count(api, "pods") >= burst * args.nodes, 600, "the burst's pods")
         burst_seconds = time.monotonic() - t0
+        print(
+            f"kubectl apply of {burst} jobs -> all {burst * args.nodes} pods created: {burst_seconds:.1f} s", flush=True
+        )
 
         # 2. the rest of the jobs, straight into the store; everything runs
         jobs_res = ("pretrain.io", "pretrainjobs")
@@ -169,6 +178,7 @@ def main() -> None:
         time.sleep(window)
         requests = api.call(lambda s: len(s.requests)) - before
         per_job_minute = requests / args.jobs / ((time.monotonic() - t1) / 60)
+        print(f"steady state: {requests} requests in {time.monotonic() - t1:.0f} s for {args.jobs} jobs", flush=True)
 
         import psutil
 
@@ -183,21 +193,16 @@ def main() -> None:
             name = f"fail{k}"
             doc = job_doc(name, 2, backoff=0)
             api.call(lambda s, d=doc: s.create(s.resources[jobs_res], "default", d))
-            wait(
-                lambda n=name: sum(1 for p in api.objects("pods") if p["metadata"]["name"].startswith(f"{n}-a1-")) == 2,
-                120,
-                "pods",
-            )
+            wait(lambda n=name: api.call(has_pods, f"{n}-a1-n", 2), 120, "pods")
             api.call(run_pending)
-            wait(lambda n=name: job_phase(api, n) == "Running", 120, "Running")
+            wait(lambda n=name: api.call(job_phase, n) == "Running", 120, "Running")
             t2 = time.monotonic()
             api.call(lambda s, n=name: s.update(s.resources[("", "pods")], "default", f"{n}-a1-n1", {"status": {
                 "phase": "Failed", "containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": False,
                                                           "restartCount": 0, "state": {"terminated": {"exitCode": 1}}}]}},
                 subresource="status"))  # fmt: skip
-            wait(lambda n=name: api.call(confirm_deletions) >= 0
-                 and any(p["metadata"]["name"].startswith(f"{n}-a2-") for p in api.objects("pods")), 120, "the new gang",
-                 period=0.02)  # fmt: skip
+            wait(lambda n=name: api.call(confirm_deletions) >= 0 and api.call(has_pods, f"{n}-a2-n", 2), 120,
+                 "the new gang", period=0.02)  # fmt: skip
             latencies.append(time.monotonic() - t2)
     finally:
         op.stop()
