@@ -197,6 +197,7 @@ class ApiServer:
         ns: str | None = None
         if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
             ns, rest = rest[1], rest[2:]
+        self.store.requests.append((request.method.lower(), rest[0]))  # refused ones count too
         res = self.store.resource(group, version, rest[0])
         if res.namespaced is False and ns is not None:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
@@ -204,7 +205,6 @@ class ApiServer:
         sub = rest[2] if len(rest) > 2 else None
         if sub is not None and sub not in res.subresources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
-        self.store.requests.append((request.method.lower() if name or request.method != "GET" else "list", res.plural))
         return await self._verb(request, res, ns, name, sub)
 
     async def _verb(self, request: web.Request, res: Resource, ns: str | None, name: str | None,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
 class Cluster(Protocol):
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None: ...
-    def observe(self, namespace: str, job: str) -> Observed: ...
+    def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def replace(self, obj: dict[str, Any]) -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
@@ -74,9 +75,11 @@ class InMemoryCluster:
         job["status"] = merge_patch(job.get("status") or {}, patch)
         job["metadata"]["resourceVersion"] = str(next(self._rv))
 
-    def observe(self, namespace: str, job: str) -> Observed:
+    def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed:
         # the same reads as KubeCluster.observe
-        self.calls += [("list", "Pod"), ("get", "Service"), ("get", "ConfigMap"), ("get", "PodMonitor")]
+        self.calls += [("list", "Pod"), ("get", "Service"), ("get", "ConfigMap")]
+        if pod_monitor:
+            self.calls.append(("get", "PodMonitor"))
         pods = [
             pod_view(o) for (kind, ns, _), o in sorted(self.objects.items())
             if kind == "Pod" and ns == namespace and o["metadata"]["labels"].get(LABEL_JOB) == job
@@ -85,7 +88,7 @@ class InMemoryCluster:
             pods=pods,
             service=("Service", namespace, service_name(job)) in self.objects,
             configmap=("ConfigMap", namespace, configmap_name(job)) in self.objects,
-            pod_monitor=("PodMonitor", namespace, job) in self.objects,
+            pod_monitor=pod_monitor and ("PodMonitor", namespace, job) in self.objects,
             config=self.objects.get(("ConfigMap", namespace, configmap_name(job)), {}).get("data", {}).get(CONFIG_KEY),
         )
 
@@ -210,11 +213,11 @@ class KubeCluster:
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
 
-    def _read(self, read: Any, *args: Any) -> Any:
+    def _read(self, read: Any, *args: Any, **kwargs: Any) -> Any:
         """The object, or None when the API says 404 (403 too for a PodMonitor: its CRD absent
         or not granted means there is none to see)."""
         try:
-            return read(*args)
+            return read(*args, **kwargs)
         except self.k.client.ApiException as e:
             if e.status == 404:
                 return None
@@ -238,15 +241,20 @@ class KubeCluster:
                 raise NotFound(f"PretrainJob {name} not found") from e
             raise
 
-    def observe(self, namespace: str, job: str) -> Observed:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}").items
-        cm = self._read(self.core.read_namespaced_config_map, configmap_name(job), namespace)
+    def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed:
+        # Raw JSON (`_preload_content=False`): building the client's typed models of every pod
+        # only to turn them back into dicts cost more than the request itself.
+        raw: Any = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}", _preload_content=False)
+        pods = json.loads(raw.data)["items"]
+        cm = self._read(self.core.read_namespaced_config_map, configmap_name(job), namespace, _preload_content=False)
+        svc = self._read(self.core.read_namespaced_service, service_name(job), namespace, _preload_content=False)
+        config = (json.loads(cm.data).get("data") or {}).get(CONFIG_KEY) if cm is not None else None
         return Observed(
-            pods=[pod_view(self.api.sanitize_for_serialization(p)) for p in pods],
-            service=self._read(self.core.read_namespaced_service, service_name(job), namespace) is not None,
+            pods=[pod_view(p) for p in pods],
+            service=svc is not None,
             configmap=cm is not None,
-            pod_monitor=self._pod_monitor_exists(namespace, job),
-            config=(cm.data or {}).get(CONFIG_KEY) if cm is not None else None,
+            pod_monitor=self._pod_monitor_exists(namespace, job) if pod_monitor else False,
+            config=config,
         )
 
     def _pod_monitor_exists(self, namespace: str, job: str) -> bool:

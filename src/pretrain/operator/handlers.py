@@ -203,8 +203,9 @@ def reconcile(
     body = cluster.read_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
-    observed = cluster.observe(namespace, name)
     job, invalid = job_from(body)
+    # A PodMonitor is looked for only where one is asked for (or the spec is unreadable).
+    observed = cluster.observe(namespace, name, pod_monitor=job is None or job.spec.monitoring.pod_monitor)
     meta = body["metadata"]
     p = plan(job, name=name, namespace=namespace, uid=meta.get("uid", ""), generation=meta.get("generation"),
              status=_plain(body.get("status")) or {}, observed=observed, now=now, invalid=invalid)  # fmt: skip
