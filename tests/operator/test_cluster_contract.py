@@ -287,3 +287,19 @@ spec:
                     path: {type: string}
                     interval: {type: string, pattern: '^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$'}
 """
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    ["2026-01-01T00:00:00Z", "2026-01-01T00:00:00+00:00", "2026-01-01T01:00:00+01:00", "2026-01-01T00:00:00.123456Z",
+     datetime(2026, 1, 1, tzinfo=UTC)],
+)  # fmt: skip
+def test_pod_timestamps_in_every_form_a_client_gives(stamp: Any) -> None:
+    """The API server writes `Z`; the kubernetes client's typed models come back through
+    sanitize_for_serialization as `+00:00` (the crash of every reconcile on a real cluster);
+    MicroTime has fractions. All are the same instant to the planner."""
+    from pretrain.operator.planner import pod_view
+
+    pod = {"metadata": {"name": "p", "labels": {}, "creationTimestamp": stamp}, "status": {"phase": "Pending"}}
+    created = pod_view(pod).created
+    assert created is not None and abs(created - datetime(2026, 1, 1)) < timedelta(seconds=1)
