@@ -137,7 +137,7 @@ def test_status_writes_hold_up_while_others_write_the_job(env: Env) -> None:
         time.sleep(0.05)
     time.sleep(2)
     during = env.operator.text()[len(before) :]
-    assert "failed with an exception" not in during, during[-3000:]
+    assert "failed with an exception" not in during and "reconcile failed" not in during, during[-3000:]
     puts = [r for r in env.api.store.requests if r == ("put", "pretrainjobs")]
     assert puts == [], "status is written with merge patches, never a replace of what was read"
     status = env.job(name)["status"]
