@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -23,34 +23,25 @@ from tests.kubeapi.server import ApiServer
 from tests.operator.harness import job_body
 
 
-class Backend:
+class Backend(Protocol):
     """A cluster plus the node-side actions (bind, report a phase, confirm a deletion)."""
 
     cluster: Cluster
 
-    def now(self) -> datetime:
-        raise NotImplementedError
-
-    def bind(self, pod: str) -> None:
-        raise NotImplementedError
-
-    def set_phase(self, pod: str, phase: str, exit_code: int | None = None, message: str = "") -> None:
-        raise NotImplementedError
-
-    def confirm_deletions(self) -> None:
-        raise NotImplementedError
-
-    def events(self, job: str) -> list[tuple[str, str]]:
-        raise NotImplementedError
+    def now(self) -> datetime: ...
+    def bind(self, pod: str) -> None: ...
+    def set_phase(self, pod: str, phase: str, exit_code: int | None = None, message: str = "") -> None: ...
+    def confirm_deletions(self) -> None: ...
+    def events(self, job: str) -> list[tuple[str, str]]: ...
 
     def owner(self, body: dict[str, Any]) -> str:
         """The uid of the job the children belong to (the API server's garbage collector
         deletes children whose owner does not exist)."""
-        return str(body["metadata"]["uid"])
+        ...
 
 
 @dataclass
-class Memory(Backend):
+class Memory:
     cluster: InMemoryCluster
 
     def now(self) -> datetime:
@@ -68,8 +59,11 @@ class Memory(Backend):
     def events(self, job: str) -> list[tuple[str, str]]:
         return [(e.type, e.reason) for j, e in self.cluster.events if j == job]
 
+    def owner(self, body: dict[str, Any]) -> str:
+        return str(body["metadata"]["uid"])  # no garbage collector here to find it missing
 
-class Emulated(Backend):
+
+class Emulated:
     def __init__(self, api: ApiServer) -> None:
         import kubernetes
 
