@@ -32,7 +32,7 @@ from pretrain.api.validation import SpecError, parse_spec
 from pretrain.operator import metrics
 from pretrain.operator.children import LABEL_JOB
 from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound, api_error
-from pretrain.operator.planner import Event, Observed, Plan, plan
+from pretrain.operator.planner import Event, Observed, Plan, plan, set_condition
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
 
 log = logging.getLogger("pretrain.operator")
@@ -88,15 +88,20 @@ def job_from(body: Mapping[str, Any]) -> tuple[PretrainJob | None, str | None]:
     return PretrainJob(metadata={"name": meta["name"], "namespace": meta.get("namespace")}, spec=spec), None
 
 
-def plan_for(body: Mapping[str, Any], cluster: Cluster, now: datetime) -> Plan:
-    """Observe the job's children and plan from `body` (as read from the API, maybe a while ago)."""
+def plan_for(body: Mapping[str, Any], job: PretrainJob | None, invalid: str | None, observed: Observed,
+             now: datetime) -> Plan:  # fmt: skip
+    """The plan for `body` (as read from the API, maybe a while ago) and what was observed."""
     meta = body["metadata"]
-    name, namespace = meta["name"], meta.get("namespace") or "default"
-    job, invalid = job_from(body)
-    return plan(
-        job, name=name, namespace=namespace, uid=meta.get("uid", ""), generation=meta.get("generation"),
-        status=_plain(body.get("status")) or {}, observed=cluster.observe(namespace, name), now=now, invalid=invalid,
-    )  # fmt: skip
+    return plan(job, name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""),
+                generation=meta.get("generation"), status=_plain(body.get("status")) or {}, observed=observed,
+                now=now, invalid=invalid)  # fmt: skip
+
+
+def observe_for(cluster: Cluster, body: Mapping[str, Any], job: PretrainJob | None) -> Observed:
+    """The job's children; a PodMonitor is looked for only where one is asked for (or the spec is unreadable)."""
+    meta = body["metadata"]
+    wants_monitor = job is None or job.spec.monitoring.pod_monitor
+    return cluster.observe(meta.get("namespace") or "default", meta["name"], pod_monitor=wants_monitor)
 
 
 class ApplyFailed(Exception):
@@ -166,29 +171,18 @@ def _report_conditions(namespace: str, name: str, uid: str, status: dict[str, An
                        failures: list[tuple[str, str]], monitor_missing: str | None) -> None:  # fmt: skip
     """Keep the ApplyFailed and PodMonitorUnavailable conditions current; an event when one turns True."""
     conditions = [dict(c) for c in status.get("conditions") or []]
-    now = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    before = {c["type"]: c.get("status") for c in conditions}
     changed = False
     for type_, reason, message in (
         ("ApplyFailed", failures[0][0] if failures else "Applied", failures[0][1][:1024] if failures else ""),
         ("PodMonitorUnavailable", "PodMonitorNotCreated" if monitor_missing else "", monitor_missing or ""),
     ):
-        true = bool(message)
-        cond = next((c for c in conditions if c["type"] == type_), None)
-        if cond is None and not true:
+        if not set_condition(conditions, type_, bool(message), reason, message, _now()):
             continue
-        if cond is None:
-            cond = {"type": type_, "status": "False"}
-            conditions.append(cond)
-        value = "True" if true else "False"
-        if cond["status"] == value and cond.get("message", "") == message:
-            continue
-        if cond["status"] != value:
-            cond["lastTransitionTime"] = now
-        if true and (cond["status"] != "True" or cond.get("reason") != reason):
+        changed = True
+        if message and before.get(type_) != "True":
             cluster.event(namespace, name, uid, Event("Warning", reason, message))
             log.warning("%s/%s: %s: %s", namespace, name, reason, message)
-        cond.update({"status": value, "reason": reason, "message": message})
-        changed = True
     if changed:
         cluster.write_status(namespace, name, {"conditions": conditions}, None)
         status["conditions"] = conditions
@@ -196,21 +190,18 @@ def _report_conditions(namespace: str, name: str, uid: str, status: dict[str, An
 
 def reconcile(
     namespace: str, name: str, cluster: Cluster, now: datetime
-) -> tuple[Plan, dict[str, Any], Observed] | None:
+) -> tuple[Plan, PretrainJob | None, Observed] | None:
     """One reconcile of one job: read it fresh from the API, observe, plan, apply. Returns the
-    plan with what it was made from; None when the job is gone or being deleted (its children
-    go with it, through their owner references)."""
+    plan with the job and observation it was made from; None when the job is gone or being
+    deleted (its children go with it, through their owner references)."""
     body = cluster.read_job(namespace, name)
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     job, invalid = job_from(body)
-    # A PodMonitor is looked for only where one is asked for (or the spec is unreadable).
-    observed = cluster.observe(namespace, name, pod_monitor=job is None or job.spec.monitoring.pod_monitor)
-    meta = body["metadata"]
-    p = plan(job, name=name, namespace=namespace, uid=meta.get("uid", ""), generation=meta.get("generation"),
-             status=_plain(body.get("status")) or {}, observed=observed, now=now, invalid=invalid)  # fmt: skip
+    observed = observe_for(cluster, body, job)
+    p = plan_for(body, job, invalid, observed, now)
     apply_plan(body, p, cluster)
-    return p, body, observed
+    return p, job, observed
 
 
 def reconcile_job(namespace: str, name: str, cluster: Cluster, now: datetime) -> Plan | None:
@@ -227,20 +218,15 @@ class ProgressTarget:
     status: dict[str, Any]
 
 
-def progress_target(body: Mapping[str, Any], observed: Observed) -> ProgressTarget | None:
-    status = _plain(body.get("status")) or {}
-    if status.get("phase") not in (Phase.RUNNING.value, Phase.PENDING.value):
-        return None
-    job, _invalid = job_from(body)
-    if job is None:
+def progress_target(job: PretrainJob | None, status: Mapping[str, Any], observed: Observed) -> ProgressTarget | None:
+    if job is None or status.get("phase") not in (Phase.RUNNING.value, Phase.PENDING.value):
         return None
     node0 = [p for p in observed.pods
              if p.attempt == status.get("attempt") and p.rank == 0 and p.phase == "Running" and p.ip and not p.deleting]  # fmt: skip
     if not node0:
         return None
-    return ProgressTarget(
-        f"http://{node0[0].ip}:{job.spec.monitoring.metrics_port}/metrics", job.spec.checkpoint.uri, status
-    )
+    url = f"http://{node0[0].ip}:{job.spec.monitoring.metrics_port}/metrics"
+    return ProgressTarget(url, job.spec.checkpoint.uri, dict(status))
 
 
 def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | None:
@@ -277,7 +263,8 @@ def progress_job(
         body = cluster.read_job(namespace, name)
         if body is None:
             return False
-        target = progress_target(body, cluster.observe(namespace, name))
+        job, _invalid = job_from(body)
+        target = progress_target(job, _plain(body.get("status")) or {}, observe_for(cluster, body, job))
     if target is None:
         return False
     patch = progress_patch(target, now)
@@ -393,8 +380,8 @@ class Controller:
         if done is None:
             self.targets.pop(key, None)
             return
-        p, body, observed = done
-        target = progress_target({**body, "status": p.status}, observed)
+        p, job, observed = done
+        target = progress_target(job, p.status, observed)
         if target is None:
             self.targets.pop(key, None)
         else:

@@ -148,17 +148,7 @@ class _Status:
         self.due: list[float] = []  # seconds until a timed check
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
-        conds: list[dict[str, Any]] = self.s.setdefault("conditions", [])
-        value = "True" if status else "False"
-        for c in conds:
-            if c["type"] == type_:
-                if c["status"] != value:
-                    c["lastTransitionTime"] = iso(self.now)
-                c.update({"status": value, "reason": reason, "message": message})
-                return
-        if status:  # a False condition that never was True is not worth listing
-            conds.append({"type": type_, "status": value, "reason": reason, "message": message,
-                          "lastTransitionTime": iso(self.now)})  # fmt: skip
+        set_condition(self.s.setdefault("conditions", []), type_, status, reason, message, self.now)
 
     def get_condition(self, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.s.get("conditions", []) if c["type"] == type_), None)
@@ -170,6 +160,28 @@ class _Status:
         self.s["message"] = message
         for p in (Phase.RUNNING, Phase.RESTARTING, Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
             self.condition(p.value, p == phase, reason if p == phase else "", message if p == phase else "")
+
+
+def set_condition(conds: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
+                  now: datetime) -> bool:  # fmt: skip
+    """Kubernetes-style condition bookkeeping, in place: lastTransitionTime moves only when the
+    status flips, and a False condition that never was True is not listed. Returns whether
+    anything changed."""
+    value = "True" if status else "False"
+    for c in conds:
+        if c["type"] == type_:
+            new = {"status": value, "reason": reason, "message": message}
+            if all(c.get(k) == v for k, v in new.items()):
+                return False
+            if c["status"] != value:
+                c["lastTransitionTime"] = iso(now)
+            c.update(new)
+            return True
+    if status:
+        conds.append({"type": type_, "status": value, "reason": reason, "message": message,
+                      "lastTransitionTime": iso(now)})  # fmt: skip
+        return True
+    return False
 
 
 def plan(
