@@ -496,9 +496,9 @@ class Trainer:
         )  # fmt: skip
         if s.last_verified_step is not None and s.last_verified_step != self._last_checkpoint_logged:
             self._last_checkpoint_logged = s.last_verified_step
+            # durable with the next checkpoint's history upload (save) or at the end (close)
             self.history.log({"event": "checkpoint", "step": s.last_verified_step, "seconds": s.last_seconds,
                               "bytes": s.last_bytes})  # fmt: skip
-            self.history.sync()
         if s.failures and self.spec.checkpoint.fail_on_error:
             self.check_checkpoint_errors(store)
 
