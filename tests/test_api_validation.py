@@ -116,6 +116,11 @@ BAD_SPECS: list[tuple[str, str, str]] = [
     ("tolerations-not-list", mutate("spec.resources.tolerations", "all"), "spec.resources.tolerations"),
     ("kv-heads-gpt2", mutate("spec.model.kvHeads", 2), "spec.model.kvHeads"),
     ("flash-on-cpu", mutate("spec.model.attention", "flash_attention_2"), "spec.model.attention"),
+    ("rule-selects-nothing", mutate("spec.runPolicy", {"failurePolicy": {"rules": [{"action": "FailJob"}]}}), "spec.runPolicy.failurePolicy.rules[0]"),
+    ("rule-in-zero", mutate("spec.runPolicy", {"failurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"values": [0, 1]}}]}}), "spec.runPolicy.failurePolicy.rules[0]"),
+    ("rule-bad-action", mutate("spec.runPolicy", {"failurePolicy": {"rules": [{"action": "Ignore", "onReasons": ["Evicted"]}]}}), "spec.runPolicy.failurePolicy.rules[0].action"),
+    ("rule-exit-code-256", mutate("spec.runPolicy", {"failurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"values": [256]}}]}}), "spec.runPolicy.failurePolicy.rules[0].onExitCodes.values[0]"),
+    ("bad-scheduling-action", mutate("spec.runPolicy", {"schedulingTimeoutAction": "Retry"}), "spec.runPolicy.schedulingTimeoutAction"),
 ]  # fmt: skip
 
 

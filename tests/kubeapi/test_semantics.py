@@ -327,6 +327,15 @@ def test_crd_cel_rules_and_transition_rules(raw: Raw) -> None:
     assert "divisible by microBatchSize x nodes x procsPerNode" in status["message"]
     code, status, _ = raw("POST", JOBS, job("x" * 46))
     assert code == 422 and "at most 45 characters" in status["message"], "a rule on metadata.name at the root"
+    code, status, _ = raw("POST", JOBS, job("celrule", runPolicy__failurePolicy={"rules": [{"action": "FailJob"}]}))
+    assert code == 422, "a rule on the items of a list"
+    assert status["details"]["causes"][0]["field"] == "spec.runPolicy.failurePolicy.rules[0]"
+    assert "a rule needs onExitCodes or onReasons" in status["message"]
+    code, status, _ = raw("POST", JOBS, job("celzero", runPolicy__failurePolicy={
+        "rules": [{"action": "RestartJobIgnore", "onReasons": ["Evicted"]},
+                  {"action": "FailJob", "onExitCodes": {"values": [0]}}]}))  # fmt: skip
+    assert code == 422 and status["details"]["causes"][0]["field"] == "spec.runPolicy.failurePolicy.rules[1]"
+    assert "0 is not a failure" in status["message"], "the operator: In is filled in by default before CEL runs"
     raw("POST", JOBS, job("immutable"))
     code, status, _ = raw(
         "PATCH", f"{JOBS}/immutable", {"spec": {"model": {"layers": 8}}}, "application/merge-patch+json"

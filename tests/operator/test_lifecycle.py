@@ -286,3 +286,171 @@ def test_operator_metrics_are_exported() -> None:
     if shutil.which("promtool"):
         proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, check=False)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- failure policy
+
+
+def running(h: Harness) -> Harness:
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    assert h.phase == "Running"
+    return h
+
+
+def test_preempted_pod_restarts_without_counting_even_with_max_restarts_zero() -> None:
+    h = running(Harness(job_body(two_nodes(**{"runPolicy.maxRestarts": 0, "runPolicy.restartBackoffSeconds": 0}))))
+    h.cluster.disrupt("tiny-a1-n1", "PreemptionByScheduler")
+    h.reconcile()
+    assert h.phase == "Restarting", h.status["message"]
+    assert h.status["restarts"] == 0 and h.status["uncountedRestarts"] == 1
+    assert "was disrupted (DisruptionTarget, PreemptionByScheduler)" in h.status["message"]
+    assert "not counted against maxRestarts" in h.status["message"]
+    h.cluster.settle()
+    h.reconcile()
+    assert h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"]
+
+
+def test_evicted_pod_does_not_count() -> None:
+    h = running(Harness(job_body(two_nodes(**{"runPolicy.maxRestarts": 0}))))
+    h.cluster.objects[("Pod", "default", "tiny-a1-n0")]["status"].update(
+        {"phase": "Failed", "reason": "Evicted", "message": "The node was low on resource: memory."}
+    )
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["uncountedRestarts"] == 1 and h.status["restarts"] == 0
+
+
+def test_oom_killed_counts_and_says_so() -> None:
+    h = running(Harness(job_body(two_nodes(**{"runPolicy.maxRestarts": 1}))))
+    h.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=137, reason="OOMKilled")
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 1
+    cond = h.condition("Restarting")
+    assert "tiny-a1-n0 was OOMKilled (exit code 137)" in cond["message"]
+    assert "resources.limits.memory" in cond["message"] and "restart 1 of 1" in cond["message"]
+
+
+def test_the_pod_that_failed_first_decides() -> None:
+    """Node 1 was preempted; node 0's torchrun then lost its peer and exited 1. The preemption is
+    the cause, whatever order the pods are listed in."""
+    h = running(Harness(job_body(two_nodes(**{"runPolicy.maxRestarts": 0}))))
+    h.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=1, reason="Error", finished="2026-01-01T00:00:09Z")
+    h.cluster.disrupt("tiny-a1-n1", "PreemptionByScheduler", at="2026-01-01T00:00:05Z")
+    h.reconcile()
+    assert h.phase == "Restarting" and "tiny-a1-n1 was disrupted" in h.status["message"]
+    h2 = running(Harness(job_body(two_nodes(**{"runPolicy.maxRestarts": 0}))))
+    h2.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=1, reason="Error", finished="2026-01-01T00:00:01Z")
+    h2.cluster.disrupt("tiny-a1-n1", "PreemptionByScheduler", at="2026-01-01T00:00:05Z")
+    h2.reconcile()
+    assert h2.phase == "Failed" and "tiny-a1-n0 failed (exit code 1)" in h2.status["message"]
+
+
+def test_rules_in_order_first_match_wins() -> None:
+    rules = [
+        {"name": "bad-config", "action": "FailJob", "onExitCodes": {"values": [3]}},
+        {"name": "flaky-nic", "action": "RestartJobIgnore", "onExitCodes": {"operator": "In", "values": [3, 42]}},
+        {"action": "FailJob", "onReasons": ["PreemptionByScheduler"]},
+    ]
+    policy = {"runPolicy.failurePolicy": {"rules": rules}, "runPolicy.restartBackoffSeconds": 0}
+    h = running(Harness(job_body(two_nodes(**policy))))
+    h.cluster.set_phase("tiny-a1-n1", "Failed", exit_code=42, message="NCCL timeout")
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 0 and h.status["uncountedRestarts"] == 1
+    assert "failurePolicy rule 2 (flaky-nic): RestartJobIgnore" in h.status["message"]
+    h.cluster.settle()
+    running(h)
+    h.cluster.set_phase("tiny-a2-n0", "Failed", exit_code=3, message="error: spec.data: no such file")
+    h.reconcile()
+    assert h.phase == "Failed" and h.condition("Failed")["reason"] == "FailedByPolicy"
+    assert "failurePolicy rule 1 (bad-config): FailJob" in h.status["message"]
+    h3 = running(Harness(job_body(two_nodes(**policy))))
+    h3.cluster.disrupt("tiny-a1-n0", "PreemptionByScheduler")
+    h3.reconcile()
+    assert h3.phase == "Failed" and "failurePolicy rule 3: FailJob" in h3.status["message"]
+
+
+def test_not_in_exit_codes() -> None:
+    rules = [{"action": "FailJob", "onExitCodes": {"operator": "NotIn", "values": [0, 137, 143]}}]
+    h = running(Harness(job_body(two_nodes(**{"runPolicy.failurePolicy": {"rules": rules}}))))
+    h.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=143)
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 1  # no rule: the default counts
+    h.cluster.settle()
+    h.advance(60)
+    running(h)
+    h.cluster.set_phase("tiny-a2-n1", "Failed", exit_code=2)
+    h.reconcile()
+    assert h.phase == "Failed" and h.condition("Failed")["reason"] == "FailedByPolicy"
+
+
+def test_deleted_pod_of_a_pending_gang_restarts_it() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0})))
+    h.reconcile()
+    h.cluster.objects[("Pod", "default", "tiny-a1-n0")]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 1
+
+
+# --------------------------------------------------------------------------- time and scheduling
+
+
+def test_deadline_counts_running_time_only() -> None:
+    h = running(Harness(job_body(two_nodes(**{"runPolicy.activeDeadlineSeconds": 600}))))
+    h.advance(300)
+    h.body["spec"]["runPolicy"]["suspend"] = True
+    h.reconcile()
+    h.cluster.settle()
+    h.advance(7200)  # two hours suspended
+    h.body["spec"]["runPolicy"]["suspend"] = False
+    h.reconcile()
+    assert h.phase == "Pending" and h.status["suspendedSeconds"] == 7200
+    running(h)
+    h.advance(290)
+    h.reconcile()
+    assert h.phase == "Running", "590 s of running time are within the 600 s deadline"
+    h.advance(11)
+    h.reconcile()
+    assert h.phase == "Failed" and h.condition("Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_resume_waiting_for_old_pods_does_not_count_the_wait_twice() -> None:
+    h = running(Harness(job_body(two_nodes(**{"runPolicy.activeDeadlineSeconds": 600}))))
+    h.body["spec"]["runPolicy"]["suspend"] = True
+    h.reconcile()
+    h.advance(1000)
+    h.body["spec"]["runPolicy"]["suspend"] = False
+    h.reconcile()  # old pods still terminating: the resume waits
+    h.reconcile()
+    assert h.phase == "Suspended"
+    h.advance(5)
+    h.cluster.settle()
+    h.reconcile()
+    assert h.phase == "Pending" and h.status["suspendedSeconds"] == 1005
+
+
+@pytest.mark.parametrize("action", ["FailJob", "Suspend"])
+def test_scheduling_timeout_action(action: str) -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.schedulingTimeoutSeconds": 120,
+                                       "runPolicy.schedulingTimeoutAction": action})))  # fmt: skip
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n0", "Running")
+    h.advance(119)
+    h.reconcile()
+    assert h.phase == "Pending"
+    h.advance(2)
+    h.reconcile()
+    assert h.condition("Unschedulable")["status"] == "True"
+    assert all(p["metadata"].get("deletionTimestamp") for p in h.cluster.pods())
+    if action == "FailJob":
+        assert h.phase == "Failed" and h.condition("Failed")["reason"] == "SchedulingTimeout"
+        return
+    assert h.phase == "Suspended" and h.condition("Suspended")["reason"] == "SchedulingTimeout"
+    assert h.body["spec"]["runPolicy"]["suspend"] is True, "the operator set spec.runPolicy.suspend"
+    assert "unset it to try again" in h.status["message"]
+    h.cluster.settle()
+    h.reconcile()
+    assert h.phase == "Suspended" and h.pod_names() == []
+    h.body["spec"]["runPolicy"]["suspend"] = False
+    h.reconcile()
+    assert h.phase == "Pending" and h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"]

@@ -83,6 +83,11 @@ def test_placement_passes_through() -> None:
     assert pod["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-research"
+    pods = [o for o in rendered(path) if o["kind"] == "Pod"]
+    # Kueue plain-pod gang: one group per attempt, every member says the group's size
+    assert {p["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] for p in pods} == {"llama-1b-a1"}
+    assert {p["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] for p in pods} == {str(len(pods))}
+    assert {p["metadata"]["annotations"]["kueue.x-k8s.io/retriable-in-group"] for p in pods} == {"false"}
     job = load_job(path, ["resources.schedulerName=volcano"], check_backends=False)
     p = plan(
         job,

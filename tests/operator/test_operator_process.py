@@ -272,3 +272,83 @@ def test_pods_start_without_the_prometheus_operator(env: Env) -> None:
     cond = env.wait(unavailable, "the PodMonitorUnavailable condition")
     assert "Prometheus Operator" in cond["message"] and env.job(name)["status"]["phase"] == "Pending"
     env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def _bind_and_run(env: Env, core: Any, pods: list[str]) -> None:
+    """What the scheduler and a kubelet do: bind each pod to a node, then report it Running."""
+    import kubernetes
+
+    for pod in pods:
+        binding = kubernetes.client.V1Binding(metadata=kubernetes.client.V1ObjectMeta(name=pod),
+                                              target=kubernetes.client.V1ObjectReference(kind="Node", name="node-1"))  # fmt: skip
+        core.create_namespaced_pod_binding(pod, "default", binding, _preload_content=False)
+        core.patch_namespaced_pod_status(pod, "default", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
+
+
+def test_a_preempted_pod_restarts_the_gang_without_counting(env: Env) -> None:
+    """The scheduler preempts node 1: it marks the pod DisruptionTarget, then deletes it
+    gracefully. With maxRestarts 0 the job goes on: a disruption is not the job's failure."""
+    name = "preempted"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"resources.nodes": 2, "resources.procsPerNode": 1,
+                                                            "checkpoint.uri": "s3://b/c", "runPolicy.maxRestarts": 0}))  # fmt: skip
+    env.wait(lambda: len(env.children(name)["pods"]) == 2, "two pods")
+    core = _client(env)
+    _bind_and_run(env, core, env.children(name)["pods"])
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Running", "phase Running", timeout=20)
+    victim = f"{name}-a1-n1"
+    core.patch_namespaced_pod_status(victim, "default", {"status": {"conditions": [
+        {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+         "message": "default-scheduler: preempting to accommodate a higher priority pod"}]}})  # fmt: skip
+    core.delete_namespaced_pod(victim, "default")
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Restarting", "phase Restarting", timeout=20)
+    status = env.job(name)["status"]
+    assert status["restarts"] == 0 and status["uncountedRestarts"] == 1, status
+    assert f"{victim} was disrupted (DisruptionTarget, PreemptionByScheduler)" in status["message"]
+    assert "not counted against maxRestarts" in status["message"]
+    env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_oom_counts_and_a_failfast_rule_fails_the_job(env: Env) -> None:
+    name = "policy"
+    rules = [{"name": "bad-input", "action": "FailJob", "onExitCodes": {"values": [3]}}]
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"resources.nodes": 2, "resources.procsPerNode": 1,
+                                                            "checkpoint.uri": "s3://b/c", "runPolicy.restartBackoffSeconds": 0,
+                                                            "runPolicy.failurePolicy": {"rules": rules}}))  # fmt: skip
+    core = _client(env)
+
+    def fail(pod: str, code: int, reason: str) -> None:
+        term = {"exitCode": code, "reason": reason, "message": "" if reason == "OOMKilled" else "error: bad input"}
+        core.patch_namespaced_pod_status(pod, "default", {"status": {"phase": "Failed", "containerStatuses": [
+            {"name": "trainer", "image": "i", "imageID": "", "ready": False, "restartCount": 0, "state": {"terminated": term}}]}})  # fmt: skip
+
+    for attempt, code, reason in ((1, 137, "OOMKilled"), (2, 3, "Error")):
+        gang = [f"{name}-a{attempt}-n0", f"{name}-a{attempt}-n1"]
+        env.wait(lambda: env.children(name)["pods"] == gang, f"gang {attempt}", timeout=30)  # noqa: B023
+        for pod in gang:
+            core.patch_namespaced_pod_status(pod, "default", {"status": {"phase": "Running", "podIP": "127.0.0.1"}})
+        env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Running", "phase Running", timeout=20)
+        fail(gang[0], code, reason)
+        if attempt == 1:
+            env.wait(lambda: env.job(name).get("status", {}).get("restarts") == 1, "a counted restart", timeout=20)
+            restart = next(e for e in env.api.objects("events")
+                           if e["involvedObject"]["name"] == name and e["reason"] == "GangRestart")  # fmt: skip
+            assert f"{gang[0]} was OOMKilled (exit code 137)" in restart["message"]
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Failed", "phase Failed", timeout=20)
+    failed = next(c for c in env.job(name)["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "FailedByPolicy" and "failurePolicy rule 1 (bad-input): FailJob" in failed["message"]
+    assert re.search(r"Warning\s+FailedByPolicy", env.kubectl("describe", "ptj", name).stdout)
+    env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_an_unschedulable_gang_is_suspended_when_the_spec_says_so(env: Env) -> None:
+    name = "unschedulable"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"runPolicy.schedulingTimeoutSeconds": 2,
+                                                            "runPolicy.schedulingTimeoutAction": "Suspend"}))  # fmt: skip
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Suspended", "phase Suspended", timeout=30)
+    job = env.job(name)
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert next(c for c in job["status"]["conditions"] if c["type"] == "Unschedulable")["status"] == "True"
+    env.wait(lambda: env.children(name)["pods"] == [], "the pods deleted")
+    env.kubectl("patch", "ptj", name, "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
+    env.wait(lambda: env.children(name)["pods"] == [f"{name}-a2-n0"], "a new attempt after the resume", timeout=30)
+    env.kubectl("delete", "ptj", name, timeout=60)

@@ -35,7 +35,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "pretrain.jobRules" -}}
 - apiGroups: ["pretrain.io"]
   resources: ["pretrainjobs"]
-  verbs: ["get", "list", "watch"]
+  # patch: spec.runPolicy.suspend, set when schedulingTimeoutAction is Suspend
+  verbs: ["get", "list", "watch", "patch"]
 - apiGroups: ["pretrain.io"]
   resources: ["pretrainjobs/status"]
   verbs: ["patch"]

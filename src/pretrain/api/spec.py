@@ -12,7 +12,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "pretrain.io"
@@ -330,13 +330,100 @@ class ResourcesSpec(Spec):
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment.")
 
 
+FailureAction = Literal["FailJob", "RestartJob", "RestartJobIgnore"]
+
+#: Why a pod stopped without the trainer failing: evictions, preemption, a lost or drained node.
+#: The default failure policy restarts the gang for these without counting against maxRestarts.
+DISRUPTION_REASONS = (
+    "DisruptionTarget",  # pod condition set before an eviction, preemption or taint-based deletion
+    "TerminationTarget",  # Kueue's condition on pods of a preempted plain-pod group
+    "PreemptionByScheduler",
+    "EvictionByEvictionAPI",
+    "DeletionByTaintManager",
+    "DeletionByPodGC",
+    "TerminationByKubelet",
+    "Evicted",
+    "Preempted",
+    "NodeLost",
+    "NodeShutdown",
+    "Shutdown",
+)
+
+
+class ExitCodeSelector(Spec):
+    """Exit codes of the trainer container (Kubernetes podFailurePolicy's onExitCodes)."""
+
+    operator: Literal["In", "NotIn"] = Field("In", description="In: the exit code is one of values; NotIn: it is not.")
+    values: list[Annotated[int, Field(ge=0, le=255)]] = Field(
+        ..., min_length=1, max_length=255, description="Exit codes, 0 to 255 (0 only with NotIn)."
+    )
+
+
+class FailurePolicyRule(Spec):
+    """One rule: a pod failure that matches every selector given gets `action`."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.onExitCodes) || has(self.onReasons)",
+                    "message": "a rule needs onExitCodes or onReasons",
+                },
+                {
+                    "rule": "!has(self.onExitCodes) || self.onExitCodes.operator != 'In' || !(0 in self.onExitCodes.values)",
+                    "message": "onExitCodes: 0 is not a failure (use it only with NotIn)",
+                },
+            ]
+        }
+    )
+
+    name: str | None = Field(None, max_length=63, description="Shown in the job's condition when the rule decides.")
+    action: FailureAction = Field(
+        ...,
+        description="FailJob: fail at once; RestartJob: restart the gang, counting against maxRestarts; "
+        "RestartJobIgnore: restart without counting.",
+    )
+    on_exit_codes: ExitCodeSelector | None = Field(None, description="Match the trainer's exit code.")
+    on_reasons: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=32,
+        description="Match any of these: the pod's status reason (Evicted, NodeLost), a True pod condition type "
+        "(DisruptionTarget) or its reason (PreemptionByScheduler), or the container's terminated reason (OOMKilled, Error).",
+    )
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> FailurePolicyRule:
+        if self.on_exit_codes is None and self.on_reasons is None:
+            raise ValueError("a rule needs onExitCodes or onReasons")
+        if self.on_exit_codes is not None and self.on_exit_codes.operator == "In" and 0 in self.on_exit_codes.values:
+            raise ValueError("onExitCodes: 0 is not a failure (use it only with NotIn)")
+        return self
+
+
+class FailurePolicySpec(Spec):
+    """Which pod failures fail the job, restart it, or restart it without counting (JobSet's failurePolicy).
+
+    Rules are tried in order on the pod that failed first; the first that matches decides. When
+    none does, the defaults apply: a disruption (eviction, preemption, node loss: any of
+    DISRUPTION_REASONS) restarts without counting, anything else (an OOMKilled container, an exit
+    code, a pod that vanished without a trace) restarts and counts against maxRestarts."""
+
+    rules: list[FailurePolicyRule] = Field(default_factory=list, max_length=32, description="Rules, first match wins.")
+
+
 class RunPolicySpec(Spec):
     """What happens on failure, over time, and at the end."""
 
     max_restarts: NonNegativeInt = Field(3, le=1000, description="Gang restarts before the job fails.")
     restart_backoff_seconds: NonNegativeInt = Field(10, description="First wait before a restart (doubles).")
     max_restart_backoff_seconds: NonNegativeInt = Field(300, description="Cap of the restart wait.")
-    active_deadline_seconds: PositiveInt | None = Field(None, description="Fail the job after this long.")
+    active_deadline_seconds: PositiveInt | None = Field(
+        None, description="Fail the job after it has run this long (time suspended does not count)."
+    )
+    failure_policy: FailurePolicySpec = Field(
+        default_factory=FailurePolicySpec, description="What a pod failure does (rules, then defaults)."
+    )
     ttl_seconds_after_finished: NonNegativeInt | None = Field(
         None, description="Delete the job's children this long after it ends."
     )
@@ -346,6 +433,11 @@ class RunPolicySpec(Spec):
     )
     scheduling_timeout_seconds: PositiveInt = Field(
         600, description="Pending pods older than this raise the Unschedulable condition."
+    )
+    scheduling_timeout_action: Literal["Wait", "FailJob", "Suspend"] = Field(
+        "Wait",
+        description="When the gang stays unschedulable past schedulingTimeoutSeconds: Wait (the condition only), "
+        "FailJob, or Suspend (the operator sets runPolicy.suspend; unset it to try again).",
     )
 
 
@@ -437,7 +529,13 @@ class PretrainJobStatus(Spec):
     message: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     attempt: int | None = None
-    restarts: int | None = None
+    restarts: int | None = Field(None, description="Gang restarts counted against runPolicy.maxRestarts.")
+    uncounted_restarts: int | None = Field(
+        None, description="Gang restarts after disruptions (or RestartJobIgnore rules), not counted."
+    )
+    suspended_seconds: int | None = Field(
+        None, description="Time spent suspended, which activeDeadlineSeconds does not count."
+    )
     progress: Progress | None = None
     evaluation: dict[str, float] | None = Field(
         None, description="Latest task metrics (accuracy, macro_f1, f1, exact_match...) of a fine-tuning job."

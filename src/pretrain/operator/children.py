@@ -16,6 +16,13 @@ LABEL_JOB = "pretrain.io/job-name"
 LABEL_ATTEMPT = "pretrain.io/attempt"
 LABEL_RANK = "pretrain.io/node-rank"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+#: Kueue plain-pod groups: every pod of a gang carries the group's name (label) and size
+#: (annotation), so Kueue admits the gang as one workload or not at all.
+LABEL_POD_GROUP = "kueue.x-k8s.io/pod-group-name"
+ANNOTATION_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
+#: "false": a failed pod ends its group (the operator replaces the whole gang under a new group
+#: name) instead of Kueue holding the quota for a replacement pod that never comes.
+ANNOTATION_RETRIABLE_IN_GROUP = "kueue.x-k8s.io/retriable-in-group"
 COMMON_LABELS = {"app.kubernetes.io/name": "pretrain", "app.kubernetes.io/managed-by": "pretrain-operator"}
 
 #: The trainer image's non-root user.
@@ -27,6 +34,11 @@ CONFIG_KEY = "job.json"
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
     return f"{job}-a{attempt}-n{rank}"
+
+
+def pod_group_name(job: str, attempt: int) -> str:
+    """One Kueue pod group per attempt: a restarted gang is admitted afresh."""
+    return f"{job}-a{attempt}"
 
 
 def service_name(job: str) -> str:
@@ -121,15 +133,17 @@ def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: in
     name = job.metadata.name
     pod = pod_name(name, attempt, rank)
     labels = {LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), **r.labels}
-    if r.queue_name:
-        labels[LABEL_QUEUE] = r.queue_name
-    meta = _meta(job, pod, namespace, uid, labels)
-    meta["annotations"] = {
+    annotations = {
         "prometheus.io/scrape": "true",
         "prometheus.io/port": str(spec.monitoring.metrics_port),
         "prometheus.io/path": "/metrics",
         **r.annotations,
     }
+    if r.queue_name:
+        labels |= {LABEL_QUEUE: r.queue_name, LABEL_POD_GROUP: pod_group_name(name, attempt)}
+        annotations |= {ANNOTATION_POD_GROUP_COUNT: str(r.nodes), ANNOTATION_RETRIABLE_IN_GROUP: "false"}
+    meta = _meta(job, pod, namespace, uid, labels)
+    meta["annotations"] = annotations
     args = trainer_command(
         nnodes=r.nodes, nproc_per_node=r.procs_per_node, node_rank="$(NODE_RANK)", master_addr="$(PRETRAIN_MASTER_ADDR)",
         config=POD_CONFIG_PATH, workdir=POD_WORKDIR,

@@ -33,6 +33,7 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
 class Cluster(Protocol):
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None: ...
+    def suspend_job(self, namespace: str, name: str) -> None: ...
     def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def replace(self, obj: dict[str, Any]) -> None: ...
@@ -74,6 +75,15 @@ class InMemoryCluster:
             raise Conflict(f"PretrainJob {name} changed since it was read")
         job["status"] = merge_patch(job.get("status") or {}, patch)
         job["metadata"]["resourceVersion"] = str(next(self._rv))
+
+    def suspend_job(self, namespace: str, name: str) -> None:
+        self.calls.append(("patch", "PretrainJob"))
+        job = self.jobs.get((namespace, name))
+        if job is None:
+            raise NotFound(f"PretrainJob {name} not found")
+        job["spec"] = merge_patch(job.get("spec") or {}, {"runPolicy": {"suspend": True}})
+        job["metadata"]["resourceVersion"] = str(next(self._rv))
+        job["metadata"]["generation"] = int(job["metadata"].get("generation") or 1) + 1
 
     def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed:
         # the same reads as KubeCluster.observe
@@ -133,16 +143,29 @@ class InMemoryCluster:
         return [o for (k, ns, _), o in sorted(self.objects.items()) if k == "Pod" and ns == namespace]
 
     def set_phase(
-        self, name: str, phase: str, exit_code: int | None = None, message: str = "", namespace: str = "default"
-    ) -> None:
+        self, name: str, phase: str, exit_code: int | None = None, message: str = "", namespace: str = "default",
+        *, reason: str | None = None, finished: str | None = None,
+    ) -> None:  # fmt: skip
+        """What a kubelet reports: the phase, and for an ended container its exit code, message,
+        terminated reason (Error, OOMKilled) and finishedAt."""
         pod = self.objects[("Pod", namespace, name)]
         pod["status"]["phase"] = phase
         if phase == "Running":
             pod["status"].setdefault("podIP", f"10.0.0.{next(self._ips)}")
         if exit_code is not None:
-            pod["status"]["containerStatuses"] = [
-                {"name": "trainer", "state": {"terminated": {"exitCode": exit_code, "message": message}}}
-            ]
+            term: dict[str, Any] = {"exitCode": exit_code, "message": message}
+            term.update({k: v for k, v in (("reason", reason), ("finishedAt", finished)) if v})
+            pod["status"]["containerStatuses"] = [{"name": "trainer", "state": {"terminated": term}}]
+
+    def disrupt(self, name: str, reason: str = "PreemptionByScheduler", at: str | None = None,
+                namespace: str = "default") -> None:  # fmt: skip
+        """What the scheduler, the eviction API or the taint manager do before deleting a pod: the
+        DisruptionTarget condition, then a graceful deletion."""
+        pod = self.objects[("Pod", namespace, name)]
+        pod["status"].setdefault("conditions", []).append(
+            {"type": "DisruptionTarget", "status": "True", "reason": reason, "lastTransitionTime": at}
+        )
+        pod["metadata"]["deletionTimestamp"] = at or "2026-01-01T00:00:00Z"
 
     def remove(self, name: str, namespace: str = "default") -> None:
         """A pod vanishing (node lost, evicted and garbage-collected)."""
@@ -237,6 +260,16 @@ class KubeCluster:
         except self.k.client.ApiException as e:
             if e.status == 409:
                 raise Conflict(f"PretrainJob {name} changed since it was read") from e
+            if e.status == 404:
+                raise NotFound(f"PretrainJob {name} not found") from e
+            raise
+
+    def suspend_job(self, namespace: str, name: str) -> None:
+        """Set spec.runPolicy.suspend (a merge patch of the job itself, as Kueue suspends Jobs)."""
+        try:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                       {"spec": {"runPolicy": {"suspend": True}}})  # fmt: skip
+        except self.k.client.ApiException as e:
             if e.status == 404:
                 raise NotFound(f"PretrainJob {name} not found") from e
             raise

@@ -156,6 +156,12 @@ def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
         except Exception as e:
             reason, message = api_error(e)
             failures.append((reason, f"delete {kind} {child}: {message}"))
+    if p.suspend_job:
+        try:
+            cluster.suspend_job(namespace, name)
+        except Exception as e:
+            reason, message = api_error(e)
+            failures.append((reason, f"set spec.runPolicy.suspend: {message}"))
     for ev in p.events:
         cluster.event(namespace, name, uid, ev)
         log.info("%s/%s: %s %s: %s", namespace, name, ev.type, ev.reason, ev.message)

@@ -32,8 +32,11 @@ from pretrain.operator.children import (
     pod_name,
     service_name,
 )
+from pretrain.operator.failures import FailedPod, Verdict, decide, first_failed
 
 TERMINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
+#: Pod conditions that mark a pod being taken away (eviction, preemption, node drain, Kueue).
+DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
 
 
 def iso(t: datetime) -> str:
@@ -67,6 +70,13 @@ class PodView:
     message: str = ""
     deleting: bool = False
     ip: str | None = None
+    #: Why it stopped, in every form the failure policy matches: the pod's status reason, True
+    #: disruption conditions (type and reason), the container's terminated reason.
+    reasons: tuple[str, ...] = ()
+    finished: datetime | None = None  # when the container terminated, or the disruption began
+
+    def failed(self) -> FailedPod:
+        return FailedPod(self.name, self.exit_code, self.reasons, self.message, self.finished)
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,8 @@ class Plan:
     #: Seconds until something timed is due (backoff, scheduling timeout, deadline, TTL): the
     #: controller reconciles again then, whatever the events.
     requeue_after: float | None = None
+    #: Set the job's spec.runPolicy.suspend (schedulingTimeoutAction Suspend): the one spec write.
+    suspend_job: bool = False
 
     def due_in(self, seconds: float) -> None:
         seconds = max(seconds, 0.5)
@@ -111,11 +123,21 @@ def pod_view(obj: dict[str, Any]) -> PodView:
     labels = meta.get("labels", {}) or {}
     status = obj.get("status", {}) or {}
     exit_code, message = None, status.get("message", "") or ""
+    reasons: list[str] = [status["reason"]] if status.get("reason") else []
+    finished: datetime | None = None
     for cs in status.get("containerStatuses", []) or []:
         term = (cs.get("state", {}) or {}).get("terminated")
         if term:
             exit_code = term.get("exitCode")
             message = term.get("message") or term.get("reason") or message
+            reasons += [term["reason"]] if term.get("reason") else []
+            finished = parse_time(term.get("finishedAt")) or finished
+    for cond in status.get("conditions", []) or []:
+        if cond.get("status") == "True" and cond.get("type") in DISRUPTION_CONDITIONS:
+            reasons += [cond["type"]] + ([cond["reason"]] if cond.get("reason") else [])
+            finished = min(filter(None, (finished, parse_time(cond.get("lastTransitionTime")))), default=None)
+    if status.get("phase") == "Unknown":
+        reasons.append("NodeLost")  # the node stopped reporting: the pod's state is lost with it
     created = meta.get("creationTimestamp")
     return PodView(
         name=meta["name"],
@@ -127,6 +149,8 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         message=str(message).strip().splitlines()[-1] if message else "",
         deleting=bool(meta.get("deletionTimestamp")),
         ip=status.get("podIP"),
+        reasons=tuple(dict.fromkeys(reasons)),
+        finished=finished,
     )
 
 
@@ -268,11 +292,20 @@ def plan(
             st.phase(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is set: pods deleted")
         return _finish(out, st)
 
-    # ---- deadline
+    # ---- deadline: running time only. Time suspended is added to status.suspendedSeconds when
+    # the job resumes; until then (old pods still going) the current stretch is counted here.
+    suspended = timedelta(seconds=int(st.s.get("suspendedSeconds") or 0))
+    resumed_after: timedelta | None = None
+    if phase == Phase.SUSPENDED.value:
+        cond = st.get_condition(Phase.SUSPENDED.value)
+        since = parse_time(cond.get("lastTransitionTime")) if cond else None
+        resumed_after = max(now - since, timedelta(0)) if since else timedelta(0)
+        suspended += resumed_after
     started = parse_time(st.s.get("startTime"))
-    if rp.active_deadline_seconds and started:
-        out.due_in((started + timedelta(seconds=rp.active_deadline_seconds) - now).total_seconds())
-    if rp.active_deadline_seconds and started and now >= started + timedelta(seconds=rp.active_deadline_seconds):
+    deadline = started + suspended + timedelta(seconds=rp.active_deadline_seconds or 0) if started else None
+    if rp.active_deadline_seconds and deadline:
+        out.due_in((deadline - now).total_seconds())
+    if rp.active_deadline_seconds and deadline and now >= deadline:
         delete_pods(live)
         st.phase(Phase.FAILED, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)",
                  warning=True)  # fmt: skip
@@ -302,6 +335,8 @@ def plan(
     def start_attempt(new_attempt: int, reason: str, message: str) -> None:
         st.s["attempt"] = new_attempt
         st.s.setdefault("startTime", iso(now))
+        if resumed_after is not None and "startTime" in status:
+            st.s["suspendedSeconds"] = int(suspended.total_seconds())
         for rank in range(nodes):
             out.create.append(build_pod(job, namespace, uid, new_attempt, rank))
         st.phase(Phase.PENDING, reason, message)
@@ -332,28 +367,15 @@ def plan(
         return _finish(out, st)
 
     # ---- the current attempt
-    failed = [p for p in current if p.phase in ("Failed", "Unknown")]
-    missing = sorted(set(range(nodes)) - {p.rank for p in current})
+    # A pod of the current attempt being deleted by someone else (an eviction, a preemption, a
+    # drain, kubectl delete) is a failure of the gang as much as one that exited.
+    gone = [p for p in observed.pods if p.attempt == attempt and p.deleting]
+    failed = [p for p in current if p.phase in ("Failed", "Unknown")] + gone
+    missing = sorted(set(range(nodes)) - {p.rank for p in current} - {p.rank for p in gone})
     if failed or (missing and phase == Phase.RUNNING.value):
-        culprit = failed[0] if failed else None
-        why = (
-            f"pod {culprit.name} failed (exit code {culprit.exit_code}){': ' + culprit.message if culprit.message else ''}"
-            if culprit
-            else f"pod {pod_name(name, attempt, missing[0])} disappeared"
-        )
-        if restarts >= rp.max_restarts:
-            delete_pods(
-                [p for p in current if p.phase in ("Running", "Pending")] if rp.clean_pod_policy != "None" else []
-            )
-            st.phase(Phase.FAILED, "RestartsExhausted" if rp.max_restarts else "PodFailed",
-                     f"{why}; {restarts} of {rp.max_restarts} restarts used", warning=True)  # fmt: skip
-            st.s["completionTime"] = iso(now)
-            return _finish(out, st)
-        st.s["restarts"] = restarts + 1
-        delete_pods(current)
-        st.phase(Phase.RESTARTING, "GangRestart",
-                 f"{why}; restarting all pods in {backoff_seconds(job, restarts + 1)}s (restart {restarts + 1} of {rp.max_restarts})",
-                 warning=True)  # fmt: skip
+        first = first_failed([p.failed() for p in failed]) if failed else None
+        verdict = decide(rp.failure_policy, first, None if first else pod_name(name, attempt, missing[0]))
+        _gang_failed(st, out, job, verdict, current, restarts, now)
         return _finish(out, st)
     if missing:  # Pending and some pods not created yet (e.g. the operator stopped half-way)
         for rank in missing:
@@ -371,14 +393,55 @@ def plan(
             st.phase(Phase.RUNNING, "Running", f"all {nodes} pod(s) running (attempt {attempt})")
         st.condition("Unschedulable", False, "")
         return _finish(out, st)
-    _check_scheduling(st, current, job, now, scheduling_grace)  # some pods still Pending
+    stuck = _check_scheduling(st, current, job, now, scheduling_grace)  # some pods still Pending
+    action = rp.scheduling_timeout_action
+    if stuck and action != "Wait":
+        delete_pods(current)
+        if action == "FailJob":
+            st.phase(Phase.FAILED, "SchedulingTimeout", f"{stuck}; schedulingTimeoutAction is FailJob", warning=True)
+            st.s["completionTime"] = iso(now)
+        else:
+            st.phase(Phase.SUSPENDED, "SchedulingTimeout",
+                     f"{stuck}; suspended (runPolicy.suspend is now true): unset it to try again", warning=True)  # fmt: skip
+            out.suspend_job = True
     return _finish(out, st)
+
+
+def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, current: list[PodView], restarts: int,
+                 now: datetime) -> None:  # fmt: skip
+    """Fail the job, or restart the gang (counted or not), as the failure policy's verdict says."""
+    rp = job.spec.run_policy
+    by_rule = f" ({verdict.rule}: {verdict.action})" if verdict.rule else ""
+    if verdict.action == "FailJob" or (verdict.counts and restarts >= rp.max_restarts):
+        if rp.clean_pod_policy != "None":
+            out.delete.extend(("Pod", p.name) for p in current if p.phase in ("Running", "Pending"))
+        if verdict.action == "FailJob":
+            reason, tail = "FailedByPolicy", "the failure policy fails the job"
+        else:
+            reason, tail = (
+                ("RestartsExhausted" if rp.max_restarts else verdict.reason),
+                f"{restarts} of {rp.max_restarts} restarts used",
+            )
+        st.phase(Phase.FAILED, reason, f"{verdict.why}; {tail}{by_rule}", warning=True)
+        st.s["completionTime"] = iso(now)
+        return
+    out.delete.extend(("Pod", p.name) for p in current)
+    if verdict.counts:
+        st.s["restarts"] = restarts + 1
+        count = f"restart {restarts + 1} of {rp.max_restarts}"
+    else:
+        st.s["uncountedRestarts"] = int(st.s.get("uncountedRestarts") or 0) + 1
+        count = "not counted against maxRestarts"
+    wait = backoff_seconds(job, int(st.s["restarts"]))
+    st.phase(Phase.RESTARTING, "GangRestart", f"{verdict.why}; restarting all pods in {wait}s ({count}){by_rule}",
+             warning=True)  # fmt: skip
 
 
 def _check_scheduling(
     st: _Status, pods: list[PodView], job: PretrainJob, now: datetime, grace: timedelta | None
-) -> None:
-    """Raise the Unschedulable condition (and one event) for pods pending past the timeout."""
+) -> str | None:
+    """Raise the Unschedulable condition (and one event) for pods pending past the timeout;
+    returns its message, or None while no pod has waited that long."""
     grace = grace or timedelta(seconds=job.spec.run_policy.scheduling_timeout_seconds)
     stuck = [p for p in pods if p.phase == "Pending" and p.created and now >= p.created + grace]
     waiting = [p.created + grace - now for p in pods if p.phase == "Pending" and p.created and now < p.created + grace]
@@ -390,6 +453,8 @@ def _check_scheduling(
         if not cond or cond["status"] != "True":
             st.events.append(Event("Warning", "Unschedulable", msg))
         st.condition("Unschedulable", True, "PodsPending", msg)
+        return msg
+    return None
 
 
 def _finish(out: Plan, st: _Status) -> Plan:

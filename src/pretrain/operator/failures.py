@@ -1,0 +1,93 @@
+"""What a pod failure means for the job: the failure policy, as a pure function.
+
+A gang fails as one: when one pod stops, its peers' torchrun agents lose the rendezvous and fail
+moments later with exit codes of their own. So, like JobSet, the policy looks at the pod that
+failed *first* (by the time its container terminated, or its disruption condition appeared) and
+lets the spec's rules decide, in order; the first that matches wins. Then the defaults:
+
+- a disruption (eviction, preemption, node loss or drain: `DISRUPTION_REASONS`) restarts the
+  gang without counting against maxRestarts: nothing was wrong with the job;
+- anything else restarts and counts: an exit code of the trainer, an OOMKilled container (the
+  message says so, with what to change), or a pod that vanished without a trace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from pretrain.api.spec import DISRUPTION_REASONS, FailureAction, FailurePolicyRule, FailurePolicySpec
+
+#: The container's terminated reason when the kernel's OOM killer ended it.
+OOM_KILLED = "OOMKilled"
+
+
+@dataclass(frozen=True)
+class FailedPod:
+    """What the policy reads of a failed pod (a subset of the planner's PodView)."""
+
+    name: str
+    exit_code: int | None
+    reasons: tuple[str, ...]
+    message: str = ""
+    finished: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The action for a gang failure and the words for the job's status."""
+
+    action: FailureAction
+    why: str  # "pod x failed (exit code 1): ...", "pod x was OOMKilled ..."
+    reason: str  # a CamelCase word for the condition: PodFailed, OOMKilled, Disruption, PodMissing
+    rule: str | None = None  # "failurePolicy rule 2 (name)" when a spec rule decided
+
+    @property
+    def counts(self) -> bool:
+        return self.action == "RestartJob"
+
+
+def first_failed(pods: list[FailedPod]) -> FailedPod:
+    """The pod whose failure came first; pods with no known time count as failing now (last)."""
+    return min(pods, key=lambda p: (p.finished is None, p.finished or datetime.max, p.name))
+
+
+def _matches(rule: FailurePolicyRule, pod: FailedPod) -> bool:
+    if rule.on_exit_codes is not None:
+        if pod.exit_code is None:
+            return False
+        inside = pod.exit_code in rule.on_exit_codes.values
+        if inside != (rule.on_exit_codes.operator == "In"):
+            return False
+    return rule.on_reasons is None or bool(set(rule.on_reasons) & set(pod.reasons))
+
+
+def describe(pod: FailedPod) -> tuple[str, str]:
+    """(why, reason) of a failed pod, in the words of the status message and condition."""
+    code = f"exit code {pod.exit_code}" if pod.exit_code is not None else "no exit code"
+    tail = f": {pod.message}" if pod.message else ""
+    if OOM_KILLED in pod.reasons:
+        return (
+            f"pod {pod.name} was OOMKilled ({code}): raise resources.limits.memory or lower training.microBatchSize",
+            "OOMKilled",
+        )
+    disruption = [r for r in pod.reasons if r in DISRUPTION_REASONS]
+    if disruption:
+        return f"pod {pod.name} was disrupted ({', '.join(disruption)}){tail}", "Disruption"
+    return f"pod {pod.name} failed ({code}){tail}", "PodFailed"
+
+
+def decide(policy: FailurePolicySpec, pod: FailedPod | None, missing: str | None = None) -> Verdict:
+    """The verdict for the gang's first failed pod, or for a pod that vanished (`missing`)."""
+    if pod is None:
+        why, reason = f"pod {missing} disappeared", "PodMissing"
+        pod = FailedPod(name=missing or "?", exit_code=None, reasons=("PodMissing",))
+    else:
+        why, reason = describe(pod)
+    for i, rule in enumerate(policy.rules, start=1):
+        if _matches(rule, pod):
+            label = f"failurePolicy rule {i}" + (f" ({rule.name})" if rule.name else "")
+            return Verdict(rule.action, why, reason, label)
+    if reason == "Disruption":
+        return Verdict("RestartJobIgnore", why, reason)
+    return Verdict("RestartJob", why, reason)
