@@ -78,7 +78,7 @@ def test_deployment_hardening_and_values() -> None:
     assert pod["imagePullSecrets"] == [{"name": "registry-credentials"}]
     assert pod["tolerations"][0]["key"] == "dedicated"
     roles = [o for o in objs if o["kind"] == "Role"]
-    assert sorted(r["metadata"]["namespace"] for r in roles) == ["prod-training", "research"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["pretrain-system", "prod-training", "research"]
     assert not [o for o in objs if o["kind"] == "ClusterRole"]
     dash = next(o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-dashboard"))
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -120,15 +120,23 @@ def calls_made_by_the_operator() -> dict[tuple[str, str], set[str]]:
     h.finish_all()
     h.reconcile()
     h.reconcile()
+    stuck = Harness(job_body({"runPolicy.schedulingTimeoutSeconds": 1, "runPolicy.schedulingTimeoutAction": "Suspend"}))
+    stuck.reconcile()
+    stuck.advance(2)
+    stuck.reconcile()  # sets spec.runPolicy.suspend
     rules: dict[tuple[str, str], set[str]] = {}
-    for verb, kind in h.cluster.calls:
+    for verb, kind in h.cluster.calls + stuck.cluster.calls:
         rules.setdefault(RESOURCE[kind], set()).add(verb)
     return rules
 
 
-def rbac_rules(objs: list[dict[str, Any]], kind: str) -> dict[tuple[str, str], set[str]]:
+LEADER_ELECTION_RULES = {("coordination.k8s.io", "leases"): {"get", "create", "update"}}
+
+
+def rbac_rules(objs: list[dict[str, Any]], kind: str, leader: bool = False) -> dict[tuple[str, str], set[str]]:
+    """The rules of every `kind` (the leader-election Role's alone with `leader`)."""
     out: dict[tuple[str, str], set[str]] = {}
-    for role in (o for o in objs if o["kind"] == kind):
+    for role in (o for o in objs if o["kind"] == kind and o["metadata"]["name"].endswith("-leader-election") == leader):
         for rule in role["rules"]:
             for group in rule["apiGroups"]:
                 for res in rule["resources"]:
@@ -150,3 +158,22 @@ def test_rbac_grants_exactly_what_the_operator_calls() -> None:
     assert cluster == {**expected, **KOPF_CLUSTER_RULES}
     namespaced = rbac_rules(template(VALUES["ci-values"]), "Role")
     assert namespaced == expected
+    for values in VALUES.values():
+        objs = template(values)
+        assert rbac_rules(objs, "Role", leader=True) == LEADER_ELECTION_RULES, "leases, and only those"
+        lease_role = next(o for o in objs if o["kind"] == "Role" and o["metadata"]["name"].endswith("-leader-election"))
+        assert lease_role["metadata"]["namespace"] == "pretrain-system", "in the operator's own namespace"
+
+
+def test_replicas_need_leader_election() -> None:
+    dep = next(o for o in template(["--set", "replicaCount=3"]) if o["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert dep["spec"]["replicas"] == 3 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert "--leader-elect" in c["args"] and "--leader-election-id=ptr-pretrain-operator" in c["args"]
+    assert {e["name"] for e in c["env"]} >= {"POD_NAME", "POD_NAMESPACE"}
+    proc = subprocess.run([HELM, "template", "x", str(CHART), "--set", "replicaCount=2",
+                           "--set", "leaderElection.enabled=false"], capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode != 0 and "replicaCount above 1 needs leaderElection.enabled" in proc.stderr
+    dep = next(o for o in template(["--set", "leaderElection.enabled=false"]) if o["kind"] == "Deployment")
+    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    assert "--leader-elect" not in dep["spec"]["template"]["spec"]["containers"][0]["args"]

@@ -36,6 +36,7 @@ BUILTIN = [
     Resource("", "v1", "secrets", "Secret", singular="secret"),
     Resource("", "v1", "events", "Event", singular="event", short_names=["ev"]),
     Resource("", "v1", "serviceaccounts", "ServiceAccount", singular="serviceaccount", short_names=["sa"]),
+    Resource("coordination.k8s.io", "v1", "leases", "Lease", singular="lease"),
     Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
              namespaced=False, singular="customresourcedefinition", short_names=["crd", "crds"],
              subresources=["status"], has_generation=True, validate_builtin=True),

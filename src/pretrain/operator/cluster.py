@@ -20,7 +20,7 @@ from pretrain.operator.planner import Event, Observed, iso, pod_view
 
 #: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
 API_CALLS: list[tuple[str, str, list[str]]] = [
-    (GROUP, PLURAL, ["get"]),
+    (GROUP, PLURAL, ["get", "patch"]),  # patch: spec.runPolicy.suspend (schedulingTimeoutAction Suspend)
     (GROUP, f"{PLURAL}/status", ["patch"]),
     ("", "pods", ["create", "delete", "list"]),
     ("", "services", ["create", "delete", "get"]),
@@ -217,6 +217,27 @@ class NotFound(Exception):
     pass
 
 
+def load_config() -> str:
+    """Load the in-cluster config (a pod's service account), else the kubeconfig; returns the
+    namespace the operator runs in: the pod's own, else the kubeconfig context's, else default."""
+    import kubernetes
+
+    try:
+        kubernetes.config.load_incluster_config()
+        path = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+        with open(path) as f:
+            return f.read().strip() or "default"
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    except OSError:
+        return "default"
+    try:
+        _, context = kubernetes.config.list_kube_config_contexts()
+        return str(context["context"].get("namespace") or "default")
+    except (kubernetes.config.ConfigException, KeyError, TypeError):
+        return "default"
+
+
 class KubeCluster:
     """The real adapter: thin calls on the `kubernetes` client. 409 on create and 404 on delete
     become `AlreadyExists` and `NotFound`, as in `InMemoryCluster` (the handlers treat both as
@@ -226,10 +247,7 @@ class KubeCluster:
         import kubernetes
 
         if api_client is None:
-            try:
-                kubernetes.config.load_incluster_config()
-            except kubernetes.config.ConfigException:
-                kubernetes.config.load_kube_config()
+            load_config()
             api_client = kubernetes.client.ApiClient()
         self.k = kubernetes
         self.api = api_client

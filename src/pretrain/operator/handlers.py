@@ -51,6 +51,8 @@ def _utcnow() -> datetime:
 class _State:
     cluster: Cluster | None = None
     clock: Callable[[], datetime] = staticmethod(_utcnow)
+    #: Set while this replica may act (it holds the leader lease); None: no leader election.
+    gate: threading.Event | None = None
 
 
 STATE = _State()
@@ -332,8 +334,11 @@ class Controller:
     """The queue, its worker and the progress loop, fed by Kopf's watch events."""
 
     def __init__(self, cluster: Callable[[], Cluster], clock: Callable[[], datetime], resync: float,
-                 progress_every: float) -> None:  # fmt: skip
+                 progress_every: float, gate: threading.Event | None = None) -> None:  # fmt: skip
         self.cluster, self.clock = cluster, clock
+        #: Work is done only while the gate is set (the leader lease is held); a standby's watch
+        #: events still fill the queue, so a new leader starts with every job queued.
+        self.gate = gate
         self.resync, self.progress_every = resync, progress_every
         self.queue = WorkQueue()
         self.stop = threading.Event()
@@ -394,14 +399,28 @@ class Controller:
             self.targets[key] = target
         self.queue.add(key, min(self.resync, p.requeue_after) if p.requeue_after is not None else self.resync)
 
+    def leading(self) -> bool:
+        return self.gate is None or self.gate.is_set()
+
     def _work(self) -> None:
         while not self.stop.is_set():
+            if not self.leading():
+                metrics.LEADER.set(0)
+                self.stop.wait(0.2)
+                continue
+            metrics.LEADER.set(1)
             key = self.queue.get(self.stop)
-            if key is not None:
+            if key is None:
+                continue
+            if self.leading():
                 self.process(key)
+            else:
+                self.queue.add(key)  # the lease went while waiting: the next leader's work
 
     def _progress_loop(self) -> None:
         while not self.stop.wait(self.progress_every):
+            if not self.leading():
+                continue
             for key, target in list(self.targets.items()):
                 try:
                     patch = progress_patch(target, self.clock())
@@ -423,7 +442,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    CONTROLLER = Controller(_cluster, _now, RECONCILE_INTERVAL, PROGRESS_INTERVAL)
+    CONTROLLER = Controller(_cluster, _now, RECONCILE_INTERVAL, PROGRESS_INTERVAL, STATE.gate)
     CONTROLLER.start()
 
 

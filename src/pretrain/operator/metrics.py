@@ -1,4 +1,4 @@
-"""The operator's own Prometheus metrics: jobs by phase, restarts, reconcile duration and errors."""
+"""The operator's own Prometheus metrics: jobs by phase, restarts, reconcile duration and errors, leadership."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ RECONCILE = Histogram(
 ERRORS = Counter(
     "pretrain_operator_reconcile_errors_total", "Reconciles that raised.", ["namespace"], registry=REGISTRY
 )
+
+LEADER = Gauge(
+    "pretrain_operator_leader", "1 while this replica holds the leader lease (or runs without election).",
+    registry=REGISTRY,
+)  # fmt: skip
 
 _phases: dict[tuple[str, str], str] = {}
 
