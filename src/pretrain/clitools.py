@@ -11,6 +11,9 @@ from typing import Any, TypeVar
 import click
 
 from pretrain.api.validation import SpecError
+from pretrain.data.sources import DataError
+from pretrain.storage.checkpoint import CheckpointError
+from pretrain.storage.paths import UnsafePath
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -34,6 +37,8 @@ def friendly_errors(func: F) -> F:
         except SpecError as e:
             fail(str(e))
         except UserError as e:
+            fail(str(e))
+        except (CheckpointError, DataError, UnsafePath) as e:  # their messages name what and why
             fail(str(e))
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pretrain.data.sources import DataError
+from pretrain.storage.paths import UnsafePath, inside
 
 
 class Split(Protocol):
@@ -47,7 +48,10 @@ class PackedSplit:
         self.sources = np.array([s["source"] for s in self.shards], dtype=np.int64)
         self._maps: dict[int, np.memmap[Any, Any]] = {}
         for s in self.shards:
-            path = directory / s["file"]
+            try:  # a cache from a bucket: its manifest's names stay inside the cache folder
+                path = inside(directory, str(s["file"]), "dataset manifest: shard")
+            except UnsafePath as e:
+                raise DataError(str(e)) from None
             expected = s["rows"] * self.seq_len * self.dtype.itemsize
             size = path.stat().st_size if path.exists() else -1
             if size != expected:

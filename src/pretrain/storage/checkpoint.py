@@ -31,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pretrain.storage.paths import UnsafePath, inside, relative_name
+
 log = logging.getLogger("pretrain.checkpoint")
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -380,10 +382,14 @@ class CheckpointStore:
             return "no complete manifest"
         base = self._join(step_name(step))
         for rel, want in sorted(m["files"].items()):
+            try:
+                relative_name(rel, f"step {step}: manifest entry")
+            except UnsafePath as e:
+                return str(e)
             src = f"{base}/{rel}"
             try:
                 if into is not None:
-                    dest = into / rel
+                    dest = inside(into, rel, f"step {step}: manifest entry")
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     if not (self.local and dest.resolve() == local_path(src).resolve()):
                         self._retry(f"download {rel}", functools.partial(self.fs.get_file, src, str(dest)))
@@ -478,10 +484,17 @@ def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = 
     if not files:
         raise CheckpointError(f"{uri}: nothing there to download")
     dest.mkdir(parents=True, exist_ok=True)
+    prefix = root.rstrip("/") + "/"
     for path in files:
-        rel = path[len(root.rstrip("/")) + 1 :]
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        with_retries(f"download {rel}", functools.partial(fs.get_file, path, str(dest / rel)))
+        if not path.startswith(prefix):
+            raise CheckpointError(f"{uri}: the store listed {path!r}, which is not under it")
+        rel = path[len(prefix) :]
+        try:
+            target = inside(dest, rel, f"{uri}: object key")
+        except UnsafePath as e:
+            raise CheckpointError(str(e)) from None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with_retries(f"download {rel}", functools.partial(fs.get_file, path, str(target)))
     return dest
 
 
