@@ -12,6 +12,7 @@ import kubernetes_validate as kv
 import pytest
 import yaml
 
+from pretrain.operator.informer import WATCHED
 from tests.conftest import ROOT
 from tests.operator.harness import Harness, job_body
 
@@ -89,13 +90,13 @@ RESOURCE = {"Pod": ("", "pods"), "Service": ("", "services"), "ConfigMap": ("", 
             "Event": ("", "events"), "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
             "PretrainJob": ("pretrain.io", "pretrainjobs"), "PretrainJob/status": ("pretrain.io", "pretrainjobs/status"),
             }  # fmt: skip
-#: What Kopf itself does: watch the jobs and their pods (events go through core v1 like the
-#: operator's), and the permission blockOwnerDeletion needs; cluster-wide, Kopf also discovers
-#: namespaces and CRDs.
+#: What Kopf itself does (watch the jobs), what the children's caches do (list and watch pods,
+#: services and configmaps), and the permission blockOwnerDeletion needs; cluster-wide, Kopf
+#: also discovers namespaces and CRDs.
 KOPF_JOB_RULES = {
     ("pretrain.io", "pretrainjobs"): {"list", "watch"},
-    ("", "pods"): {"list", "watch"},
     ("pretrain.io", "pretrainjobs/finalizers"): {"update"},
+    **{(group, resource): set(verbs) for group, resource, verbs in WATCHED},
 }
 KOPF_CLUSTER_RULES = {
     ("", "namespaces"): {"list", "watch"},

@@ -85,7 +85,7 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int
     import kopf
     from prometheus_client import start_http_server
 
-    import pretrain.operator.handlers  # noqa: F401  (registers the handlers)
+    import pretrain.operator.handlers
     from pretrain.operator.metrics import REGISTRY
 
     logging.basicConfig(
@@ -93,6 +93,7 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int
     )
     if metrics_port:
         start_http_server(metrics_port, registry=REGISTRY)
+    pretrain.operator.handlers.STATE.namespaces = list(namespaces)
     elector = None
     if leader_elect:
         if not lease_duration > renew_deadline > retry_period:

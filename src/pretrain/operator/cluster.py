@@ -35,6 +35,7 @@ class Cluster(Protocol):
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None: ...
     def suspend_job(self, namespace: str, name: str) -> None: ...
     def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed: ...
+    def pod_monitor_exists(self, namespace: str, job: str) -> bool: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def replace(self, obj: dict[str, Any]) -> None: ...
     def delete(self, kind: str, namespace: str, name: str) -> None: ...
@@ -101,6 +102,10 @@ class InMemoryCluster:
             pod_monitor=pod_monitor and ("PodMonitor", namespace, job) in self.objects,
             config=self.objects.get(("ConfigMap", namespace, configmap_name(job)), {}).get("data", {}).get(CONFIG_KEY),
         )
+
+    def pod_monitor_exists(self, namespace: str, job: str) -> bool:
+        self.calls.append(("get", "PodMonitor"))
+        return ("PodMonitor", namespace, job) in self.objects
 
     def replace(self, obj: dict[str, Any]) -> None:
         self.calls.append(("update", obj["kind"]))
@@ -304,11 +309,11 @@ class KubeCluster:
             pods=[pod_view(p) for p in pods],
             service=svc is not None,
             configmap=cm is not None,
-            pod_monitor=self._pod_monitor_exists(namespace, job) if pod_monitor else False,
+            pod_monitor=self.pod_monitor_exists(namespace, job) if pod_monitor else False,
             config=config,
         )
 
-    def _pod_monitor_exists(self, namespace: str, job: str) -> bool:
+    def pod_monitor_exists(self, namespace: str, job: str) -> bool:
         try:
             self.custom.get_namespaced_custom_object("monitoring.coreos.com", "v1", namespace, "podmonitors", job)
             return True

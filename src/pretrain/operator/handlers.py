@@ -18,6 +18,7 @@ import heapq
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -30,8 +31,8 @@ import kopf
 from pretrain.api.spec import GROUP, PLURAL, VERSION, Phase, PretrainJob
 from pretrain.api.validation import SpecError, parse_spec
 from pretrain.operator import metrics
-from pretrain.operator.children import LABEL_JOB
 from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound, api_error
+from pretrain.operator.informer import ChildCache, start_reflectors
 from pretrain.operator.planner import Event, Observed, Plan, plan, set_condition
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
 
@@ -53,6 +54,8 @@ class _State:
     clock: Callable[[], datetime] = staticmethod(_utcnow)
     #: Set while this replica may act (it holds the leader lease); None: no leader election.
     gate: threading.Event | None = None
+    #: Namespaces the operator watches (empty: the whole cluster); the CLI sets them.
+    namespaces: list[str] = []
 
 
 STATE = _State()
@@ -99,11 +102,27 @@ def plan_for(body: Mapping[str, Any], job: PretrainJob | None, invalid: str | No
                 now=now, invalid=invalid)  # fmt: skip
 
 
+Observer = Callable[[Cluster, Mapping[str, Any], "PretrainJob | None"], Observed]
+
+
 def observe_for(cluster: Cluster, body: Mapping[str, Any], job: PretrainJob | None) -> Observed:
-    """The job's children; a PodMonitor is looked for only where one is asked for (or the spec is unreadable)."""
+    """The job's children, read from the API; a PodMonitor is looked for only where one is
+    asked for (or the spec is unreadable)."""
     meta = body["metadata"]
     wants_monitor = job is None or job.spec.monitoring.pod_monitor
     return cluster.observe(meta.get("namespace") or "default", meta["name"], pod_monitor=wants_monitor)
+
+
+def cached_observer(cache: ChildCache) -> Observer:
+    """The job's children from the watch-fed caches (the PodMonitor, when wanted, still read)."""
+
+    def observe(cluster: Cluster, body: Mapping[str, Any], job: PretrainJob | None) -> Observed:
+        meta = body["metadata"]
+        ns, name = meta.get("namespace") or "default", meta["name"]
+        wants_monitor = job is None or job.spec.monitoring.pod_monitor
+        return cache.observe(ns, name, (lambda: cluster.pod_monitor_exists(ns, name)) if wants_monitor else None)
+
+    return observe
 
 
 class ApplyFailed(Exception):
@@ -197,7 +216,7 @@ def _report_conditions(namespace: str, name: str, uid: str, status: dict[str, An
 
 
 def reconcile(
-    namespace: str, name: str, cluster: Cluster, now: datetime
+    namespace: str, name: str, cluster: Cluster, now: datetime, observe: Observer = observe_for
 ) -> tuple[Plan, PretrainJob | None, Observed] | None:
     """One reconcile of one job: read it fresh from the API, observe, plan, apply. Returns the
     plan with the job and observation it was made from; None when the job is gone or being
@@ -206,7 +225,7 @@ def reconcile(
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     job, invalid = job_from(body)
-    observed = observe_for(cluster, body, job)
+    observed = observe(cluster, body, job)
     p = plan_for(body, job, invalid, observed, now)
     apply_plan(body, p, cluster)
     return p, job, observed
@@ -334,11 +353,15 @@ class Controller:
     """The queue, its worker and the progress loop, fed by Kopf's watch events."""
 
     def __init__(self, cluster: Callable[[], Cluster], clock: Callable[[], datetime], resync: float,
-                 progress_every: float, gate: threading.Event | None = None) -> None:  # fmt: skip
+                 progress_every: float, gate: threading.Event | None = None,
+                 children: ChildCache | None = None) -> None:  # fmt: skip
         self.cluster, self.clock = cluster, clock
         #: Work is done only while the gate is set (the leader lease is held); a standby's watch
         #: events still fill the queue, so a new leader starts with every job queued.
         self.gate = gate
+        #: The children's caches: reconciles wait for their first lists, then read from them.
+        self.children = children
+        self.observe: Observer = cached_observer(children) if children is not None else observe_for
         self.resync, self.progress_every = resync, progress_every
         self.queue = WorkQueue()
         self.stop = threading.Event()
@@ -367,14 +390,14 @@ class Controller:
             return
         self.queue.add(key)
 
-    def pod_event(self, namespace: str, job: str) -> None:
+    def child_event(self, namespace: str, job: str) -> None:
         self.queue.add((namespace, job))
 
     def process(self, key: tuple[str, str]) -> None:
         namespace, name = key
         t0 = time.perf_counter()
         try:
-            done = reconcile(namespace, name, self.cluster(), self.clock())
+            done = reconcile(namespace, name, self.cluster(), self.clock(), self.observe)
         except Conflict:
             self.queue.add(key, 0.2)  # someone wrote the job meanwhile: nothing was done; read again
             return
@@ -397,18 +420,21 @@ class Controller:
             self.targets.pop(key, None)
         else:
             self.targets[key] = target
-        self.queue.add(key, min(self.resync, p.requeue_after) if p.requeue_after is not None else self.resync)
+        # The resync is spread by +-10% (controller-runtime's jitter), so that jobs created together
+        # are not all reconciled again in the same second, every period.
+        resync = self.resync * random.uniform(0.9, 1.1)
+        self.queue.add(key, min(resync, p.requeue_after) if p.requeue_after is not None else resync)
 
     def leading(self) -> bool:
-        return self.gate is None or self.gate.is_set()
+        """Whether to act now: the lease held (or no election) and the children's caches listed."""
+        return (self.gate is None or self.gate.is_set()) and (self.children is None or self.children.synced)
 
     def _work(self) -> None:
         while not self.stop.is_set():
+            metrics.LEADER.set(1 if self.gate is None or self.gate.is_set() else 0)
             if not self.leading():
-                metrics.LEADER.set(0)
                 self.stop.wait(0.2)
                 continue
-            metrics.LEADER.set(1)
             key = self.queue.get(self.stop)
             if key is None:
                 continue
@@ -442,8 +468,17 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
-    CONTROLLER = Controller(_cluster, _now, RECONCILE_INTERVAL, PROGRESS_INTERVAL, STATE.gate)
-    CONTROLLER.start()
+    cluster = _cluster()
+    children = ChildCache()
+    CONTROLLER = Controller(lambda: cluster, _now, RECONCILE_INTERVAL, PROGRESS_INTERVAL, STATE.gate, children)
+    controller = CONTROLLER
+    children.notify = controller.child_event
+    from pretrain.operator.cluster import KubeCluster
+
+    if not isinstance(cluster, KubeCluster):
+        raise RuntimeError("the operator needs a KubeCluster (its API client feeds the caches)")
+    start_reflectors(children, cluster.api, STATE.namespaces, controller.stop)
+    controller.start()
 
 
 @kopf.on.cleanup()
@@ -456,9 +491,3 @@ def stop_controller(**_: Any) -> None:
 def job_changed(event: Mapping[str, Any], namespace: str | None, name: str, **_: Any) -> None:
     if CONTROLLER is not None:
         CONTROLLER.job_event(str(event.get("type") or "ADDED"), namespace or "default", name)
-
-
-@kopf.on.event("", "v1", "pods", labels={LABEL_JOB: kopf.PRESENT})
-def pod_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
-    if CONTROLLER is not None:
-        CONTROLLER.pod_event(namespace or "default", labels[LABEL_JOB])
