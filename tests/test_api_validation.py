@@ -121,7 +121,34 @@ BAD_SPECS: list[tuple[str, str, str]] = [
     ("rule-bad-action", mutate("spec.runPolicy", {"failurePolicy": {"rules": [{"action": "Ignore", "onReasons": ["Evicted"]}]}}), "spec.runPolicy.failurePolicy.rules[0].action"),
     ("rule-exit-code-256", mutate("spec.runPolicy", {"failurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {"values": [256]}}]}}), "spec.runPolicy.failurePolicy.rules[0].onExitCodes.values[0]"),
     ("bad-scheduling-action", mutate("spec.runPolicy", {"schedulingTimeoutAction": "Retry"}), "spec.runPolicy.schedulingTimeoutAction"),
+    # hostile and careless input (issue 16)
+    ("lr-inf", mutate("spec.training.optimizer", {"lr": float("inf")}), "spec.training.optimizer.lr"),
+    ("grad-clip-inf", mutate("spec.training.gradClip", float("inf")), "spec.training.gradClip"),
+    ("weight-inf", mutate("spec.data.sources.0.weight", float("inf")), "spec.data.sources[0].weight"),
+    ("lr-nan", mutate("spec.training.optimizer", {"lr": float("nan")}), "spec.training.optimizer.lr"),
+    ("lr-huge", mutate("spec.training.optimizer", {"lr": 1e308}), "spec.training.optimizer.lr"),
+    ("seed-huge", mutate("spec.training.seed", 1e23), "spec.training.seed"),
+    ("vocab-huge", mutate("spec.model.vocabSize", 1e9), "spec.model.vocabSize"),
+    ("eval-steps-huge", mutate("spec.training.evalSteps", 1e9), "spec.training.evalSteps"),
+    ("label-value-long", mutate("spec.resources.labels", {"team": "x" * 100_000}), "spec.resources.labels"),
+    ("label-key-bad", mutate("spec.resources.labels", {"bad key!": "x"}), "spec.resources.labels"),
+    ("yaml-alias", "a: &x [1, 2]\nb: *x\n", "aliases"),
+    ("yaml-duplicate-key", yaml.safe_dump(BASE) + "kind: PretrainJob\n", "duplicate key 'kind'"),
+    ("secret-account-key", mutate("spec.checkpoint.storageOptions", {"account_key": "abc"}), "spec.checkpoint.storageOptions.account_key"),
+    ("secret-connection-string", mutate("spec.checkpoint.storageOptions", {"connection_string": "abc"}), "spec.checkpoint.storageOptions.connection_string"),
+    ("secret-sas", mutate("spec.checkpoint.storageOptions", {"sas_token": "abc"}), "spec.checkpoint.storageOptions.sas_token"),
+    ("secret-endpoint-userinfo", mutate("spec.checkpoint.storageOptions", {"endpoint_url": "https://user:pass@minio:9000"}), "spec.checkpoint.storageOptions.endpoint_url"),
 ]  # fmt: skip
+
+
+def test_rejected_values_are_never_echoed_whole_nor_secret(tmp_path: Path) -> None:
+    f = tmp_path / "job.yaml"
+    f.write_text(mutate("spec.resources.image", "r" * 5000))
+    result = CliRunner().invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1 and len(result.stderr) < 400 and "5002 characters" in result.stderr
+    f.write_text(mutate("spec.resources.env", [{"name": "MY_VAR", "value": "hunter2" * 10_000}]))
+    result = CliRunner().invoke(main, ["validate", str(f)])
+    assert result.exit_code == 1 and "hunter2" not in result.stderr, result.stderr
 
 
 def test_enough_bad_specs() -> None:

@@ -37,7 +37,7 @@ def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
         try:
             job = load_job(f, overrides)
         except SpecError as e:
-            click.echo(f"error: {f}: {e}", err=True)
+            click.echo(f"error: {e}" if e.path == str(f) else f"error: {f}: {e}", err=True)  # the file named once
             bad += 1
         else:
             click.echo(f"{f}: ok ({job.metadata.name}, {job.spec.model.family}, {job.spec.world_size} processes)")

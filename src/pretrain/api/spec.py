@@ -31,8 +31,12 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 
+#: Every integer field has an upper bound (int32 unless a field says less): a value such as
+#: `seed: 1e23` or `evalSteps: 1e9` must fail validation, not crash or exhaust memory later.
+INT32_MAX = 2**31 - 1
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
+#: Floats are finite everywhere (Spec sets allow_inf_nan=False); this one is positive.
 PositiveFloat = Annotated[float, Field(gt=0)]
 Quantity = Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 
@@ -47,7 +51,24 @@ class Spec(BaseModel):
         extra="forbid",
         validate_assignment=True,
         use_enum_values=True,
+        allow_inf_nan=False,  # .inf and .nan are refused in every float field
     )
+
+
+LABEL_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+DNS_SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def _check_label_key(key: str) -> None:
+    """A Kubernetes qualified name: an optional DNS-subdomain prefix and `/`, then a name of at
+    most 63 characters."""
+    prefix, _, name = key.rpartition("/")
+    if prefix and (len(prefix) > 253 or not DNS_SUBDOMAIN_RE.match(prefix)):
+        raise ValueError(f"key {key[:80]!r}: the prefix must be a DNS subdomain of at most 253 characters")
+    if len(name) > 63 or not LABEL_NAME.match(name):
+        raise ValueError(f"key {key[:80]!r}: the name must be at most 63 characters of [A-Za-z0-9_.-], "
+                         "beginning and ending with an alphanumeric")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- model
@@ -64,15 +85,17 @@ class ModelSpec(Spec):
         description="Size preset (see pretrain.api.presets): tiny, small, gpt2-124m, gpt2-350m, "
         "llama-1b, llama-7b, bert-base, bert-large. Explicit dimensions override it.",
     )
-    layers: PositiveInt | None = Field(None, description="Number of transformer blocks.")
-    heads: PositiveInt | None = Field(None, description="Attention heads per block.")
-    kv_heads: PositiveInt | None = Field(None, description="Key/value heads (grouped-query attention; llama only).")
-    hidden: PositiveInt | None = Field(None, description="Hidden (model) dimension.")
-    intermediate: PositiveInt | None = Field(None, description="Feed-forward inner dimension.")
-    vocab_size: PositiveInt | None = Field(
-        None, description="Vocabulary size; defaults to the tokenizer's (rounded up to a multiple of 64)."
+    layers: PositiveInt | None = Field(None, le=1024, description="Number of transformer blocks.")
+    heads: PositiveInt | None = Field(None, le=1024, description="Attention heads per block.")
+    kv_heads: PositiveInt | None = Field(
+        None, le=1024, description="Key/value heads (grouped-query attention; llama only)."
     )
-    max_positions: PositiveInt | None = Field(None, description="Longest sequence the model accepts.")
+    hidden: PositiveInt | None = Field(None, le=131_072, description="Hidden (model) dimension.")
+    intermediate: PositiveInt | None = Field(None, le=524_288, description="Feed-forward inner dimension.")
+    vocab_size: PositiveInt | None = Field(
+        None, le=2_097_152, description="Vocabulary size; defaults to the tokenizer's (rounded up to a multiple of 64)."
+    )
+    max_positions: PositiveInt | None = Field(None, le=1_048_576, description="Longest sequence the model accepts.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability (0 for pre-training).")
     init_from: str | None = Field(
         None,
@@ -121,7 +144,7 @@ class ObjectiveSpec(Spec):
         "answers", min_length=1, max_length=256,
         description="Column of the answers, as in SQuAD: {text: [...], answer_start: [...]} (extractive-qa).",
     )  # fmt: skip
-    max_answer_tokens: PositiveInt = Field(30, description="Longest answer span predicted (extractive-qa).")
+    max_answer_tokens: PositiveInt = Field(30, le=65_536, description="Longest answer span predicted (extractive-qa).")
 
     @property
     def fine_tuning(self) -> bool:
@@ -139,7 +162,7 @@ class TokenizerSpec(Spec):
     vocab_size: PositiveInt = Field(8192, le=1_000_000, description="Vocabulary size of a trained bpe tokenizer.")
     path: str | None = Field(None, max_length=2048, description="Tokenizer directory or URI (type pretrained).")
     sample_bytes: PositiveInt = Field(
-        100_000_000, description="How much of the corpus a bpe or chars tokenizer is trained on."
+        100_000_000, le=INT32_MAX, description="How much of the corpus a bpe or chars tokenizer is trained on."
     )
 
 
@@ -150,7 +173,7 @@ class DataSourceSpec(Spec):
     """One corpus: a local path, glob or URI (file://, s3://, gs://, hf://, builtin://)."""
 
     uri: str = Field(..., min_length=1, max_length=2048, description="Path, glob or URI of the corpus.")
-    weight: PositiveFloat = Field(1.0, description="Relative sampling weight among sources.")
+    weight: PositiveFloat = Field(1.0, le=1e6, description="Relative sampling weight among sources.")
     format: Literal["auto", "text", "jsonl", "csv", "parquet"] = Field(
         "auto", description="File format; auto picks by extension (.jsonl/.json, .csv, .parquet, else text)."
     )
@@ -161,14 +184,14 @@ class DataSpec(Spec):
     """The corpus and how it is cut into training sequences."""
 
     sources: list[DataSourceSpec] = Field(..., min_length=1, max_length=64, description="Corpora to train on.")
-    sequence_length: PositiveInt = Field(1024, description="Tokens per training sequence (packed).")
+    sequence_length: PositiveInt = Field(1024, le=1_048_576, description="Tokens per training sequence (packed).")
     validation_split: float = Field(0.01, ge=0.0, lt=1.0, description="Share of sequences held out for evaluation.")
     validation_sources: list[DataSourceSpec] = Field(
         default_factory=list,
         max_length=64,
         description="Held-out corpora; when set, validationSplit is ignored.",
     )
-    shuffle_seed: NonNegativeInt = Field(1234, description="Seed of the sequence order.")
+    shuffle_seed: NonNegativeInt = Field(1234, le=INT32_MAX, description="Seed of the sequence order (below 2^31).")
     cache_uri: str | None = Field(
         None,
         max_length=2048,
@@ -182,12 +205,12 @@ class DataSpec(Spec):
 class OptimizerSpec(Spec):
     """AdamW; weight decay is never applied to biases and norms."""
 
-    lr: PositiveFloat = Field(3e-4, description="Peak learning rate.")
+    lr: PositiveFloat = Field(3e-4, le=10.0, description="Peak learning rate.")
     betas: list[float] = Field(
         default_factory=lambda: [0.9, 0.95], min_length=2, max_length=2, description="Adam beta1, beta2."
     )
-    eps: PositiveFloat = Field(1e-8, description="Adam epsilon.")
-    weight_decay: float = Field(0.1, ge=0.0, description="Decoupled weight decay.")
+    eps: PositiveFloat = Field(1e-8, le=1.0, description="Adam epsilon.")
+    weight_decay: float = Field(0.1, ge=0.0, le=10.0, description="Decoupled weight decay.")
 
     @field_validator("betas")
     @classmethod
@@ -200,9 +223,9 @@ class OptimizerSpec(Spec):
 class ScheduleSpec(Spec):
     """Linear warm-up then decay to minLr."""
 
-    warmup_steps: NonNegativeInt = Field(0, description="Steps of linear warm-up from 0.")
+    warmup_steps: NonNegativeInt = Field(0, le=INT32_MAX, description="Steps of linear warm-up from 0.")
     decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="Shape of the decay.")
-    min_lr: float = Field(0.0, ge=0.0, description="Learning rate at the last step.")
+    min_lr: float = Field(0.0, ge=0.0, le=10.0, description="Learning rate at the last step.")
 
 
 class ZeroSpec(Spec):
@@ -216,24 +239,28 @@ class ZeroSpec(Spec):
 class TrainingSpec(Spec):
     """The recipe: how long, how big a batch, which optimizer and schedule."""
 
-    max_steps: PositiveInt | None = Field(None, description="Optimizer steps to run.")
-    token_budget: PositiveInt | None = Field(
-        None, description="Tokens to train on; maxSteps is derived when maxSteps is unset."
+    max_steps: PositiveInt | None = Field(None, le=INT32_MAX, description="Optimizer steps to run.")
+    token_budget: int | None = Field(
+        None, ge=1, le=2**53, description="Tokens to train on; maxSteps is derived when maxSteps is unset."
     )
-    global_batch_size: PositiveInt = Field(8, description="Sequences per optimizer step, all ranks together.")
+    global_batch_size: PositiveInt = Field(
+        8, le=16_777_216, description="Sequences per optimizer step, all ranks together."
+    )
     micro_batch_size: PositiveInt = Field(
-        1, description="Sequences per forward pass on one rank; accumulation is derived."
+        1, le=65_536, description="Sequences per forward pass on one rank; accumulation is derived."
     )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer settings.")
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
     precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Training precision.")
     zero: ZeroSpec = Field(default_factory=ZeroSpec, description="ZeRO settings.")
-    grad_clip: float = Field(1.0, ge=0.0, description="Clip the gradient norm to this (0 turns it off).")
+    grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="Clip the gradient norm to this (0 turns it off).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
-    seed: NonNegativeInt = Field(1234, description="Seed of initialisation, masking and dropout.")
-    eval_interval: NonNegativeInt = Field(0, description="Evaluate every N steps (0: only at the end).")
-    eval_steps: PositiveInt = Field(10, description="Micro batches per evaluation and rank.")
-    log_interval: PositiveInt = Field(10, description="Log every N steps.")
+    seed: NonNegativeInt = Field(
+        1234, le=INT32_MAX, description="Seed of initialisation, masking and dropout (below 2^31)."
+    )
+    eval_interval: NonNegativeInt = Field(0, le=INT32_MAX, description="Evaluate every N steps (0: only at the end).")
+    eval_steps: PositiveInt = Field(10, le=100_000, description="Micro batches per evaluation and rank.")
+    log_interval: PositiveInt = Field(10, le=INT32_MAX, description="Log every N steps.")
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -247,9 +274,11 @@ class CheckpointSpec(Spec):
         max_length=2048,
         description="Directory or URI (file://, s3://, gs://); local runs default to ./runs/<name>/checkpoints.",
     )
-    interval_steps: PositiveInt = Field(1000, description="Save every N steps (and at the end).")
-    keep_last: PositiveInt = Field(3, description="Complete checkpoints to keep.")
-    keep_every: PositiveInt | None = Field(None, description="Also keep every checkpoint whose step is a multiple.")
+    interval_steps: PositiveInt = Field(1000, le=INT32_MAX, description="Save every N steps (and at the end).")
+    keep_last: PositiveInt = Field(3, le=10_000, description="Complete checkpoints to keep.")
+    keep_every: PositiveInt | None = Field(
+        None, le=INT32_MAX, description="Also keep every checkpoint whose step is a multiple."
+    )
     resume: int | str = Field(
         "auto",
         description="auto: newest verified checkpoint; never: start fresh; a number: that step.",
@@ -269,13 +298,13 @@ class CheckpointSpec(Spec):
     @field_validator("resume", mode="before")
     @classmethod
     def _resume_policy(cls, v: Any) -> int | str:
-        if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+        if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT32_MAX:
             return v
         if isinstance(v, str) and v in ("auto", "never"):
             return v
-        if isinstance(v, str) and v.isdigit():
+        if isinstance(v, str) and v.isdigit() and len(v) <= 10 and int(v) <= INT32_MAX:
             return int(v)
-        raise ValueError(f"must be auto, never or a step number, not {v!r}")
+        raise ValueError(f"must be auto, never or a step number, not {str(v)[:40]!r}")
 
 
 # --------------------------------------------------------------------------- resources
@@ -316,7 +345,7 @@ class ResourcesSpec(Spec):
     requests: ResourceList = Field(default_factory=ResourceList, description="Per-pod requests.")
     limits: ResourceList = Field(default_factory=ResourceList, description="Per-pod limits.")
     shm_size: Quantity = Field("8Gi", description="Size of /dev/shm (memory-backed emptyDir).")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    node_selector: dict[str, str] = Field(default_factory=dict, max_length=64, description="Pod nodeSelector.")
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
     priority_class_name: str | None = Field(None, max_length=253, description="Pod priorityClassName.")
@@ -325,9 +354,28 @@ class ResourcesSpec(Spec):
     queue_name: str | None = Field(
         None, max_length=63, description="Kueue LocalQueue; becomes the kueue.x-k8s.io/queue-name label."
     )
-    labels: dict[str, str] = Field(default_factory=dict, description="Extra pod labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Extra pod annotations.")
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod annotations.")
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment.")
+
+    @field_validator("labels", "node_selector")
+    @classmethod
+    def _label_rules(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            _check_label_key(key)
+            if len(value) > 63 or not LABEL_VALUE.match(value):
+                raise ValueError(f"label value for {key!r} must be at most 63 characters of [A-Za-z0-9_.-], "
+                                 "beginning and ending with an alphanumeric")  # fmt: skip
+        return v
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotation_rules(cls, v: dict[str, str]) -> dict[str, str]:
+        for key in v:
+            _check_label_key(key)
+        if sum(len(k) + len(val) for k, val in v.items()) > 256 * 1024:
+            raise ValueError("annotations must total at most 256 KiB (the API server's limit)")
+        return v
 
 
 FailureAction = Literal["FailJob", "RestartJob", "RestartJobIgnore"]
@@ -416,23 +464,23 @@ class RunPolicySpec(Spec):
     """What happens on failure, over time, and at the end."""
 
     max_restarts: NonNegativeInt = Field(3, le=1000, description="Gang restarts before the job fails.")
-    restart_backoff_seconds: NonNegativeInt = Field(10, description="First wait before a restart (doubles).")
-    max_restart_backoff_seconds: NonNegativeInt = Field(300, description="Cap of the restart wait.")
+    restart_backoff_seconds: NonNegativeInt = Field(10, le=86_400, description="First wait before a restart (doubles).")
+    max_restart_backoff_seconds: NonNegativeInt = Field(300, le=604_800, description="Cap of the restart wait.")
     active_deadline_seconds: PositiveInt | None = Field(
-        None, description="Fail the job after it has run this long (time suspended does not count)."
+        None, le=INT32_MAX, description="Fail the job after it has run this long (time suspended does not count)."
     )
     failure_policy: FailurePolicySpec = Field(
         default_factory=FailurePolicySpec, description="What a pod failure does (rules, then defaults)."
     )
     ttl_seconds_after_finished: NonNegativeInt | None = Field(
-        None, description="Delete the job's children this long after it ends."
+        None, le=INT32_MAX, description="Delete the job's children this long after it ends."
     )
     suspend: bool = Field(False, description="Delete pods and hold the job; resumes when unset.")
     clean_pod_policy: Literal["None", "Running", "All"] = Field(
         "Running", description="Pods deleted when the job ends: All, Running (still running ones) or None."
     )
     scheduling_timeout_seconds: PositiveInt = Field(
-        600, description="Pending pods older than this raise the Unschedulable condition."
+        600, le=INT32_MAX, description="Pending pods older than this raise the Unschedulable condition."
     )
     scheduling_timeout_action: Literal["Wait", "FailJob", "Suspend"] = Field(
         "Wait",
@@ -451,7 +499,7 @@ class MonitoringSpec(Spec):
         description="Also write TensorBoard event files to <checkpoint.uri>/tensorboard (metrics.jsonl is always written).",
     )
     peak_flops: PositiveFloat | None = Field(
-        None, description="Peak FLOP/s of one device for MFU; default from a table of GPUs."
+        None, le=1e21, description="Peak FLOP/s of one device for MFU; default from a table of GPUs."
     )
 
 

@@ -32,7 +32,11 @@ RESERVED_ENV = {
     "NODE_RANK", "PRETRAIN_JOB_NAME", "PRETRAIN_ATTEMPT", "PRETRAIN_CONFIG",
 }  # fmt: skip
 
-_CREDENTIAL_WORDS = re.compile(r"secret|password|passwd|token|credential|access_?key|api_?key|^key$", re.I)
+_CREDENTIAL_WORDS = re.compile(
+    r"secret|password|passwd|token|credential|access_?key|api_?key|^key$|account_?key|connection_?string"
+    r"|(^|_)sas($|_)|private_?key|signature|auth",
+    re.I,
+)
 
 
 class SpecError(ValueError):
@@ -47,15 +51,48 @@ class SpecError(ValueError):
 # --------------------------------------------------------------------------- loading
 
 
+#: Largest job file read: a real one is a few KiB; anything near this is a mistake or an attack.
+MAX_JOB_BYTES = 1 << 20
+
+
+class StrictLoader(yaml.SafeLoader):
+    """YAML as a job file needs it: no aliases (`*name`), whose expansion can turn a few lines
+    into gigabytes, and no key given twice in one mapping (the last one silently won)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not accepted in a job file; write the value out",
+                event.start_mark)  # fmt: skip
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, list | dict):
+                raise yaml.constructor.ConstructorError(None, None, "a mapping key must be a scalar",
+                                                        key_node.start_mark)  # fmt: skip
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_document(text: str, source: str = "<input>") -> dict[str, Any]:
     """Parse one YAML (or JSON) document that must be a mapping."""
+    if len(text) > MAX_JOB_BYTES:
+        raise SpecError("document", f"{source} is larger than {MAX_JOB_BYTES} bytes: not a job file")
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=StrictLoader) if d is not None]
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "document"
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise SpecError(where, f"not valid YAML: {problem}") from None
+    except RecursionError:
+        raise SpecError("document", "not valid YAML: nested too deeply") from None
     if not docs:
         raise SpecError("document", f"{source} is empty: expected a PretrainJob mapping")
     if len(docs) > 1:
@@ -139,7 +176,11 @@ def load_job(
     """Read, override and fully validate a job file."""
     path = Path(source)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:  # bounded: a device or a huge file is not read whole
+            raw = f.read(MAX_JOB_BYTES + 1)
+        if len(raw) > MAX_JOB_BYTES:
+            raise SpecError(str(path), f"larger than {MAX_JOB_BYTES} bytes: not a job file")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise SpecError(str(path), "no such file") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -205,11 +246,21 @@ def _first_error(e: ValidationError, doc: dict[str, Any], prefix: str = "") -> S
     else:
         reason = err["msg"].splitlines()[0].removeprefix("Value error, ")
         if kind != "value_error" and "input" in err and not isinstance(err["input"], dict | list):
-            reason += f" (got {err['input']!r})"
+            reason += f" (got {_echo(path, err['input'])})"
     more = len(errors) - 1
     if more:
         reason += f" (and {more} more problem{'s' if more > 1 else ''})"
     return SpecError(path, reason)
+
+
+def _echo(path: str, value: Any) -> str:
+    """A rejected value as the error shows it: never one that may be a secret (a field or an
+    environment variable named like a credential, a URI with a password), never more than 80
+    characters of it."""
+    text = repr(value)
+    if _CREDENTIAL_WORDS.search(path) or "@" in text or ".env[" in path or "storageOptions" in path:
+        return "a value, not shown"
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 # --------------------------------------------------------------------------- cross-field rules
@@ -316,13 +367,7 @@ def _check_checkpoint(spec: PretrainJobSpec, check_backends: bool) -> Iterator[S
     c = spec.checkpoint
     if c.uri is not None:
         yield from _check_uri("spec.checkpoint.uri", c.uri, CHECKPOINT_SCHEMES, check_backends)
-    for key in c.storage_options:
-        if _CREDENTIAL_WORDS.search(key):
-            yield SpecError(
-                f"spec.checkpoint.storageOptions.{key}",
-                "credentials are never accepted inline; put them in a Secret and name it in "
-                "spec.checkpoint.credentialsSecret",
-            )
+    yield from _inline_secrets("spec.checkpoint.storageOptions", c.storage_options)
     if spec.resources.nodes > 1 and c.uri is None:
         yield SpecError(
             "spec.checkpoint.uri",
@@ -351,6 +396,32 @@ def _check_resources(spec: PretrainJobSpec) -> Iterator[SpecError]:
             "spec.runPolicy.restartBackoffSeconds",
             f"{rp.restart_backoff_seconds} is above maxRestartBackoffSeconds ({rp.max_restart_backoff_seconds})",
         )
+
+
+def _inline_secrets(path: str, options: Any) -> Iterator[SpecError]:
+    """Credentials written into storage options, at any depth (client_kwargs, config_kwargs...):
+    a key named like one, or a URL value carrying a user or password (endpoint_url)."""
+    if isinstance(options, dict):
+        for key, value in options.items():
+            where = f"{path}.{key}"
+            if _CREDENTIAL_WORDS.search(str(key)):
+                yield SpecError(where, "credentials are never accepted inline; put them in a Secret and name it in "
+                                       "spec.checkpoint.credentialsSecret")  # fmt: skip
+            else:
+                yield from _inline_secrets(where, value)
+    elif isinstance(options, list):
+        for i, value in enumerate(options):
+            yield from _inline_secrets(f"{path}[{i}]", value)
+    elif isinstance(options, str) and "://" in options:
+        try:
+            parts = urlsplit(options)
+            has_user = bool(parts.username or parts.password)
+        except ValueError:
+            has_user = "@" in options
+        if has_user:
+            yield SpecError(
+                path, "credentials are never accepted inline in a URL; use spec.checkpoint.credentialsSecret"
+            )
 
 
 def _scheme(uri: str) -> str:
