@@ -319,3 +319,55 @@ def test_hf_dataset_by_local_directory(tmp_path: Path) -> None:
     split = PackedSplit(prepare(data_spec(f"hf://{ds_dir}"), tok, fingerprint(tok), tmp_path / "c"), "train")
     text = tok.decode(split.rows(np.arange(4)).reshape(-1))
     assert text.startswith("line 0 of a tiny dataset that datasets loads")
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("/proc/self/environ", "lies in /proc"),
+        ("/dev/zero", "lies in /dev"),
+        ("file:///etc/passwd", "lies in /etc"),
+        ("{d}/link-to-environ", "lies in /proc"),  # a symbolic link in a data folder
+        ("{d}/fifo", "not a regular file"),
+        ("builtin://../../../../etc/hostname", "not a bundled corpus name"),
+    ],
+)
+def test_sources_never_read_the_machines_own_files(tmp_path: Path, uri: str, message: str) -> None:
+    import os
+
+    (tmp_path / "link-to-environ").symlink_to("/proc/self/environ")
+    os.mkfifo(tmp_path / "fifo")  # reading it would block forever
+    tok = bytes_tokenizer()
+    with pytest.raises(DataError, match=message):
+        prepare(data_spec(uri.format(d=tmp_path)), tok, fingerprint(tok), tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.bin"))
+
+
+def test_a_system_path_fails_validation_with_one_line() -> None:
+    from pretrain.api.validation import SpecError, load_job
+    from tests.conftest import ROOT
+
+    with pytest.raises(SpecError, match=r"spec.data.sources\[0\].uri: lies in /proc"):
+        load_job(ROOT / "examples" / "tiny-cpu.yaml", ["data.sources.0.uri=/proc/self/environ"])
+
+
+def test_reads_are_bounded_without_newlines(tmp_path: Path) -> None:
+    """A text file with no newline is read in chunks, and a JSONL "record" longer than the limit
+    is refused, not read whole."""
+    from pretrain.data import sources
+
+    one_line = tmp_path / "one-line.txt"
+    one_line.write_text("abc" * (sources.TEXT_CHUNK_CHARS))  # 3 chunks, no newline
+    src = DataSourceSpec(uri=str(one_line))
+    chunks = list(sources.iter_documents(src, sources.resolve_files(src)[0]))
+    assert len(chunks) >= 2 and max(len(c) for c in chunks) <= 2 * sources.TEXT_CHUNK_CHARS
+    big = tmp_path / "big.jsonl"
+    big.write_text('{"text": "' + "x" * 1000 + '"}')
+    old = sources.MAX_RECORD_CHARS
+    sources.MAX_RECORD_CHARS = 100
+    try:
+        src = DataSourceSpec(uri=str(big))
+        with pytest.raises(DataError, match=r"big.jsonl:1: a record longer than 100 characters"):
+            list(sources.iter_rows(src, sources.resolve_files(src)[0]))
+    finally:
+        sources.MAX_RECORD_CHARS = old

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from pretrain.api.presets import MissingDimension, resolve_dims
 from pretrain.api.spec import PretrainJob, PretrainJobSpec
+from pretrain.data.sources import system_path
 
 #: Token ids a built-in byte tokenizer uses: 256 bytes and 4 special tokens.
 BYTE_VOCAB_SIZE = 260
@@ -359,6 +360,11 @@ def _check_data(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecErr
     ):
         for i, src in enumerate(sources):
             yield from _check_uri(f"spec.data.{field}[{i}].uri", src.uri, DATA_SCHEMES, check_backends)
+            if _scheme(src.uri) in ("", "file"):
+                where = system_path(src.uri.removeprefix("file://"))
+                if where is not None:
+                    yield SpecError(f"spec.data.{field}[{i}].uri",
+                                    f"lies in {where}, the machine's own files; a data source reads a corpus")  # fmt: skip
     if spec.data.cache_uri:
         yield from _check_uri("spec.data.cacheUri", spec.data.cache_uri, CHECKPOINT_SCHEMES, check_backends)
 

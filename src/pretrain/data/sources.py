@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
@@ -21,6 +24,8 @@ from pretrain.api.spec import DataSourceSpec
 
 #: Plain text is handed to the tokenizer in pieces of about this many characters.
 TEXT_CHUNK_CHARS = 1 << 20
+#: Longest JSONL record read: beyond this a "line" is not a record, and reading on would be unbounded.
+MAX_RECORD_CHARS = 64 << 20
 
 
 class DataError(ValueError):
@@ -39,6 +44,8 @@ class SourceFile:
 def _builtin_path(name: str) -> Path:
     from pretrain.corpora.tasks import GENERATED, generated_path
 
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name):
+        raise DataError(f"builtin://{name[:80]}: not a bundled corpus name")
     made = generated_path(name)
     if made is not None:
         return made
@@ -92,8 +99,37 @@ def _looks_like_files(uri: str) -> bool:
 def _file(fs: Any, path: str, info: dict[str, Any]) -> SourceFile:
     version = str(info.get("mtime") or info.get("ETag") or info.get("LastModified") or info.get("created") or "")
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    uri = path if protocol in ("file", "local") else f"{protocol}://{path}"
+    local = protocol in ("file", "local")
+    if local:
+        check_local_file(path)
+    uri = path if local else f"{protocol}://{path}"
     return SourceFile(uri, int(info.get("size") or 0), version)
+
+
+#: Where a corpus never is: the machine's own state. A data source there (`/proc/self/environ`
+#: with a bytes tokenizer decodes back to the pod's environment, credentials included) is refused,
+#: whatever path or symbolic link leads there.
+SYSTEM_PATHS = ("/proc", "/sys", "/dev", "/run", "/var/run", "/etc", "/boot")
+
+
+def system_path(path: str) -> str | None:
+    """The system folder `path` lies in (after normalising it), or None."""
+    norm = os.path.normpath(path)
+    return next((p for p in SYSTEM_PATHS if norm == p or norm.startswith(p + "/")), None)
+
+
+def check_local_file(path: str) -> None:
+    """A local data file must be a regular file outside the system folders (symlinks followed)."""
+    real = os.path.realpath(path)
+    where = system_path(real)
+    if where is not None:
+        raise DataError(f"{path}: lies in {where}, the machine's own files; a data source reads a corpus")
+    try:
+        mode = os.stat(real).st_mode
+    except OSError:
+        return  # missing: the reader says so
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a device, pipe or socket is not a corpus)")
 
 
 def source_fingerprint(src: DataSourceSpec, files: list[SourceFile]) -> str:
@@ -142,7 +178,7 @@ def iter_documents(src: DataSourceSpec, file: SourceFile) -> Iterator[str]:
             chunk = f.read(TEXT_CHUNK_CHARS)
             if not chunk:
                 break
-            tail = f.readline()  # end the chunk on a line boundary
+            tail = f.readline(TEXT_CHUNK_CHARS)  # end on a line boundary, or after one more chunk
             yield chunk + tail
 
 
@@ -163,10 +199,16 @@ def iter_rows(src: DataSourceSpec, file: SourceFile) -> Iterator[tuple[str, dict
             if fmt == "csv":
                 import csv
 
-                for lineno, row in enumerate(csv.DictReader(f), 2):
-                    yield f"{file.uri}:{lineno}", dict(row)
+                try:
+                    for lineno, row in enumerate(csv.DictReader(f), 2):
+                        yield f"{file.uri}:{lineno}", dict(row)
+                except csv.Error as e:
+                    raise DataError(f"{file.uri}: not readable as CSV ({e})") from None
                 return
-            for lineno, line in enumerate(f, 1):
+            for lineno, line in enumerate(iter(lambda: f.readline(MAX_RECORD_CHARS + 1), ""), 1):
+                if len(line) > MAX_RECORD_CHARS:
+                    raise DataError(f"{file.uri}:{lineno}: a record longer than {MAX_RECORD_CHARS} characters "
+                                    "(is this JSONL?)")  # fmt: skip
                 if not line.strip():
                     continue
                 try:
