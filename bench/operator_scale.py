@@ -12,8 +12,7 @@ Prints, each beside its target:
   median of several.
 
 The emulator runs in this process; it skips the official-schema check of built-in objects here
-(tests keep it on), and its settled heap is frozen out of Python's garbage collector before the
-steady-state window, so that the numbers are the operator's, not the emulator's. Pods
+(tests keep it on), so that the numbers are the operator's, not the emulator's validation. Pods
 are "run" by writing their status straight into the emulator's store (the kubelet is not what is
 measured); the operator sees those writes as watch events like any other.
 
@@ -24,7 +23,6 @@ measured); the operator sees those writes as watch events like any other.
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import statistics
 import sys
@@ -140,7 +138,6 @@ def main() -> None:
     ap.add_argument("--reconcile-interval", type=float, default=300.0, help="the operator's resync (its default)")
     ap.add_argument("--window", type=float, default=None, help="steady-state window (default: one resync period)")
     ap.add_argument("--failures", type=int, default=5)
-    ap.add_argument("--emulator-gc", action="store_true", help="leave the emulator's heap to the collector")
     args = ap.parse_args()
     window = args.window or args.reconcile_interval
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -173,12 +170,6 @@ def main() -> None:
              period=2)  # fmt: skip
         settle = 10.0
         time.sleep(settle)
-        # The emulator (this process) now holds 8,000 pods and its watch history: a full collection
-        # of that heap pauses the emulator, and with it every request the operator is waiting on,
-        # for 100-600 ms. Those pauses are the stand-in API server's, not the operator's: freeze the
-        # settled heap out of the collector (the operator process is left as it is).
-        if not args.emulator_gc:
-            gc.freeze()
 
         # 3. steady state: every request the operator makes over one resync period
         busy = reconcile_buckets(op.metrics_port)

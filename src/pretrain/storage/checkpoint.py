@@ -434,6 +434,44 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint.resume: {notes[-1]}")
         return None, notes
 
+    def start_policy(self, resume: int | str) -> tuple[int | None, list[str]]:
+        """Where a run starts, with the rules that keep one run's checkpoints from another's:
+
+        - debris of a crashed save (a step without manifest) is removed first; it is nobody's
+          checkpoint, and on a full disk it is what makes every rerun fail;
+        - `resume: never` needs an empty location: a fresh run beside an earlier run's
+          checkpoints would overwrite that run's steps, tokenizer and export, and its retention
+          would delete them; nothing is deleted, the run stops with the reason;
+        - when checkpoints exist and every one fails verification, the run stops too (loudly,
+          nothing loaded or deleted) instead of training from step 0 over them.
+        Called on rank 0 before anything is written."""
+        self.discard_incomplete()
+        complete = self.complete_steps()
+        if resume == "never":
+            if complete:
+                shown = ", ".join(str(s) for s in complete[-5:])
+                raise CheckpointError(
+                    f"checkpoint.resume is never, but {self.uri} holds checkpoints of an earlier run (steps {shown}): "
+                    "a fresh start needs an empty checkpoint.uri; nothing was deleted"
+                )
+            return None, []
+        step, notes = self.select(resume)
+        if step is None and notes:
+            raise CheckpointError(
+                f"every checkpoint in {self.uri} fails verification ({'; '.join(notes[:3])}): nothing was loaded "
+                "or deleted; move them away to start fresh"
+            )
+        return step, notes
+
+    def discard_incomplete(self) -> list[int]:
+        """Delete step folders without a manifest (only safe while no save is in flight)."""
+        gone = [s for s in self.steps() if self.manifest(s) is None]
+        for s in gone:
+            log.warning("removing %s: an incomplete checkpoint (a save that did not finish)", step_name(s))
+            with contextlib.suppress(FileNotFoundError):
+                self._retry("delete", functools.partial(self.fs.rm, self._join(step_name(s)), recursive=True))
+        return gone
+
     # ------------------------------------------------------------------ retention
 
     def _retain(self) -> None:

@@ -115,7 +115,13 @@ class Trainer:
             return AutoTokenizer.from_pretrained(str(init_dir))
         tok_dir = self.workdir / "tokenizer"
         if self.rank == 0:
-            if store.exists("tokenizer/tokenizer.json") and self.spec.checkpoint.resume != "never":
+            # A stored tokenizer is trusted only with a checkpoint to go with it: one left by a run
+            # that failed before its first checkpoint (an empty corpus) is rebuilt from this data.
+            if (
+                store.exists("tokenizer/tokenizer.json")
+                and self.spec.checkpoint.resume != "never"
+                and store.complete_steps()
+            ):
                 download_dir(f"{store.uri}/tokenizer", tok_dir, store.options, into=True)
             else:
                 sample = text_sample(self.spec.data, self.spec.tokenizer.sample_bytes)
@@ -169,12 +175,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def resume(self, engine: Any, store: CheckpointStore, loader: DistributedLoader) -> int:
-        """Load the checkpoint `checkpoint.resume` asks for; return the step to start at."""
+    def start_choice(self, store: CheckpointStore) -> int | None:
+        """The checkpoint step to resume from (None: a fresh start), decided by rank 0 with the
+        store's start policy and told to every rank; a refusal stops every rank with its reason."""
         choice: tuple[int | None, list[str], str | None] = (None, [], None)
         if self.rank == 0:
             try:
-                step, notes = store.select(self.spec.checkpoint.resume)
+                step, notes = store.start_policy(self.spec.checkpoint.resume)
                 choice = (step, notes, None)
             except CheckpointError as e:
                 choice = (None, [], str(e))
@@ -184,9 +191,11 @@ class Trainer:
         for note in notes:
             if self.rank == 0:
                 log.warning("resume: %s; falling back to an older checkpoint", note)
+        return None if step is None else int(step)
+
+    def resume(self, engine: Any, store: CheckpointStore, loader: DistributedLoader, step: int | None) -> int:
+        """Load checkpoint `step` (chosen by `start_choice`); return the step to start at."""
         if step is None:
-            if self.rank == 0 and self.spec.checkpoint.resume == "never" and store.complete_steps():
-                log.info("resume: never; starting fresh (existing checkpoints are kept)")
             return 0
         if self.local_rank == 0 and self.rank != 0:
             problem = store.verify(step, into=store.local_copy(step))
@@ -299,6 +308,7 @@ class Trainer:
         random.seed(t.seed)
 
         store = self.store()
+        start_choice = self.start_choice(store)  # before anything is written beside the checkpoints
         init_dir = self.fetch_init()
         tokenizer = self.build_tokenizer(store, init_dir)
         names: list[str] | None = None
@@ -333,7 +343,7 @@ class Trainer:
         n_params = sum(p.numel() for p in model.parameters())
         engine = self.build_engine(model)
         steps = total_steps(spec) or 1
-        start = self.resume(engine, store, loader)
+        start = self.resume(engine, store, loader, start_choice)
 
         seq = spec.data.sequence_length
         tokens_per_step = plan.global_batch * seq
