@@ -223,13 +223,17 @@ def test_start_policy_keeps_one_runs_checkpoints_from_another(store: CheckpointS
     write_fake(store, 30)
     store._publish_part(30)  # a save that died before its manifest (a full disk, kill -9)
     assert store.steps() == [10, 20, 30]
-    with pytest.raises(CheckpointError, match=r"resume is never, but .* holds checkpoints of an earlier run \(steps 10, 20\)"):
+    with pytest.raises(
+        CheckpointError, match=r"resume is never, but .* holds checkpoints of an earlier run \(steps 10, 20\)"
+    ):
         store.start_policy("never")
     assert store.steps() == [10, 20], "the debris is gone, the earlier run's checkpoints are not"
     assert store.start_policy("auto") == (20, [])
     for step in (10, 20):  # every checkpoint corrupt
         target = f"{store.root}/{step_name(step)}/model.pt"
         store.fs.pipe_file(target, b"garbage")
-    with pytest.raises(CheckpointError, match=r"every checkpoint in .* fails verification .*nothing was loaded or deleted"):
+    with pytest.raises(
+        CheckpointError, match=r"every checkpoint in .* fails verification .*nothing was loaded or deleted"
+    ):
         store.start_policy("auto")
     assert store.steps() == [10, 20]

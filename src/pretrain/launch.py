@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -54,6 +55,11 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
     ckpt.setdefault("uri", str(out / "checkpoints"))
     job = parse_job(doc)  # re-check batch arithmetic at this world size
     out.mkdir(parents=True, exist_ok=True)
+    locks = [hold_lock(out, "run folder")]  # released by the kernel when this process ends, however
+    ckpt_uri = job.spec.checkpoint.uri or ""
+    if "://" not in ckpt_uri and not Path(ckpt_uri).resolve().is_relative_to(out):
+        Path(ckpt_uri).mkdir(parents=True, exist_ok=True)
+        locks.append(hold_lock(Path(ckpt_uri), "checkpoint folder"))
     config = out / "job.json"
     config.write_text(job.model_dump_json(by_alias=True, exclude_none=True, indent=1))
     cmd = trainer_command(
@@ -85,9 +91,44 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
     raise UserError(f"training failed (exit code {code}); the trainer's last lines above say why")
 
 
+LOCK_FILE = ".pretrain-run.lock"
+
+
+def hold_lock(folder: Path, what: str) -> Any:
+    """An exclusive lock on `folder` for as long as this process lives: two `pretrain run` of one
+    job would mix one's weights with the other's optimizer state in the same checkpoints. The
+    kernel drops the lock when the process ends, even by kill -9."""
+    import fcntl
+
+    f = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held open until the process ends
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise UserError(f"{what} {shown(folder)} is in use by another `pretrain run` ({holder}); "
+                        "wait for it to end, or give this run its own --output") from None  # fmt: skip
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the launcher dies (even by kill -9), so that
+    torchrun stops its workers (they checkpoint on SIGTERM) instead of running on, orphaned."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: no parent-death signal
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 def _supervise(cmd: list[str], env: dict[str, str]) -> int:
     """Run torchrun, forwarding SIGTERM and Ctrl-C so the workers can checkpoint and exit."""
-    proc = subprocess.Popen(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
     interrupted = False
 
     def forward(signum: int, _frame: Any) -> None:
