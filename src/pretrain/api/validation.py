@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from pretrain.api.presets import MissingDimension, resolve_dims
 from pretrain.api.spec import PretrainJob, PretrainJobSpec
-from pretrain.data.sources import system_path
+from pretrain.storage.paths import system_path
 
 #: Token ids a built-in byte tokenizer uses: 256 bytes and 4 special tokens.
 BYTE_VOCAB_SIZE = 260

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.api.spec import DataSourceSpec
+from pretrain.storage.paths import system_path
 
 #: Plain text is handed to the tokenizer in pieces of about this many characters.
 TEXT_CHUNK_CHARS = 1 << 20
@@ -104,18 +105,6 @@ def _file(fs: Any, path: str, info: dict[str, Any]) -> SourceFile:
         check_local_file(path)
     uri = path if local else f"{protocol}://{path}"
     return SourceFile(uri, int(info.get("size") or 0), version)
-
-
-#: Where a corpus never is: the machine's own state. A data source there (`/proc/self/environ`
-#: with a bytes tokenizer decodes back to the pod's environment, credentials included) is refused,
-#: whatever path or symbolic link leads there.
-SYSTEM_PATHS = ("/proc", "/sys", "/dev", "/run", "/var/run", "/etc", "/boot")
-
-
-def system_path(path: str) -> str | None:
-    """The system folder `path` lies in (after normalising it), or None."""
-    norm = os.path.normpath(path)
-    return next((p for p in SYSTEM_PATHS if norm == p or norm.startswith(p + "/")), None)
 
 
 def check_local_file(path: str) -> None:

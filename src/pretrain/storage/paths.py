@@ -10,6 +10,7 @@ symbolic links already there are resolved.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path, PurePosixPath
 
 
@@ -38,3 +39,15 @@ def inside(base: Path, name: str, what: str = "file name") -> Path:
     if not target.resolve().is_relative_to(root):
         raise UnsafePath(f"{what} {name!r}: leads outside {base} through a symbolic link")
     return target
+
+
+#: Where a corpus never is: the machine's own state. A data source there (`/proc/self/environ`
+#: with a bytes tokenizer decodes back to the pod's environment, credentials included) is refused,
+#: whatever path or symbolic link leads there.
+SYSTEM_PATHS = ("/proc", "/sys", "/dev", "/run", "/var/run", "/etc", "/boot")
+
+
+def system_path(path: str) -> str | None:
+    """The system folder `path` lies in (after normalising it), or None."""
+    norm = os.path.normpath(path)
+    return next((p for p in SYSTEM_PATHS if norm == p or norm.startswith(p + "/")), None)

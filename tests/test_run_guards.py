@@ -1,0 +1,89 @@
+"""`pretrain run` guards a run's folders and its lineage (issue 16: data loss and corruption).
+
+Real runs through torchrun (the smallest model): two runs of one job at once, kill -9 of the
+launcher, a failed first run's leftovers, and `resume: never` beside an earlier run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.conftest import subprocess_env
+from tests.test_trainer import _wait_for_step
+from tests.trainer_runs import command, run_job
+
+SLOW = ["model.hidden=128", "model.heads=4", "model.intermediate=256", "model.maxPositions=256",
+        "data.sequenceLength=256", "training.maxSteps=400", "checkpoint.intervalSteps=2"]  # fmt: skip
+
+
+def processes_of(folder: Path) -> list[psutil.Process]:
+    """Live processes whose command line names `folder` (the launcher, torchrun, the workers)."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] != psutil.STATUS_ZOMBIE and any(str(folder) in a for a in p.info["cmdline"] or []):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def test_one_run_per_folder_and_no_orphans_after_kill_9(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    first = subprocess.Popen(command(out, SLOW), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=subprocess_env(out), cwd=out)  # fmt: skip
+    try:
+        _wait_for_step(out / "work" / "train_log.jsonl", 3, first)
+        second = run_job(out, SLOW, timeout=120)
+        assert second.proc.returncode == 1, second.output[-2000:]
+        last = second.proc.stderr.strip().splitlines()[-1]
+        assert "is in use by another `pretrain run` (pid" in last and last.startswith("error: "), last
+        assert first.poll() is None, "the running job is untouched"
+        assert len(processes_of(out)) >= 3, "launcher, torchrun and workers"
+        os.kill(first.pid, signal.SIGKILL)  # the launcher alone, as an OOM killer or a closed terminal would
+        first.wait(10)
+        deadline = time.monotonic() + 120
+        while processes_of(out) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert processes_of(out) == [], "torchrun and its workers stop with the launcher"
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for p in processes_of(out):
+            p.kill()
+    saved = sorted(int(p.parent.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*/manifest.json"))
+    assert saved, "the killed run's workers saved checkpoints"
+    third = run_job(out, [*SLOW[:-2], f"training.maxSteps={saved[-1] + 2}", "checkpoint.intervalSteps=2"])
+    assert third.proc.returncode == 0, third.output[-3000:]
+    assert f"(step {saved[-1]})" in third.output, "the killed run's last checkpoint is taken up"
+
+
+def test_a_failed_first_run_leaves_nothing_the_next_one_trusts(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    ckpt = tmp_path / "ckpt"
+    chars = ["tokenizer.type=chars", f"checkpoint.uri={ckpt}"]
+    failed = run_job(tmp_path / "first", [*chars, f"data.sources.0.uri={empty}"])
+    assert failed.proc.returncode == 1 and "too little text" in failed.output
+    vocab = json.loads((ckpt / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) <= 4, "the failed run left a tokenizer of specials only"
+    good = run_job(tmp_path / "second", [*chars, "training.maxSteps=4"])
+    assert good.proc.returncode == 0, good.output[-3000:]
+    vocab = json.loads((ckpt / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert len(vocab) > 30, "rebuilt from this run's corpus, not reused"
+
+    # resume: never beside those checkpoints is refused; nothing is deleted
+    before = sorted(p.name for p in ckpt.iterdir())
+    fresh = run_job(tmp_path / "third", [*chars, "training.maxSteps=4", "checkpoint.resume=never"])
+    assert fresh.proc.returncode == 1
+    last = fresh.proc.stderr.strip().splitlines()[-1]
+    assert "holds checkpoints of an earlier run (steps 4)" in fresh.output, fresh.output[-2000:]
+    assert last.startswith("error: "), last
+    assert sorted(p.name for p in ckpt.iterdir()) == before
