@@ -352,3 +352,31 @@ def test_an_unschedulable_gang_is_suspended_when_the_spec_says_so(env: Env) -> N
     env.kubectl("patch", "ptj", name, "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
     env.wait(lambda: env.children(name)["pods"] == [f"{name}-a2-n0"], "a new attempt after the resume", timeout=30)
     env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_the_deadline_counts_running_time_and_pods_form_a_kueue_group(env: Env) -> None:
+    """Suspended for longer than the whole deadline, the job resumes and runs on; it fails with
+    DeadlineExceeded only once its running time is used up. Its pods form a Kueue pod group."""
+    import time
+
+    name = "deadline"
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"resources.nodes": 2, "resources.procsPerNode": 1,
+                                                            "checkpoint.uri": "s3://b/c", "resources.queueName": "team-a",
+                                                            "runPolicy.activeDeadlineSeconds": 6}))  # fmt: skip
+    env.wait(lambda: len(env.children(name)["pods"]) == 2, "two pods")
+    pods = [p for p in env.api.objects("pods") if p["metadata"]["labels"].get("pretrain.io/job-name") == name]
+    assert {p["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] for p in pods} == {"team-a"}
+    assert {p["metadata"]["labels"]["kueue.x-k8s.io/pod-group-name"] for p in pods} == {f"{name}-a1"}
+    assert {p["metadata"]["annotations"]["kueue.x-k8s.io/pod-group-total-count"] for p in pods} == {"2"}
+    env.kubectl("patch", "ptj", name, "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": true}}}')
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Suspended", "phase Suspended")
+    time.sleep(8)  # longer than the whole deadline
+    env.wait(lambda: env.children(name)["pods"] == [], "the pods gone")
+    env.kubectl("patch", "ptj", name, "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
+    env.wait(lambda: env.children(name)["pods"] == [f"{name}-a2-n0", f"{name}-a2-n1"], "attempt 2")
+    status = env.job(name)["status"]
+    assert status["phase"] == "Pending" and status["suspendedSeconds"] >= 8, status
+    env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Failed", "DeadlineExceeded", timeout=30)
+    failed = next(c for c in env.job(name)["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "DeadlineExceeded"
+    env.kubectl("delete", "ptj", name, timeout=60)
