@@ -239,6 +239,10 @@ class Kubelet:
         env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
         env["HOME"] = str(mounts.get("/workspace", base))
         env["TMPDIR"] = str(mounts.get("/tmp", base))
+        # The kubelet mounts a file at the container's terminationMessagePath (/dev/termination-log)
+        # and reads it when the container ends; a process cannot be given /dev, so the trainer is
+        # pointed at the pod's own file instead.
+        env["PRETRAIN_TERMINATION_LOG"] = str(base / "termination-log")
         env.update(self.extra_env)
         c = pod["spec"]["containers"][0]
         argv = [expand(a, env) for a in [*c["command"], *c.get("args", [])]]
@@ -266,7 +270,11 @@ class Kubelet:
         exit_code = code if code >= 0 else 128 - code
         term: dict[str, Any] = {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
                                 "startedAt": pp.started, "finishedAt": _now()}  # fmt: skip
-        if exit_code != 0 and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        written = pp.log.parent / "termination-log"
+        message = written.read_text(errors="replace")[:4096].strip() if written.is_file() else ""
+        if message:
+            term["message"] = message
+        elif exit_code != 0 and c.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             lines = pp.log.read_text(errors="replace").splitlines()[-80:]
             term["message"] = "\n".join(lines)[-2048:]
         ready = [{"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": _now()}

@@ -6,11 +6,13 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from pretrain.cli import main
 from pretrain.storage.checkpoint import CheckpointStore
 from tests.conftest import ROOT
+from tests.s3server import S3
 
 TINY = str(ROOT / "examples" / "tiny-cpu.yaml")
 
@@ -63,10 +65,31 @@ def test_checkpoints_list_and_verify(tmp_path: Path) -> None:
     assert "complete" in lines[1] and "complete" in lines[2] and "incomplete" in lines[3]
     ok = CliRunner().invoke(main, ["checkpoints", "verify", uri, "--step", "20"])
     assert ok.exit_code == 0 and "step-00000020: ok" in ok.stdout
+    # a save that did not finish (kill -9 mid-save) is reported, not a failure, unless --strict
+    crashed = CliRunner().invoke(main, ["checkpoints", "verify", uri])
+    assert crashed.exit_code == 0, crashed.output
+    assert "step-00000030: incomplete" in crashed.stdout and "resume takes step-00000020" in crashed.stdout
+    assert CliRunner().invoke(main, ["checkpoints", "verify", uri, "--strict"]).exit_code == 1
     data = bytearray((Path(uri) / "step-00000020" / "model.pt").read_bytes())
     data[0] ^= 1
     (Path(uri) / "step-00000020" / "model.pt").write_bytes(bytes(data))
     bad = CliRunner().invoke(main, ["checkpoints", "verify", uri, "--step", "20"])
     assert bad.exit_code == 1 and "fails its sha256 check" in bad.stdout
+    newest_bad = CliRunner().invoke(main, ["checkpoints", "verify", uri])
+    assert newest_bad.exit_code == 1 and "resume takes step-00000010" in newest_bad.stdout
     manifest = json.loads((Path(uri) / "step-00000010" / "manifest.json").read_text())
     assert manifest["files"]["model.pt"]["size"] == 1000
+
+
+def test_wrong_credentials_are_one_line(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`checkpoints list|verify` and `generate` against a bucket the credentials cannot read."""
+    bucket = s3.bucket(f"private-{os.urandom(3).hex()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    for args in (["checkpoints", "list", f"s3://{bucket}/x"], ["checkpoints", "verify", f"s3://{bucket}/x"],
+                 ["generate", "--model", f"s3://{bucket}/x/final", "--prompt", "a"]):  # fmt: skip
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 1, (args, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
+        assert "Traceback" not in r.output

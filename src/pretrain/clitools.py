@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +41,13 @@ def friendly_errors(func: F) -> F:
             fail(str(e))
         except (CheckpointError, DataError, UnsafePath) as e:  # their messages name what and why
             fail(str(e))
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # wrong credentials, an unreachable endpoint...: one line, not a traceback
+            if os.environ.get("PRETRAIN_DEBUG"):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            fail(f"{type(e).__name__}: {first[:300]} (PRETRAIN_DEBUG=1 shows the traceback)")
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -74,6 +74,10 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
     tmp = out / "tmp"  # torchelastic leaves folders in TMPDIR
     tmp.mkdir(exist_ok=True)
     env["TMPDIR"] = str(tmp)
+    reason_file = out / "work" / "termination.log"  # the trainer's one-line reason, if it fails
+    reason_file.parent.mkdir(parents=True, exist_ok=True)
+    reason_file.unlink(missing_ok=True)
+    env["PRETRAIN_TERMINATION_LOG"] = str(reason_file)
     click.echo(f"run folder: {shown(out)}", err=True)
     click.echo(f"checkpoints: {shown(job.spec.checkpoint.uri or '')}", err=True)
     click.echo(f"metrics: http://127.0.0.1:{job.spec.monitoring.metrics_port}/metrics (rank 0)", err=True)
@@ -88,6 +92,9 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
     if code in (130, -signal.SIGINT, 128 + signal.SIGTERM):
         click.echo("stopped: the last checkpoint was saved; run the same command again to resume", err=True)
         sys.exit(130)
+    reason = reason_file.read_text().strip() if reason_file.is_file() else ""
+    if reason:
+        raise UserError(reason)  # the trainer's own words, as the last line
     raise UserError(f"training failed (exit code {code}); the trainer's last lines above say why")
 
 

@@ -44,20 +44,37 @@ def list_(uri: str) -> None:
 @checkpoints.command("verify")
 @click.argument("uri")
 @click.option("--step", type=int, default=None, help="Only this step (default: all).")
+@click.option("--strict", is_flag=True, help="Exit 1 on any problem, an unfinished save included.")
 @friendly_errors
-def verify(uri: str, step: int | None) -> None:
-    """Check every file of every checkpoint against its manifest (size and sha256). Exit 1 if the
-    newest checkpoint, or the one named by --step, fails."""
+def verify(uri: str, step: int | None, strict: bool) -> None:
+    """Check every file of every checkpoint against its manifest (size and sha256).
+
+    Exit 1 when the step named by --step fails, when no checkpoint is usable, or when the newest
+    complete checkpoint is corrupt. A save that did not finish (no manifest: kill -9 mid-save) is
+    reported but is not a failure: resume skips it, and the next run removes it."""
     store = _store(uri)
     steps = [step] if step is not None else store.steps()
     if not steps:
         click.echo(f"error: {uri}: no checkpoints", err=True)
         sys.exit(1)
-    bad = []
+    incomplete: list[int] = []
+    bad: list[int] = []
+    good: list[int] = []
     for s in steps:
+        if store.manifest(s) is None:
+            incomplete.append(s)
+            click.echo(f"{step_name(s)}: incomplete (a save that did not finish; resume skips it)")
+            continue
         problem = store.verify(s)
         click.echo(f"{step_name(s)}: {'ok' if problem is None else 'BAD: ' + problem}")
-        if problem is not None:
-            bad.append(s)
-    if bad and (step is not None or max(steps) in bad):
+        (good if problem is None else bad).append(s)
+    if good:
+        click.echo(f"resume takes {step_name(max(good))}")
+    failed = (
+        (step is not None and step not in good)
+        or not good
+        or (bad and max(bad) > max(good))
+        or (strict and (bad or incomplete))
+    )
+    if failed:
         sys.exit(1)

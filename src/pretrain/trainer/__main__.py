@@ -33,6 +33,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: Where the one-line reason of a failure goes: the container's termination message in a pod
+#: (Kubernetes shows it in `kubectl describe pod`, the operator in the job's status), a file in
+#: the run folder under `pretrain run` (which prints it as its last line).
+TERMINATION_LOG = "/dev/termination-log"
+
+
+def report(reason: str) -> None:
+    """Log `error: <reason>` and leave it as the termination message (the first rank's wins)."""
+    log.error("error: %s", reason)
+    path = os.environ.get("PRETRAIN_TERMINATION_LOG")
+    if not path:
+        if not os.path.exists(TERMINATION_LOG):  # not in a pod: nothing to create under /dev
+            return
+        path = TERMINATION_LOG
+    try:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            return
+        with open(path, "a") as f:
+            f.write(reason.strip().splitlines()[0][:1000] + "\n")
+    except OSError:
+        pass  # not in a pod and not under `pretrain run`: the log line is all there is
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
@@ -47,10 +70,10 @@ def main(argv: list[str] | None = None) -> int:
         doc = json.loads(text) if text.lstrip().startswith("{") else read_document(text, args.config)
         job = parse_job(doc)
     except (OSError, json.JSONDecodeError) as e:
-        log.error("error: cannot read the job config %s: %s", args.config, e)
+        report(f"cannot read the job config {args.config}: {e}")
         return 1
     except SpecError as e:
-        log.error("error: invalid job config %s: %s", args.config, e)
+        report(f"invalid job config {args.config}: {e}")
         return 1
     if job.spec.resources.accelerator == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -66,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         code = train() or 0
         return code
     except (DataError, CheckpointError, SpecError) as e:
-        log.error("error: %s", e)
+        report(str(e))
         return 1
     except Exception as e:
         log.exception("training failed")
-        log.error("error: training failed: %s: %s", e.__class__.__name__, e)
+        report(f"training failed: {e.__class__.__name__}: {str(e).strip()[:500]}")
         return 2
 
 
