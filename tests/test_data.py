@@ -371,3 +371,16 @@ def test_reads_are_bounded_without_newlines(tmp_path: Path) -> None:
             list(sources.iter_rows(src, sources.resolve_files(src)[0]))
     finally:
         sources.MAX_RECORD_CHARS = old
+
+
+def test_a_failed_or_killed_preparation_leaves_no_partial_folder(tmp_path: Path, corpus: Path) -> None:
+    tok = bytes_tokenizer()
+    (tmp_path / "empty.txt").write_text("")
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError):
+        prepare(data_spec(str(tmp_path / "empty.txt")), tok, fingerprint(tok), cache)
+    assert list(cache.glob(".*partial*")) == [], "a failed preparation cleans up"
+    dead = cache / ".0123456789abcdef.partial-999999999"  # a preparation killed with its process
+    (dead / "train").mkdir(parents=True)
+    prepare(data_spec(str(corpus)), tok, fingerprint(tok), cache)
+    assert not dead.exists()

@@ -239,13 +239,18 @@ def prepare(
     dtype = token_dtype(vocab)
     seq = spec.sequence_length
     work = cache_dir / f".{fp}.partial-{os.getpid()}"
+    _remove_dead_partials(cache_dir)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    train = _ShardWriter(work, "train", dtype, seq, shard_rows)
-    val = _ShardWriter(work, "val", dtype, seq, shard_rows)
-    with BatchEncoder(tokenizer, dtype) as encoder:
-        source_entries = _pack_sources(spec, inputs, encoder, work, train, val)
-    train_shards, val_shards = train.close(), val.close()
+    try:
+        train = _ShardWriter(work, "train", dtype, seq, shard_rows)
+        val = _ShardWriter(work, "val", dtype, seq, shard_rows)
+        with BatchEncoder(tokenizer, dtype) as encoder:
+            source_entries = _pack_sources(spec, inputs, encoder, work, train, val)
+        train_shards, val_shards = train.close(), val.close()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # a failed preparation leaves nothing behind
+        raise
     manifest = {
         "format_version": FORMAT_VERSION,
         "fingerprint": fp,
@@ -270,6 +275,22 @@ def prepare(
         return target
     work.rename(target)
     return target
+
+
+def _remove_dead_partials(cache_dir: Path) -> None:
+    """Remove `.<fp>.partial-<pid>` folders whose process is gone (killed mid-preparation)."""
+    if not cache_dir.is_dir():
+        return
+    for partial in cache_dir.glob(".*.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(partial, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def prepare_cached(

@@ -448,7 +448,9 @@ class Trainer:
             summary = {"step": step, "train_loss": loss, "eval_loss": eval_loss, "final": uri,
                        "eval": {k: v for k, v in final_eval.items() if k != "loss"}}  # fmt: skip
             log.info("done: %s", json.dumps({**summary, "final": shown(uri) if uri else None}))
-            (self.workdir / "result.json").write_text(json.dumps(summary))
+            # No NaN in result.json (a run resumed at its last step trained no step): null instead.
+            clean = json.loads(json.dumps(summary), parse_constant=lambda _: None)
+            (self.workdir / "result.json").write_text(json.dumps(clean, allow_nan=False))
         metrics.close()
         return 0
 
