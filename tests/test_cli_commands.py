@@ -84,8 +84,12 @@ def test_checkpoints_list_and_verify(tmp_path: Path) -> None:
 def test_wrong_credentials_are_one_line(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`checkpoints list|verify` and `generate` against a bucket the credentials cannot read."""
     bucket = s3.bucket(f"private-{os.urandom(3).hex()}")
+    import s3fs
+
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: connection refused
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec reuses filesystems: this one must see the bad endpoint
+    monkeypatch.setattr(s3fs.S3FileSystem, "cachable", False)
     for args in (["checkpoints", "list", f"s3://{bucket}/x"], ["checkpoints", "verify", f"s3://{bucket}/x"],
                  ["generate", "--model", f"s3://{bucket}/x/final", "--prompt", "a"]):  # fmt: skip
         r = CliRunner().invoke(main, args)
@@ -93,3 +97,40 @@ def test_wrong_credentials_are_one_line(s3: S3, tmp_path: Path, monkeypatch: pyt
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, r.stderr)
         assert "Traceback" not in r.output
+
+
+def test_torchruns_failure_report_is_kept_from_the_screen() -> None:
+    """The report filter passes log lines and a live progress bar through, and keeps tracebacks,
+    elastic error lines and the ChildFailedError banner for the log file (or --verbose)."""
+    from pretrain.runlog import ReportFilter
+
+    shown: list[bytes] = []
+    kept: list[bytes] = []
+    f = ReportFilter(shown.append, kept.append)
+    f.feed(b"[rank 0] step 1 loss 5.5\n\rtrain:  10%|#")
+    assert b"".join(shown).endswith(b"\rtrain:  10%|#"), "a progress bar is shown before its line ends"
+    f.feed(b"         | 1/10\n")
+    report = (
+        b"[rank 0] error: data.sources[0]: too little text\n"
+        b"E1129 06:00:00.123000 1234 torch/distributed/elastic/multiprocessing/api.py:882] failed (exitcode: 1)\n"
+        b'Traceback (most recent call last):\n  File "torchrun", line 8, in <module>\n    sys.exit(main())\n'
+        b"torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+        b"============================================================\npretrain.trainer FAILED\n"
+        b"------------------------------------------------------------\nRoot Cause (first observed failure):\n"
+        b"============================================================\n"
+    )
+    f.feed(report[:50])
+    f.feed(report[50:])
+    f.feed(b"run folder done\n")
+    f.close()
+    text = b"".join(shown).decode()
+    assert "too little text" in text and "run folder done" in text and "step 1 loss" in text
+    assert "Traceback" not in text and "ChildFailedError" not in text and "E1129" not in text
+    assert "Root Cause" not in text and "=====" not in text
+    assert f.hidden == 10
+    assert b"".join(kept).endswith(report + b"run folder done\n"), "the log keeps everything"
+    loud: list[bytes] = []
+    v = ReportFilter(loud.append, lambda b: None, verbose=True)
+    v.feed(report)
+    v.close()
+    assert b"".join(loud) == report

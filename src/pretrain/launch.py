@@ -33,9 +33,14 @@ def free_port() -> int:
     default=None,
     help="Run folder (default ./runs/<name>).",
 )
+@click.option(
+    "--verbose",
+    is_flag=True,
+    help="Also show torchrun's failure report (tracebacks); it is always in work/launcher.log.",
+)
 @set_option
 @friendly_errors
-def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str, ...]) -> None:
+def run(file: Path, nproc: int | None, output: Path | None, verbose: bool, overrides: tuple[str, ...]) -> None:
     """Run a PretrainJob on this machine with torchrun (CPU or GPU).
 
     A second run of the same job resumes from its newest verified checkpoint. Ctrl-C or SIGTERM
@@ -81,7 +86,8 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
     click.echo(f"run folder: {shown(out)}", err=True)
     click.echo(f"checkpoints: {shown(job.spec.checkpoint.uri or '')}", err=True)
     click.echo(f"metrics: http://127.0.0.1:{job.spec.monitoring.metrics_port}/metrics (rank 0)", err=True)
-    code = _supervise([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env)
+    code, hidden = _supervise([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env,
+                              out / "work" / "launcher.log", verbose)  # fmt: skip
     if code == 0:
         final = f"{job.spec.checkpoint.uri}/final"
         if (Path(final) / "config.json").exists() or "://" in final:
@@ -93,6 +99,9 @@ def run(file: Path, nproc: int | None, output: Path | None, overrides: tuple[str
         click.echo("stopped: the last checkpoint was saved; run the same command again to resume", err=True)
         sys.exit(130)
     reason = reason_file.read_text().strip() if reason_file.is_file() else ""
+    if hidden:
+        click.echo(f"(torchrun's failure report, {hidden} lines: {shown(out / 'work' / 'launcher.log')}, "
+                   "or run again with --verbose)", err=True)  # fmt: skip
     if reason:
         raise UserError(reason)  # the trainer's own words, as the last line
     raise UserError(f"training failed (exit code {code}); the trainer's last lines above say why")
@@ -133,9 +142,29 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
 
 
-def _supervise(cmd: list[str], env: dict[str, str]) -> int:
-    """Run torchrun, forwarding SIGTERM and Ctrl-C so the workers can checkpoint and exit."""
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent)
+def _supervise(cmd: list[str], env: dict[str, str], log_path: Path, verbose: bool) -> tuple[int, int]:
+    """Run torchrun, forwarding SIGTERM and Ctrl-C so the workers can checkpoint and exit. Its
+    output goes through runlog.ReportFilter (everything into `log_path`). Returns the exit code
+    and how many lines of failure report were kept from the screen."""
+    import threading
+
+    from pretrain.runlog import pump
+
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = open(log_path, "ab")  # noqa: SIM115 - closed below, after both pumps end
+    lock = threading.Lock()
+
+    def keep(b: bytes) -> None:
+        with lock:
+            log.write(b)
+
+    filters: list[Any] = []
+    pumps = [
+        threading.Thread(target=lambda s=s, o=o: filters.append(pump(s, o, keep, verbose)), daemon=True)
+        for s, o in ((proc.stdout, sys.stdout.buffer), (proc.stderr, sys.stderr.buffer))
+    ]
+    for t in pumps:
+        t.start()
     interrupted = False
 
     def forward(signum: int, _frame: Any) -> None:
@@ -156,7 +185,11 @@ def _supervise(cmd: list[str], env: dict[str, str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-    return 130 if interrupted else code
+        for t in pumps:
+            t.join(30)
+        log.close()
+    hidden = sum(f.hidden for f in filters)
+    return (130 if interrupted else code), hidden
 
 
 def load_export(model_uri: str) -> Path:
