@@ -237,3 +237,18 @@ def test_start_policy_keeps_one_runs_checkpoints_from_another(store: CheckpointS
     ):
         store.start_policy("auto")
     assert store.steps() == [10, 20]
+
+
+def test_uploader_process_logs_with_time_and_rank() -> None:
+    import subprocess
+    import sys
+
+    code = ("import logging; from pretrain.storage.checkpoint import _uploader_init; _uploader_init(); "
+            "logging.getLogger('pretrain.checkpoint').warning('upload of x failed; retrying in 1s')")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "RANK": "3"},
+                          check=False)  # fmt: skip
+    import re
+
+    assert re.fullmatch(
+        r"\d\d:\d\d:\d\d \[rank 3\] WARNING pretrain.checkpoint: upload of x failed; retrying in 1s\n", proc.stderr
+    ), proc.stderr

@@ -55,11 +55,18 @@ def _background_priority() -> None:
 
 
 def _uploader_init() -> None:
-    """Start of the uploader process: low CPU priority, and gone when its parent is gone."""
+    """Start of the uploader process: low CPU priority, gone when its parent is gone, and log
+    lines (upload retries) in the trainer's format, with the time and the rank."""
     import ctypes
     import os
     import signal
+    import sys
 
+    rank = os.environ.get("RANK", "0")
+    logging.basicConfig(
+        level=logging.INFO if rank == "0" else logging.WARNING, stream=sys.stderr, force=True,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+    )  # fmt: skip
     with contextlib.suppress(OSError):
         os.nice(10)
     with contextlib.suppress(OSError, AttributeError):
