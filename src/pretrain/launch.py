@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -135,11 +134,9 @@ def hold_lock(folder: Path, what: str) -> Any:
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM when the launcher dies (even by kill -9), so that
     torchrun stops its workers (they checkpoint on SIGTERM) instead of running on, orphaned."""
-    import ctypes
+    from pretrain.proc import die_with_parent
 
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):  # not Linux: no parent-death signal
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    die_with_parent(signal.SIGTERM)
 
 
 def _supervise(cmd: list[str], env: dict[str, str], log_path: Path, verbose: bool) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pretrain.proc import die_with_parent
 from pretrain.storage.paths import UnsafePath, inside, relative_name
 
 log = logging.getLogger("pretrain.checkpoint")
@@ -57,7 +58,6 @@ def _background_priority() -> None:
 def _uploader_init() -> None:
     """Start of the uploader process: low CPU priority, gone when its parent is gone, and log
     lines (upload retries) in the trainer's format, with the time and the rank."""
-    import ctypes
     import os
     import signal
     import sys
@@ -69,8 +69,7 @@ def _uploader_init() -> None:
     )  # fmt: skip
     with contextlib.suppress(OSError):
         os.nice(10)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    die_with_parent(signal.SIGKILL)
 
 
 def _publish_in_process(kwargs: dict[str, Any], step: int) -> int:

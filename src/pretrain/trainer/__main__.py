@@ -11,12 +11,14 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 from pretrain.api.validation import SpecError, parse_job
 from pretrain.data.sources import DataError
+from pretrain.proc import die_with_parent
 from pretrain.storage.checkpoint import CheckpointError
 
 log = logging.getLogger("pretrain.trainer")
@@ -57,6 +59,9 @@ def report(reason: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # torchrun starts its workers in sessions of their own: if torchrun itself is killed (-9, the
+    # OOM killer), nothing else would stop them.
+    die_with_parent(signal.SIGKILL)
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     from pretrain.trainer.loop import configure_logging
