@@ -14,7 +14,10 @@ from pathlib import Path
 
 import psutil
 
+from pretrain.storage.checkpoint import CheckpointStore
+from pretrain.storage.lease import LEASE_FILE
 from tests.conftest import subprocess_env
+from tests.s3server import S3
 from tests.test_trainer import _wait_for_step
 from tests.trainer_runs import command, run_job
 
@@ -89,3 +92,40 @@ def test_a_failed_first_run_leaves_nothing_the_next_one_trusts(tmp_path: Path) -
     assert "holds checkpoints of an earlier run (steps 4)" in fresh.output, fresh.output[-2000:]
     assert last.startswith("error: "), last
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_two_runs_on_one_remote_checkpoint_uri(tmp_path: Path, s3: S3) -> None:
+    """Two runs on two machines would name one bucket prefix; the flock cannot see that, the
+    checkpoint lease does. A restart of the same run takes its lease over at once."""
+    uri = f"s3://{s3.bucket(f'shared-{os.urandom(3).hex()}')}/job"
+    first_out, other_out = tmp_path / "first", tmp_path / "other"
+    first_out.mkdir()
+    first = subprocess.Popen(command(first_out, [*SLOW, f"checkpoint.uri={uri}"]), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=subprocess_env(first_out), cwd=first_out,
+                             start_new_session=True)  # fmt: skip
+    try:
+        _wait_for_step(first_out / "work" / "train_log.jsonl", 3, first)
+        other = run_job(other_out, [*SLOW, f"checkpoint.uri={uri}"], timeout=120)
+        assert other.proc.returncode == 1, other.output[-2000:]
+        last = other.proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: checkpoint.uri {uri} is in use by another run: held by local run "), last
+        assert f"{first_out / 'work'}" in last and "two runs must not share a checkpoint folder" in last, last
+        assert not other.log, "the refused run trained no step"
+        assert first.poll() is None, "the first run goes on"
+        os.killpg(first.pid, signal.SIGKILL)  # the whole tree: nothing releases the lease
+        first.wait(10)
+        deadline = time.monotonic() + 60
+        while processes_of(first_out) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    store = CheckpointStore(uri, workdir=tmp_path / "inspect")
+    assert store.exists(LEASE_FILE), "kill -9 left the lease behind"
+    saved = store.complete_steps()
+    assert saved
+    again = run_job(first_out, [*SLOW[:-2], f"training.maxSteps={saved[-1] + 2}", "checkpoint.intervalSteps=2",
+                                f"checkpoint.uri={uri}"])  # fmt: skip
+    assert again.proc.returncode == 0, again.output[-3000:]
+    assert f"(step {saved[-1]})" in again.output, "the same run takes its own lease over and resumes at once"
+    assert not store.exists(LEASE_FILE), "a finished run releases the lease"

@@ -152,6 +152,8 @@ def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: in
         {"name": "NODE_RANK", "value": str(rank)},
         {"name": "PRETRAIN_MASTER_ADDR", "value": master_addr(name, namespace, attempt)},
         {"name": "PRETRAIN_JOB_NAME", "value": name},
+        # The job's identity for the checkpoint lease: every attempt of this job may take it over.
+        {"name": "PRETRAIN_JOB_UID", "value": uid},
         {"name": "PRETRAIN_ATTEMPT", "value": str(attempt)},
         {"name": "PRETRAIN_WORKDIR", "value": POD_WORKDIR},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},

@@ -15,11 +15,13 @@ of DeepSpeed or torch: the trainer writes files into `staging_dir(step)` and cal
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import re
 import shutil
 import threading
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.proc import die_with_parent
+from pretrain.storage.lease import LEASE_FILE, CheckpointLease, LeaseError
 from pretrain.storage.paths import UnsafePath, inside, relative_name
 
 log = logging.getLogger("pretrain.checkpoint")
@@ -115,9 +118,31 @@ def is_transient(e: BaseException) -> bool:
     (OSError for fsspec's own, botocore/aiohttp/google classes by name)."""
     if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
         return False
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        return False  # a full disk does not empty itself between retries
     if isinstance(e, OSError | TimeoutError | ConnectionError):
         return True
     return any(word in cls.__name__ for cls in type(e).__mro__ for word in _TRANSIENT_WORDS)
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def out_of_space(where: Path) -> str | None:
+    """Say so when the failure `e` of a write under `where` is a full disk: the disk holding it is
+    left with almost nothing free (under 64 MiB and under 5% of its size). Judged by the disk,
+    not by the error, since torch's writer reports a full disk as "unexpected pos 161856 vs
+    161744", and an ENOSPC does not say which of a run's disks it came from."""
+    probe = where
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return None
+    if usage.free >= min(64 << 20, usage.total // 20):
+        return None  # an ENOSPC from this error came from another disk, or it was something else
+    return f"no space left on the disk holding {where} ({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB)"
 
 
 def with_retries(
@@ -192,6 +217,7 @@ class CheckpointStore:
         self._inflight: Future[None] | None = None
         self._lock = threading.Lock()
         self._fs: Any = None
+        self._lease: CheckpointLease | None = None
 
     # ------------------------------------------------------------------ fsspec plumbing
 
@@ -223,6 +249,67 @@ class CheckpointStore:
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
         return with_retries(what, fn, attempts=self.retry_attempts, base_delay=self.retry_base_delay)
+
+    def _create_exclusive(self, path: str, data: bytes) -> None:
+        """Write a small object only where none is (FileExistsError otherwise): O_EXCL on a local
+        disk, a conditional put (If-None-Match) where the store's fsspec driver has one."""
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except BaseException:
+                os.unlink(path)  # ours, and empty or cut short (a full disk): leave nothing behind
+                raise
+            return
+        self.fs.pipe_file(path, data, mode="create")  # s3fs: If-None-Match, a 412 as FileExistsError
+
+    # ------------------------------------------------------------------ the lease (one writer at a time)
+
+    def acquire_lease(self, holder: str, *, duration: float | None = None, settle: float = 0.5) -> None:
+        """Take this location's lease for `holder` and keep renewing it (global rank 0, before
+        anything is read or written here), or raise CheckpointError naming who holds it."""
+        lease = CheckpointLease(
+            self.fs, self._join(LEASE_FILE), holder, exclusive_create=self._create_exclusive, duration=duration,
+            settle=settle,
+        )  # fmt: skip
+        try:
+            try:
+                self._retry("take the checkpoint lease", lease.acquire)
+            except OSError as e:
+                # A full disk cannot take even the lease, and the debris of the save that filled
+                # it is what a rerun must remove. The lease was free when the write failed (it is
+                # checked first), so that debris is nobody's save in flight.
+                if e.errno not in _FULL_ERRNOS:
+                    raise
+                log.warning("no room for the checkpoint lease in %s: removing unfinished saves first", self.uri)
+                if not self.discard_incomplete():
+                    raise
+                lease.acquire()
+        except LeaseError as e:
+            raise CheckpointError(
+                f"checkpoint.uri {self.uri} is in use by another run: {e}; two runs must not share a checkpoint "
+                "folder (give this one its own checkpoint.uri, or stop the other)"
+            ) from None
+        lease.start()
+        self._lease = lease
+
+    def lease_problem(self) -> str | None:
+        """Why this run may no longer publish here (its lease was lost), or None."""
+        return self._lease.problem() if self._lease is not None else None
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            try:
+                self._lease.check()
+            except LeaseError as e:
+                raise CheckpointError(str(e)) from None
+
+    def release_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     # ------------------------------------------------------------------ saving
 
@@ -268,6 +355,7 @@ class CheckpointStore:
             else:
                 nbytes = self._publish_part(step)
             if writes_manifest:
+                self._check_lease()  # the manifest is the commit: never one after the lease was lost
                 self._write_manifest(step, meta)
                 self._retain()
             with self._lock:
@@ -501,6 +589,7 @@ class CheckpointStore:
     def upload_dir(self, local_dir: Path, name: str) -> str:
         """Copy a finished directory (the export, the tokenizer) to `<uri>/<name>`; returns its URI."""
         uri = f"{self.uri}/{name}"
+        self._check_lease()
         upload_dir(local_dir, uri, self.options)
         return uri
 

@@ -16,10 +16,11 @@ import sys
 import warnings
 from pathlib import Path
 
+from pretrain.api.spec import PretrainJob
 from pretrain.api.validation import SpecError, parse_job
 from pretrain.data.sources import DataError
 from pretrain.proc import die_with_parent
-from pretrain.storage.checkpoint import CheckpointError
+from pretrain.storage.checkpoint import CheckpointError, is_local, local_path, out_of_space
 
 log = logging.getLogger("pretrain.trainer")
 
@@ -98,8 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:
         log.exception("training failed")
-        report(f"training failed: {e.__class__.__name__}: {str(e).strip()[:500]}")
+        full = next(filter(None, (out_of_space(where) for where in _local_folders(job, Path(args.workdir)))), None)
+        report(f"training failed: {full + ': ' if full else ''}{e.__class__.__name__}: {str(e).strip()[:500]}")
         return 2
+
+
+def _local_folders(job: PretrainJob, workdir: Path) -> list[Path]:
+    """The disks a run writes to: its work folder and a local checkpoint folder."""
+    uri = job.spec.checkpoint.uri
+    return [workdir] + ([local_path(uri)] if uri and is_local(uri) else [])
 
 
 if __name__ == "__main__":

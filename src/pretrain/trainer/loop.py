@@ -14,6 +14,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ from pretrain.data.prepare import prepare_cached, text_sample
 from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
 from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
-from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, step_name
+from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, out_of_space, step_name
 from pretrain.trainer import tasks
 from pretrain.trainer.model import build_model, parameter_groups
 from pretrain.trainer.progress import Progress
@@ -181,6 +182,7 @@ class Trainer:
         choice: tuple[int | None, list[str], str | None] = (None, [], None)
         if self.rank == 0:
             try:
+                store.acquire_lease(self.lease_holder())
                 step, notes = store.start_policy(self.spec.checkpoint.resume)
                 choice = (step, notes, None)
             except CheckpointError as e:
@@ -192,6 +194,15 @@ class Trainer:
             if self.rank == 0:
                 log.warning("resume: %s; falling back to an older checkpoint", note)
         return None if step is None else int(step)
+
+    def lease_holder(self) -> str:
+        """Who this run is, for the checkpoint lease: the same for every restart of one job (so a
+        restarted job takes its own lease over at once) and different for any other run."""
+        uid = os.environ.get("PRETRAIN_JOB_UID")
+        if uid:
+            namespace = os.environ.get("POD_NAMESPACE", self.job.metadata.namespace or "default")
+            return f"job {namespace}/{self.job.metadata.name} (uid {uid})"
+        return f"local run {socket.gethostname()}:{self.workdir.resolve()}"
 
     def resume(self, engine: Any, store: CheckpointStore, loader: DistributedLoader, step: int | None) -> int:
         """Load checkpoint `step` (chosen by `start_choice`); return the step to start at."""
@@ -233,18 +244,31 @@ class Trainer:
         import torch
 
         store.wait()  # at most one upload in flight
+        lost = self.broadcast(store.lease_problem() if self.rank == 0 else None)
+        if lost:
+            raise CheckpointError(f"{lost}: another run writes {store.uri}; stopping without saving step {step}")
         # The history goes up before this checkpoint can be committed: whatever attempt resumes
         # from it finds the curves up to it.
         self.history.sync()
         staging = store.staging_dir(step)
-        engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
-        if self.rank == 0:
-            (staging / "loader.json").write_text(json.dumps({"step": step, "loader": loader.state_dict()}))
-            (staging / "job.json").write_text(self.job.model_dump_json(by_alias=True, exclude_none=True))
-        torch.save(
-            {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            staging / f"rng-rank-{self.rank}.pt",
-        )
+        try:
+            engine.save_checkpoint(str(staging.parent), tag=staging.name, save_latest=False)
+            if self.rank == 0:
+                (staging / "loader.json").write_text(json.dumps({"step": step, "loader": loader.state_dict()}))
+                (staging / "job.json").write_text(self.job.model_dump_json(by_alias=True, exclude_none=True))
+            torch.save(
+                {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+                staging / f"rng-rank-{self.rank}.pt",
+            )
+        except Exception:
+            full = out_of_space(staging)
+            if full is None:
+                raise
+            # The unfinished step has no manifest: nothing loads it, and the next run removes it.
+            raise CheckpointError(
+                f"cannot save checkpoint {step_name(step)}: {full}; free space (or lower checkpoint.keepLast) and run "
+                "again: it resumes from the last complete checkpoint"
+            ) from None
         self.barrier()
         meta = {"world_size": self.world, "zero_stage": self.spec.training.zero.stage, "job": self.job.metadata.name}
         store.commit(
@@ -297,10 +321,8 @@ class Trainer:
 
     def run(self) -> int:
         import torch
-        import torch.distributed as dist
 
-        spec = self.spec
-        t = spec.training
+        t = self.spec.training
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.init_distributed()
         torch.manual_seed(t.seed)
@@ -308,6 +330,17 @@ class Trainer:
         random.seed(t.seed)
 
         store = self.store()
+        try:
+            return self.train(store)
+        finally:
+            store.release_lease()  # on every exit path this process lives through
+
+    def train(self, store: CheckpointStore) -> int:
+        import torch
+        import torch.distributed as dist
+
+        spec = self.spec
+        t = spec.training
         start_choice = self.start_choice(store)  # before anything is written beside the checkpoints
         init_dir = self.fetch_init()
         tokenizer = self.build_tokenizer(store, init_dir)
