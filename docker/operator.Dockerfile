@@ -1,19 +1,28 @@
-# The operator: slim Python, pretrain[operator] only (no torch), non-root, read-only root FS friendly.
-# Base images are pinned by exact version tag; add the digest (FROM image:tag@sha256:...) when
-# publishing, from `docker buildx imagetools inspect`. Not built on the development machines (no Docker engine).
-# Build from the repository root:  docker build -f docker/operator.Dockerfile -t pretrain-operator .
-FROM python:3.11.11-slim-bookworm AS build
+# The operator: pretrain[operator] only (no torch), non-root, runs on a read-only root filesystem.
+# Build from the repository root (`make images` does this with podman):
+#   docker build -f docker/operator.Dockerfile -t ghcr.io/pretrain-io/pretrain-operator:0.1.0 .
+# BASE is any Debian-like image with python3 (>= 3.11) and its venv module: the public
+# python:3.11-slim-bookworm by default; `make images` on a machine without a registry passes a
+# Debian base built from Debian packages (docker/build-images.sh).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+# pip settings of the build machine (a proxy's CA, a local wheel folder): docker/build-images.sh
+# mounts a pip.conf and names it here; by default none is read.
+ARG PIP_CONFIG_FILE=/dev/null
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[operator]'
-
-FROM python:3.11.11-slim-bookworm
-RUN useradd --uid 1000 --create-home pretrain
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links=/wheels 'pretrain[operator]' && rm -rf /wheels
+# The dependencies come from pyproject.toml's `operator` extra: no second list here.
+# hadolint ignore=DL3013
+RUN python3 -m venv --upgrade-deps /opt/venv \
+    && pip install --no-compile '.[operator]' \
+    && rm -rf /src \
+    && useradd --uid 1000 --create-home pretrain
+WORKDIR /home/pretrain
 USER 1000:1000
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 EXPOSE 8080 9090
 ENTRYPOINT ["pretrain"]
 CMD ["operator", "--all-namespaces"]

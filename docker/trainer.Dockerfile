@@ -1,24 +1,38 @@
-# The trainer: CUDA PyTorch base, pretrain[trainer] with DeepSpeed, non-root.
-# Base images are pinned by exact version tag; add the digest (FROM image:tag@sha256:...) when
-# publishing, from `docker buildx imagetools inspect`. Not built on the development machines (no Docker engine).
-# Build from the repository root:  docker build -f docker/trainer.Dockerfile -t pretrain-trainer .
-# DeepSpeed's CPU ops are prebuilt (no compiler needed at run time); CUDA ops JIT-build on first use.
-FROM pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel
-ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    DS_BUILD_CPU_ADAM=1 DS_BUILD_SHM_COMM=1
-RUN apt-get update && apt-get install -y --no-install-recommends build-essential ca-certificates \
+# The GPU trainer: torch's CUDA wheel at the pin in pyproject.toml (the wheel brings its CUDA
+# runtime, cuDNN and NCCL as pip packages), pretrain[trainer] with DeepSpeed, non-root.
+# Build from the repository root:
+#   docker build -f docker/trainer.Dockerfile -t ghcr.io/pretrain-io/pretrain-trainer:0.1.0 .
+# build-essential lets DeepSpeed JIT-build its CPU ops (Adam for optimizer offload) on first use;
+# CUDA ops that need nvcc are not used by the default recipe (torch's AdamW).
+ARG BASE=python:3.11-slim-bookworm
+FROM ${BASE}
+# pip settings of the build machine (a proxy's CA, a local wheel folder): docker/build-images.sh
+# mounts a pip.conf and names it here; by default none is read.
+ARG PIP_CONFIG_FILE=/dev/null
+ARG TORCH_INDEX=""
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && headers="$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+    && dev="" && { [ -e "$headers/Python.h" ] || dev=python3-dev; } \
+    && apt-get install -y --no-install-recommends build-essential ${dev:+"$dev"} \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-# torch comes from the base image: install the rest without touching it.
-RUN pip install --no-deps . && pip install "deepspeed==0.19.8" "transformers==5.24.0" "datasets==5.2.0" \
-    "tokenizers==0.23.3" "prometheus-client==0.26.0" "fsspec==2026.9.0" "s3fs==2026.9.0" "aiobotocore==3.10.0" \
-    "gcsfs" "pyarrow" "pydantic>=2.7,<3" "pyyaml>=6" "click>=8.1" \
-    && rm -rf /src
-RUN useradd --uid 1000 --create-home pretrain && mkdir /workspace && chown 1000:1000 /workspace
+# The dependencies come from pyproject.toml's `trainer` extra: no second list here.
+# hadolint ignore=DL3013
+RUN python3 -m venv --upgrade-deps /opt/venv \
+    && torch="$(python3 -c 'import tomllib; print(next(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["trainer"] if r.startswith("torch=")))')" \
+    && pip install --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$torch" \
+    && pip install --no-compile '.[trainer]' \
+    && rm -rf /src \
+    && useradd --uid 1000 --create-home pretrain \
+    && mkdir /workspace && chown 1000:1000 /workspace
 USER 1000:1000
 WORKDIR /workspace
-ENV HF_HOME=/workspace/hf TORCH_EXTENSIONS_DIR=/workspace/torch_extensions
+ENV HOME=/workspace HF_HOME=/workspace/hf TORCH_EXTENSIONS_DIR=/workspace/torch_extensions
 ENTRYPOINT []
 CMD ["torchrun", "--help"]

@@ -32,4 +32,5 @@ def subprocess_env(tmp: Path) -> dict[str, str]:
     return env
 
 
+from tests.images import images  # noqa: E402,F401  (fixture)
 from tests.s3server import s3  # noqa: E402,F401  (fixture)

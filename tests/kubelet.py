@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.trainer.command import RENDEZVOUS_PORT
+from tests import containers
 
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 log = logging.getLogger("tests.kubelet")
@@ -72,6 +73,7 @@ class PodProcess:
     started: str
     term_sent: float | None = None
     reported: bool = False
+    container: str = ""
 
 
 @dataclass
@@ -85,8 +87,12 @@ class Kubelet:
     extra_env: dict[str, str] = field(default_factory=dict)
     processes: dict[str, PodProcess] = field(default_factory=dict)
     ips: dict[str, str] = field(default_factory=dict)
+    refused: set[str] = field(default_factory=set)
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # the watch's view
     errors: list[str] = field(default_factory=list)
+    #: "process" runs a pod's command as a local process tree (fast); "podman" runs the pod as a
+    #: real container of its image (tests/containers.py), with its securityContext and volumes.
+    runtime: str = "process"
     _next_ip: int = 10
     _port: int | None = None
 
@@ -111,7 +117,7 @@ class Kubelet:
     def stop(self) -> None:
         self._stop.set()
         for pp in self.processes.values():
-            signal_tree(pp.proc.pid, signal.SIGKILL)
+            self._signal(pp, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 pp.proc.wait(10)
         for t in self._threads:
@@ -218,7 +224,15 @@ class Kubelet:
         with contextlib.suppress(self.k.client.ApiException):  # a pod already gone has no status to write
             self.core.patch_namespaced_pod_status(name, self.namespace, {"status": status})
 
+    def _signal(self, pp: PodProcess, sig: int) -> None:
+        if self.runtime == "podman":
+            containers.signal_container(pp.container, sig)
+        else:
+            signal_tree(pp.proc.pid, sig)
+
     def _start(self, pod: dict[str, Any]) -> None:
+        if self.runtime == "podman":
+            return self._start_container(pod)
         name = pod["metadata"]["name"]
         ip = self.ip_of(name)
         base = self.root / name
@@ -255,8 +269,45 @@ class Kubelet:
             proc = subprocess.Popen(
                 argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True
             )
-        started = _now()
-        self.processes[name] = PodProcess(name, proc, log_path, started)
+        self._running(pod, PodProcess(name, proc, log_path, _now()), ip)
+
+    def _start_container(self, pod: dict[str, Any]) -> None:
+        """Run the pod as a container of its image: what a kubelet would refuse is refused (the
+        pod then waits with CreateContainerConfigError), everything else is passed on as rendered."""
+        name = pod["metadata"]["name"]
+        ip = self.ip_of(name)
+        base = self.root / name
+        c = pod["spec"]["containers"][0]
+        refusal = containers.admission_error(pod)
+        if refusal:
+            if name not in self.refused:
+                self.refused.add(name)
+                self._patch_status(name, {"phase": "Pending", "containerStatuses": [
+                    {"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
+                     "started": False, "state": {"waiting": {"reason": "CreateContainerConfigError",
+                                                             "message": refusal}}}]})  # fmt: skip
+            return None
+        env = self._resolve_env(pod, ip)
+        if env.get("PRETRAIN_MASTER_ADDR"):  # node 0's DNS name resolves to node 0's pod IP
+            env["PRETRAIN_MASTER_ADDR"] = self.ip_of(env["PRETRAIN_MASTER_ADDR"].split(".", 1)[0])
+        env["PRETRAIN_METRICS_HOST"] = ip
+        env.update(self.extra_env)
+        argv = [expand(a, env) for a in [*c.get("command", []), *c.get("args", [])]]
+        argv = [a.replace(f"--master-port={RENDEZVOUS_PORT}", f"--master-port={self._rendezvous_port()}") for a in argv]
+        volumes = containers.volumes(pod, base, self._configmap)
+        container = containers.container_name(self.node, name)
+        command = containers.podman_run(pod, container, env, argv, volumes)
+        log_path = base / "container.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as out:
+            out.write((" ".join(command) + "\n").encode())
+            proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=base, start_new_session=True)
+        self._running(pod, PodProcess(name, proc, log_path, _now(), container=container), ip)
+        return None
+
+    def _running(self, pod: dict[str, Any], pp: PodProcess, ip: str) -> None:
+        name, started, c = pod["metadata"]["name"], pp.started, pod["spec"]["containers"][0]
+        self.processes[name] = pp
         self._patch_status(name, {
             "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "127.0.0.1", "startTime": started,
             "conditions": [{"type": t, "status": "True", "lastTransitionTime": started}
@@ -300,7 +351,7 @@ class Kubelet:
                         _preload_content=False)  # the reply is a Status, which the client cannot read as a Binding  # fmt: skip
                 continue
             pp = self.processes.get(name)
-            if pp is None and not deleting and pod["status"].get("phase") == "Pending":
+            if pp is None and not deleting and pod["status"].get("phase") == "Pending" and name not in self.refused:
                 self._start(pod)
                 continue
             if pp is None:
@@ -316,9 +367,9 @@ class Kubelet:
                     grace = float(pod["metadata"].get("deletionGracePeriodSeconds") or 0)
                     if pp.term_sent is None:
                         pp.term_sent = time.monotonic()
-                        signal_tree(pp.proc.pid, signal.SIGTERM)
+                        self._signal(pp, signal.SIGTERM)
                     elif time.monotonic() - pp.term_sent > grace:
-                        signal_tree(pp.proc.pid, signal.SIGKILL)
+                        self._signal(pp, signal.SIGKILL)
                     continue
                 with contextlib.suppress(self.k.client.ApiException):
                     self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
@@ -326,4 +377,4 @@ class Kubelet:
             del self.processes[name]
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        signal_tree(self.processes[name].proc.pid, sig)
+        self._signal(self.processes[name], sig)

@@ -182,6 +182,8 @@ def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: in
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "runAsNonRoot": True,
+            # Everything the trainer writes goes to its volumes: /workspace, /tmp, /dev/shm.
+            "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
         "volumeMounts": [

@@ -35,6 +35,7 @@ from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
 from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, out_of_space, step_name
 from pretrain.trainer import tasks
+from pretrain.trainer.extensions import seed_extension_cache
 from pretrain.trainer.model import build_model, parameter_groups
 from pretrain.trainer.progress import Progress
 from pretrain.trainer.recipe import batch_plan, deepspeed_config, lr_multiplier, model_flops_per_token
@@ -77,6 +78,8 @@ class Trainer:
             if not torch.cuda.is_available():
                 raise RuntimeError("resources.accelerator is gpu but no CUDA device is visible; use accelerator: cpu")
             torch.cuda.set_device(self.local_rank)
+        else:
+            seed_extension_cache()  # DeepSpeed's CPU op, compiled into the image, instead of a 30 s build
         import deepspeed
 
         deepspeed.init_distributed(verbose=False)

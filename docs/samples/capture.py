@@ -1,0 +1,114 @@
+"""Capture the sample outputs the docs show, from real runs (run from the repository root):
+
+    .venv/bin/python docs/samples/capture.py            # both
+    .venv/bin/python docs/samples/capture.py cluster    # only the cluster session
+
+- `cluster.txt`: a kubectl session against the Kubernetes API emulator of the tests, with the
+  real `pretrain operator` process and the stand-in node running the pods as processes (see
+  docs/operations.md, "What is verified without a cluster"): `kubectl apply`, `get ptj` while
+  the job trains and after it succeeded, `get pods`, `describe ptj`.
+- `demo.txt`: what `pretrain run examples/tiny-cpu.yaml` followed by `pretrain generate` prints.
+
+Each file says when and how it was captured. tests/test_docs.py checks that every block marked
+`<!-- sample: docs/samples/NAME -->` in the docs is made of lines of that file.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver, wait_for  # noqa: E402
+from tests.kubelet import Kubelet  # noqa: E402
+from tests.trainer_runs import free_port  # noqa: E402
+
+OUT = ROOT / "docs" / "samples"
+#: ANSI colour codes and the progress bar's carriage-return frames do not belong in a text file.
+NOISE = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def header(what: str) -> str:
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return f"# {what}\n# Captured by docs/samples/capture.py on {when}, {platform.node()} ({platform.machine()}).\n"
+
+
+def cluster() -> None:
+    with tempfile.TemporaryDirectory(prefix="pretrain-sample-") as tmp:
+        root = Path(tmp)
+        api = start_apiserver(root / "api")
+        kubectl = Kubectl(api)
+        operator = OperatorProcess(api, root / "operator.log", ["--progress-interval", "2"]).start()
+        node = Kubelet(api.kubeconfig, root / "node").start()
+        session: list[str] = []
+
+        def run(*args: str, stdin: str | None = None) -> str:
+            out = kubectl(*args, stdin=stdin).stdout
+            shown = " ".join(args) + (" -f tiny-cpu.yaml" if stdin and "-f" not in args else "")
+            session.append(f"$ kubectl {shown.replace(' -f -', ' -f tiny-cpu.yaml')}\n{out}")
+            return out
+
+        try:
+            doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+            doc["spec"]["resources"].update({"nodes": 2, "procsPerNode": 1})
+            doc["spec"]["training"].update({"maxSteps": 200, "evalInterval": 100, "logInterval": 20})
+            doc["spec"]["checkpoint"].update({"uri": str(root / "checkpoints"), "intervalSteps": 100})
+            doc["spec"]["monitoring"] = {"metricsPort": free_port()}
+            run("apply", "-f", "-", stdin=yaml.safe_dump(doc, sort_keys=False))
+            job = lambda: (api.objects("pretrainjobs", "pretrain.io") or [{}])[0]  # noqa: E731
+            wait_for(lambda: int((job().get("status") or {}).get("step") or 0) >= 60, 600, "step 60")
+            run("get", "ptj")
+            run("get", "pods", "-o", "wide")
+            wait_for(lambda: (job().get("status") or {}).get("phase") in ("Succeeded", "Failed"), 900, "the end")
+            time.sleep(3)
+            run("get", "ptj")
+            run("describe", "ptj", "tiny-cpu")
+        finally:
+            operator.stop()
+            node.stop()
+            api.stop()
+    text = header(
+        "A kubectl v1.35 session against the tests' Kubernetes API emulator, the real `pretrain operator`\n"
+        "# process and the stand-in node (pods run as processes); examples/tiny-cpu.yaml with 2 nodes\n"
+        "# of 1 process and 200 steps."
+    )
+    (OUT / "cluster.txt").write_text(text + "\n" + "\n".join(session))
+
+
+def demo() -> None:
+    with tempfile.TemporaryDirectory(prefix="pretrain-demo-") as tmp:
+        out = Path(tmp) / "tiny-cpu"
+        pretrain = str(Path(sys.executable).parent / "pretrain")
+        runs = [
+            [pretrain, "run", "examples/tiny-cpu.yaml", "--output", str(out)],
+            [pretrain, "generate", "--model", str(out / "checkpoints" / "final"), "--prompt", "ROMEO:",
+             "--max-new-tokens", "200", "--seed", "1"],
+        ]  # fmt: skip
+        lines: list[str] = []
+        for argv in runs:
+            done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+            shown = " ".join(a.replace(str(out), "runs/tiny-cpu") for a in argv[1:])
+            lines.append(f"$ pretrain {shown}")
+            text = NOISE.sub("", done.stdout + done.stderr).replace(str(out), "runs/tiny-cpu")
+            lines += [ln for ln in text.splitlines() if "\r" not in ln]
+            if done.returncode != 0:
+                raise SystemExit(f"{argv} exited {done.returncode}:\n{text[-3000:]}")
+    text = header("`pretrain run examples/tiny-cpu.yaml` and `pretrain generate`, as `make demo` runs them.")
+    (OUT / "demo.txt").write_text(text + "\n" + "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    which = sys.argv[1:] or ["cluster", "demo"]
+    for name in which:
+        {"cluster": cluster, "demo": demo}[name]()
+        print(f"wrote {OUT / (name + '.txt')}")
