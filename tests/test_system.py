@@ -134,6 +134,10 @@ def test_kubectl_apply_to_success_through_a_gang_restart_and_an_operator_crash(c
     wait(lambda: c.status().get("phase") == "Succeeded", 300, "Succeeded")
     status = c.status()
     assert (status["restarts"], status["attempt"]) == (1, 2), "the restart count survives the operator's crash"
+    assert (status["progress"]["step"], status["progress"]["percent"]) == (STEPS, 100.0), (
+        "the final step, not the last scrape"
+    )
+    assert status["lastCheckpoint"]["uri"] == f"s3://{c.bucket}/{JOB}/step-{STEPS:08d}"
     assert set(c.node.ips) == {f"{JOB}-a1-n0", f"{JOB}-a1-n1", f"{JOB}-a2-n0", f"{JOB}-a2-n1"}, "no duplicate pods"
     assert f"{JOB}/final/model.safetensors" in c.keys(f"{JOB}/final/")
     log = (c.root / "node" / f"{JOB}-a2-n0" / "container.log").read_text()

@@ -24,7 +24,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import boto3
 import yaml
+from moto.server import ThreadedMotoServer
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -58,15 +60,34 @@ def cluster() -> None:
             session.append(f"$ kubectl {shown.replace(' -f -', ' -f tiny-cpu.yaml')}\n{out}")
             return out
 
+        s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        s3.start()
+        host, port = s3.get_host_and_port()
+        credentials = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test",
+                       "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+        boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"], region_name="us-east-1",
+                     aws_access_key_id="test", aws_secret_access_key="test").create_bucket(Bucket="ckpt")  # fmt: skip
         try:
+            secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+                      "type": "Opaque", "stringData": credentials}  # fmt: skip
+            kubectl("apply", "-f", "-", stdin=yaml.safe_dump(secret))
             doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
             doc["spec"]["resources"].update({"nodes": 2, "procsPerNode": 1})
             doc["spec"]["training"].update({"maxSteps": 200, "evalInterval": 100, "logInterval": 20})
-            doc["spec"]["checkpoint"].update({"uri": str(root / "checkpoints"), "intervalSteps": 100})
+            doc["spec"]["checkpoint"].update(
+                {"uri": "s3://ckpt/tiny-cpu", "credentialsSecret": "s3-credentials", "intervalSteps": 100}
+            )
             doc["spec"]["monitoring"] = {"metricsPort": free_port()}
             run("apply", "-f", "-", stdin=yaml.safe_dump(doc, sort_keys=False))
             job = lambda: (api.objects("pretrainjobs", "pretrain.io") or [{}])[0]  # noqa: E731
-            wait_for(lambda: int((job().get("status") or {}).get("step") or 0) >= 60, 600, "step 60")
+
+            def step(at_least: int) -> bool:
+                status = job().get("status") or {}
+                if status.get("phase") in ("Failed", "Invalid"):
+                    raise SystemExit(f"the job failed: {status.get('message')}")
+                return int((status.get("progress") or {}).get("step") or 0) >= at_least
+
+            wait_for(lambda: step(60), 600, "step 60")
             run("get", "ptj")
             run("get", "pods", "-o", "wide")
             wait_for(lambda: (job().get("status") or {}).get("phase") in ("Succeeded", "Failed"), 900, "the end")
@@ -77,10 +98,11 @@ def cluster() -> None:
             operator.stop()
             node.stop()
             api.stop()
+            s3.stop()
     text = header(
         "A kubectl v1.35 session against the tests' Kubernetes API emulator, the real `pretrain operator`\n"
         "# process and the stand-in node (pods run as processes); examples/tiny-cpu.yaml with 2 nodes\n"
-        "# of 1 process and 200 steps."
+        "# of 1 process and 200 steps, checkpoints to an S3 protocol server (moto) on loopback."
     )
     (OUT / "cluster.txt").write_text(text + "\n" + "\n".join(session))
 

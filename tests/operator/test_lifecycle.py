@@ -454,3 +454,41 @@ def test_scheduling_timeout_action(action: str) -> None:
     h.body["spec"]["runPolicy"]["suspend"] = False
     h.reconcile()
     assert h.phase == "Pending" and h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"]
+
+
+def test_success_takes_the_final_progress_from_rank_0s_termination_message() -> None:
+    """The last scrape comes before the last steps: the job's final status comes from the summary
+    rank 0 leaves as its termination message (src/pretrain/trainer/termination.py)."""
+    import json
+
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    done = {"pretrainDone": {"step": 200, "totalSteps": 200, "trainLoss": 2.21734, "checkpointStep": 200,
+                             "checkpointTime": "2026-11-29T08:41:27Z"}}  # fmt: skip
+    h.cluster.set_phase("tiny-a1-n0", "Succeeded", 0, json.dumps(done))
+    h.cluster.set_phase("tiny-a1-n1", "Succeeded", 0, "")
+    h.reconcile()
+    assert h.phase == "Succeeded"
+    assert h.status["progress"] == {"step": 200, "totalSteps": 200, "percent": 100.0, "etaSeconds": 0, "loss": 2.2173}
+    assert h.status["lastCheckpoint"] == {"step": 200, "time": "2026-11-29T08:41:27Z",
+                                          "uri": "s3://bucket/ck/step-00000200"}  # fmt: skip
+    running = h.condition("Running")
+    assert running is not None and running["status"] == "False" and running["reason"] == "Completed"
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["", "error: something", '{"pretrainDone": {"step": "200"}}', '{"pretrainDone": {"step": -1, "totalSteps": 1e99}}',
+     '{"pretrainDone": 5}', "{" + "x" * 5000],
+)  # fmt: skip
+def test_a_success_without_a_usable_summary_keeps_the_scraped_progress(message: str) -> None:
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n0", "Succeeded", 0, message)
+    h.cluster.set_phase("tiny-a1-n1", "Succeeded", 0, "")
+    h.reconcile()
+    assert h.phase == "Succeeded" and "progress" not in h.status and "lastCheckpoint" not in h.status

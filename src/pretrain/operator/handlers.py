@@ -35,6 +35,7 @@ from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound
 from pretrain.operator.informer import ChildCache, start_reflectors
 from pretrain.operator.planner import Event, Observed, Plan, plan, set_condition
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
+from pretrain.storage.checkpoint import step_name
 
 log = logging.getLogger("pretrain.operator")
 
@@ -276,7 +277,7 @@ def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | No
         patch["evaluation"] = evaluation
     if ckpt is not None:
         if target.checkpoint_uri:
-            ckpt["uri"] = f"{target.checkpoint_uri.rstrip('/')}/step-{ckpt['step']:08d}"
+            ckpt["uri"] = f"{target.checkpoint_uri.rstrip('/')}/{step_name(ckpt['step'])}"
         patch["lastCheckpoint"] = ckpt
     return patch
 

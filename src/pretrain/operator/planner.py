@@ -14,11 +14,12 @@ same plan and never duplicates or loses anything. The phase machine:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from pretrain.api.spec import Phase, PretrainJob
+from pretrain.api.spec import INT32_MAX, Phase, PretrainJob
 from pretrain.operator.children import (
     CONFIG_KEY,
     LABEL_ATTEMPT,
@@ -33,6 +34,8 @@ from pretrain.operator.children import (
     service_name,
 )
 from pretrain.operator.failures import FailedPod, Verdict, decide, first_failed
+from pretrain.storage.checkpoint import step_name
+from pretrain.trainer.termination import parse_done
 
 TERMINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 #: Pod conditions that mark a pod being taken away (eviction, preemption, node drain, Kueue).
@@ -154,6 +157,38 @@ def pod_view(obj: dict[str, Any]) -> PodView:
     )
 
 
+def final_status(done: dict[str, Any] | None, checkpoint_uri: str | None) -> dict[str, Any]:
+    """status.progress and status.lastCheckpoint from rank 0's summary in its termination message:
+    the last scrape came before the last steps, and no metrics endpoint outlives the pods."""
+    if not done:
+        return {}
+
+    def count(key: str) -> int | None:
+        v = done.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT32_MAX else None
+
+    out: dict[str, Any] = {}
+    step, total = count("step"), count("totalSteps")
+    if step is not None:
+        progress: dict[str, Any] = {"step": step, "etaSeconds": 0}
+        if total:
+            progress |= {"totalSteps": total, "percent": round(100.0 * min(step, total) / total, 1)}
+        loss = done.get("trainLoss")
+        if isinstance(loss, float | int) and not isinstance(loss, bool) and math.isfinite(loss):
+            progress["loss"] = round(float(loss), 4)
+        out["progress"] = progress
+    saved = count("checkpointStep")
+    if saved is not None:
+        ckpt: dict[str, Any] = {"step": saved}
+        when = done.get("checkpointTime")
+        if isinstance(when, str) and parse_time(when) is not None:
+            ckpt["time"] = when
+        if checkpoint_uri:
+            ckpt["uri"] = f"{checkpoint_uri.rstrip('/')}/{step_name(saved)}"
+        out["lastCheckpoint"] = ckpt
+    return out
+
+
 def backoff_seconds(job: PretrainJob, restarts: int) -> int:
     rp = job.spec.run_policy
     return int(min(rp.restart_backoff_seconds * 2 ** max(restarts - 1, 0), rp.max_restart_backoff_seconds))
@@ -183,7 +218,8 @@ class _Status:
         self.s["phase"] = phase.value
         self.s["message"] = message
         for p in (Phase.RUNNING, Phase.RESTARTING, Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
-            self.condition(p.value, p == phase, reason if p == phase else "", message if p == phase else "")
+            # A condition that turns False says why: the reason of the phase that replaced it.
+            self.condition(p.value, p == phase, reason, message)
 
 
 def set_condition(conds: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
@@ -385,6 +421,8 @@ def plan(
     if all(p.phase == "Succeeded" for p in current):
         st.phase(Phase.SUCCEEDED, "Completed", f"all {nodes} pod(s) succeeded")
         st.s["completionTime"] = iso(now)
+        node0 = next((p for p in current if p.rank == 0), None)
+        st.s.update(final_status(parse_done(node0.message) if node0 else None, job.spec.checkpoint.uri))
         if rp.clean_pod_policy == "All":
             delete_pods(current)
         return _finish(out, st)

@@ -21,6 +21,7 @@ from pretrain.api.validation import SpecError, parse_job
 from pretrain.data.sources import DataError
 from pretrain.proc import die_with_parent
 from pretrain.storage.checkpoint import CheckpointError, is_local, local_path, out_of_space
+from pretrain.trainer.termination import write_reason
 
 log = logging.getLogger("pretrain.trainer")
 
@@ -36,27 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-#: Where the one-line reason of a failure goes: the container's termination message in a pod
-#: (Kubernetes shows it in `kubectl describe pod`, the operator in the job's status), a file in
-#: the run folder under `pretrain run` (which prints it as its last line).
-TERMINATION_LOG = "/dev/termination-log"
-
-
 def report(reason: str) -> None:
     """Log `error: <reason>` and leave it as the termination message (the first rank's wins)."""
     log.error("error: %s", reason)
-    path = os.environ.get("PRETRAIN_TERMINATION_LOG")
-    if not path:
-        if not os.path.exists(TERMINATION_LOG):  # not in a pod: nothing to create under /dev
-            return
-        path = TERMINATION_LOG
-    try:
-        if os.path.exists(path) and os.path.getsize(path) > 0:
-            return
-        with open(path, "a") as f:
-            f.write(reason.strip().splitlines()[0][:1000] + "\n")
-    except OSError:
-        pass  # not in a pod and not under `pretrain run`: the log line is all there is
+    write_reason(reason)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -39,6 +40,7 @@ from pretrain.trainer.extensions import seed_extension_cache
 from pretrain.trainer.model import build_model, parameter_groups
 from pretrain.trainer.progress import Progress
 from pretrain.trainer.recipe import batch_plan, deepspeed_config, lr_multiplier, model_flops_per_token
+from pretrain.trainer.termination import write_done
 
 log = logging.getLogger("pretrain.trainer")
 
@@ -487,6 +489,9 @@ class Trainer:
             # No NaN in result.json (a run resumed at its last step trained no step): null instead.
             clean = json.loads(json.dumps(summary), parse_constant=lambda _: None)
             (self.workdir / "result.json").write_text(json.dumps(clean, allow_nan=False))
+            saved = store.stats.last_verified_step
+            write_done({"step": step, "totalSteps": steps, "trainLoss": clean["train_loss"], "checkpointStep": saved,
+                        "checkpointTime": iso_time(store.stats.last_verified_time)})  # fmt: skip
         metrics.close()
         return 0
 
@@ -587,3 +592,7 @@ def configure_logging(rank: int) -> None:
         "fsspec",
     ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def iso_time(epoch: float | None) -> str | None:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if epoch else None

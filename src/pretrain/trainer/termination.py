@@ -1,0 +1,68 @@
+"""The container's termination message: the trainer's last word to Kubernetes and the operator.
+
+A failed trainer leaves its one-line reason there: `kubectl describe pod` shows it, the operator
+copies it into the job's condition, and `pretrain run` prints it as its last line (it points
+PRETRAIN_TERMINATION_LOG at a file of the run folder). A finished trainer (rank 0) leaves a
+one-line JSON summary there instead, `{"pretrainDone": {...}}` (DONE_KEY), from which the
+operator writes the job's final progress and last checkpoint: after the pods exit there is no
+metrics endpoint left to scrape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+TERMINATION_LOG = "/dev/termination-log"
+DONE_KEY = "pretrainDone"
+
+
+def _path() -> str | None:
+    path = os.environ.get("PRETRAIN_TERMINATION_LOG")
+    if path:
+        return path
+    return TERMINATION_LOG if os.path.exists(TERMINATION_LOG) else None  # not in a pod: nothing under /dev
+
+
+def write_reason(reason: str) -> None:
+    """Leave a failure's one-line reason (the first rank's wins over later ones, and over a
+    success summary, which a failure after it makes wrong)."""
+    path = _path()
+    if path is None:
+        return
+    try:
+        if os.path.exists(path) and os.path.getsize(path) > 0:
+            with open(path) as f:
+                if parse_done(f.read(4096)) is None:
+                    return
+        with open(path, "w") as f:
+            f.write(reason.strip().splitlines()[0][:1000] + "\n")
+    except OSError:
+        pass  # not in a pod and not under `pretrain run`: the log line is all there is
+
+
+def write_done(summary: dict[str, Any]) -> None:
+    """Leave the finished run's summary (rank 0, as its last act)."""
+    path = _path()
+    if path is None:
+        return
+    try:
+        line = json.dumps({DONE_KEY: summary}, allow_nan=False, separators=(",", ":")) + "\n"
+        with open(path, "w") as f:
+            f.write(line)
+    except (OSError, ValueError):
+        pass  # a summary that is not JSON (NaN) is not written: the operator keeps the scraped values
+
+
+def parse_done(message: str) -> dict[str, Any] | None:
+    """The summary in a termination message, or None (a failure's reason, garbage, too long)."""
+    text = message.strip()
+    if not text.startswith("{") or len(text) > 4096:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    done = doc.get(DONE_KEY) if isinstance(doc, dict) else None
+    return done if isinstance(done, dict) else None
