@@ -110,7 +110,10 @@ def test_a_killed_runs_lease_expires_and_the_loser_publishes_nothing(
     b.close()
 
 
-def test_racing_creators_exactly_one_wins(pair: tuple[CheckpointStore, CheckpointStore, str]) -> None:
+@pytest.mark.parametrize("round_", range(4))
+def test_racing_creators_exactly_one_wins(pair: tuple[CheckpointStore, CheckpointStore, str], round_: int) -> None:
+    """Six runs create the lease at once (a fresh one: no settle pause saves a creator that is
+    not exclusive, nor a reader that sees another's file half-written)."""
     a, b, uri = pair
     contenders = [a, b] + [
         CheckpointStore(uri, workdir=a.workdir.parent / f"w{i}", upload_process=False) for i in range(4)

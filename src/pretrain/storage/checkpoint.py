@@ -251,17 +251,20 @@ class CheckpointStore:
         return with_retries(what, fn, attempts=self.retry_attempts, base_delay=self.retry_base_delay)
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
-        """Write a small object only where none is (FileExistsError otherwise): O_EXCL on a local
-        disk, a conditional put (If-None-Match) where the store's fsspec driver has one."""
+        """Write a small object only where none is (FileExistsError otherwise), whole or not at
+        all: link() of a finished file on a local disk, a conditional put (If-None-Match) on S3."""
         if self.local:
+            # Written whole under a name of its own, then linked into place: link() fails when the
+            # name exists, and no reader ever sees the file empty or half-written.
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
             try:
-                with os.fdopen(fd, "wb") as f:
+                with open(tmp, "wb") as f:
                     f.write(data)
-            except BaseException:
-                os.unlink(path)  # ours, and empty or cut short (a full disk): leave nothing behind
-                raise
+                os.link(tmp, path)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
             return
         self.fs.pipe_file(path, data, mode="create")  # s3fs: If-None-Match, a 412 as FileExistsError
 

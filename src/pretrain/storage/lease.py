@@ -9,7 +9,7 @@ The lease is one small object, `<checkpoint.uri>/.pretrain-lease.json`, shaped l
 Kubernetes Lease: the holder (the job's identity, stable across restarts of the same job, so a
 restarted pod takes its own lease over at once), a per-process instance id, and a renew time.
 Global rank 0 creates it before touching the folder (an exclusive create where the store has one:
-If-None-Match on S3, O_EXCL on a local disk), renews it from a thread, checks it before every
+If-None-Match on S3, link() of a finished file on a disk), renews it from a thread, checks it before every
 manifest it publishes, and deletes it on every exit path it controls. A run killed with -9
 leaves it behind; another job may take it once it has not been renewed for its duration
 (judged by the reader's wall clock: the hosts' clocks are assumed to agree within seconds).
