@@ -52,3 +52,39 @@ def test_the_cpu_trainer_image_trains_and_exports_as_uid_1000_on_a_read_only_roo
     # and nothing outside the volumes is writable
     write = run([*LOCKED, "--user", "1000:1000", images.trainer_cpu, "sh", "-c", "echo x > /opt/venv/x"])
     assert write.returncode != 0 and "Read-only file system" in write.stderr
+
+
+def test_the_operator_image_reconciles_a_job(images: Images, tmp_path: Path) -> None:
+    """The operator as its image runs it (not the development venv): against the API emulator,
+    through a kubeconfig, it creates a job's Service, ConfigMap and pods."""
+    import yaml
+
+    from tests.kubeapi.harness import start_apiserver, wait_for
+    from tests.trainer_runs import TINY, free_port
+
+    api = start_apiserver(tmp_path / "api")
+    name = f"operator-image-{free_port()}"
+    try:
+        api.kubeconfig.chmod(0o644)
+        doc = yaml.safe_load(TINY.read_text())
+        from tests.kubeapi.harness import Kubectl
+
+        Kubectl(api)("apply", "-f", "-", stdin=yaml.safe_dump(doc))
+        proc = subprocess.Popen(
+            [*PODMAN, "run", "--rm", "--name", name, "--network=host", "--read-only", "--read-only-tmpfs=false",
+             "--cap-drop=ALL", "--security-opt", "no-new-privileges", "-v", f"{api.kubeconfig}:/kubeconfig:ro",
+             "-e", "KUBECONFIG=/kubeconfig", images.operator, "operator", "--namespace", "default",
+             "--health-port", str(free_port()), "--metrics-port", str(free_port())],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        try:
+            pods = wait_for(lambda: [p["metadata"]["name"] for p in api.objects("pods")], 120, "the job's pods",
+                            lambda: proc.stdout.read() if proc.poll() is not None and proc.stdout else "")  # fmt: skip
+            assert pods == ["tiny-cpu-a1-n0"]
+            assert [s["metadata"]["name"] for s in api.objects("services")] == ["tiny-cpu"]
+        finally:
+            subprocess.run([*PODMAN, "stop", "--time", "10", name], capture_output=True, timeout=60)
+            proc.wait(60)
+        assert proc.returncode in (0, 143), proc.stdout.read() if proc.stdout else ""
+    finally:
+        api.stop()
