@@ -164,7 +164,3 @@ def podman_run(pod: dict[str, Any], name: str, env: dict[str, str], argv: list[s
 
 def signal_container(name: str, sig: int) -> None:
     subprocess.run([*PODMAN, "kill", "--signal", str(int(sig)), name], capture_output=True, timeout=60)
-
-
-def remove(name: str) -> None:
-    subprocess.run([*PODMAN, "rm", "--force", "--time", "0", name], capture_output=True, timeout=60)

@@ -7,9 +7,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.containers import PODMAN
 from tests.images import Images
+from tests.kubeapi.harness import Kubectl, start_apiserver, wait_for
+from tests.trainer_runs import TINY, free_port
 
 pytestmark = [pytest.mark.podman, pytest.mark.slow]
 
@@ -57,18 +60,11 @@ def test_the_cpu_trainer_image_trains_and_exports_as_uid_1000_on_a_read_only_roo
 def test_the_operator_image_reconciles_a_job(images: Images, tmp_path: Path) -> None:
     """The operator as its image runs it (not the development venv): against the API emulator,
     through a kubeconfig, it creates a job's Service, ConfigMap and pods."""
-    import yaml
-
-    from tests.kubeapi.harness import start_apiserver, wait_for
-    from tests.trainer_runs import TINY, free_port
-
     api = start_apiserver(tmp_path / "api")
     name = f"operator-image-{free_port()}"
     try:
         api.kubeconfig.chmod(0o644)
         doc = yaml.safe_load(TINY.read_text())
-        from tests.kubeapi.harness import Kubectl
-
         Kubectl(api)("apply", "-f", "-", stdin=yaml.safe_dump(doc))
         proc = subprocess.Popen(
             [*PODMAN, "run", "--rm", "--name", name, "--network=host", "--read-only", "--read-only-tmpfs=false",
