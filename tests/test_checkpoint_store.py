@@ -80,6 +80,33 @@ def test_flipped_byte_falls_back(store: CheckpointStore, tmp_path: Path) -> None
     assert store.select("never") == (None, [])
 
 
+def test_a_derived_folder_is_published_manifest_last_and_verified(store: CheckpointStore, tmp_path: Path) -> None:
+    """A step's universal form: its own files and manifest inside the step's folder, verified
+    (and downloaded) like a step; retention removes it with its step."""
+    save(store, 10)
+    rel = f"{step_name(10)}/universal"
+    local = store.local_copy(10) / "universal"
+    (local / "zero" / "w").mkdir(parents=True)
+    (local / "zero" / "w" / "fp32.pt").write_bytes(os.urandom(3000))
+    (local / "model.pt").write_bytes(os.urandom(1000))
+    assert store.verify_folder(rel) == "no complete manifest"
+    assert store.publish_folder(local, rel, {"from_world_size": 2}) == 4000
+    manifest = store.folder_manifest(rel)
+    assert manifest is not None and set(manifest["files"]) == {"zero/w/fp32.pt", "model.pt"}
+    into = tmp_path / "elsewhere"
+    assert store.verify_folder(rel, into=into) is None
+    assert (into / "zero" / "w" / "fp32.pt").read_bytes() == (local / "zero" / "w" / "fp32.pt").read_bytes()
+    assert store.verify(10) is None, "the step itself is untouched"
+    target = f"{store.root}/{rel}/zero/w/fp32.pt"
+    data = bytearray(store.fs.cat_file(target))
+    data[7] ^= 0x01
+    store.fs.pipe_file(target, bytes(data))
+    assert store.verify_folder(rel) == "zero/w/fp32.pt fails its sha256 check"
+    for step in (20, 30):
+        save(store, step)
+    assert store.folder_manifest(rel) is None, "retention removed it with step 10"
+
+
 def test_retention_keeps_exactly_k(store: CheckpointStore) -> None:
     for step in (10, 20, 30, 40):
         save(store, step)

@@ -162,6 +162,48 @@ def test_restored_loader_continues_exactly(
             assert all((x == y).all() for x, y in zip(e, g, strict=True))
 
 
+class _IndexSplit:
+    """A split whose rows are their own indices, to follow which rows a loader hands out."""
+
+    directory = Path("index-split")
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return np.asarray(index)[:, None]
+
+    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
+        return {0: np.arange(self.n)}
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (2, 3), (3, 2), (1, 3)])
+def test_a_resize_mid_epoch_sees_every_row_once(before: int, after: int) -> None:
+    """Global batch 12 at any world size (accumulation absorbs it): 5 steps at `before`
+    processes, a checkpoint, the other 5 steps of the epoch at `after`: every row exactly once."""
+    split = _IndexSplit(12 * 10)
+    seen: list[int] = []
+
+    def run(world: int, count: int, state: dict[str, Any] | None) -> dict[str, Any]:
+        loaders = [
+            DistributedLoader(split, rank=r, world_size=world, micro_batch=2, accumulation=6 // world, seed=5)
+            for r in range(world)
+        ]
+        for loader in loaders:
+            if state is not None:
+                loader.load_state_dict(json.loads(json.dumps(state)))
+        for _ in range(count):
+            for loader in loaders:
+                seen.extend(int(i) for batch in loader.next_step() for i in batch[:, 0])
+        return loaders[0].state_dict()
+
+    run(after, 5, run(before, 5, None))
+    assert sorted(seen) == list(range(len(split))), "each row of the epoch exactly once"
+
+
 def test_loader_state_for_another_dataset_is_refused(prepared: Path) -> None:
     split = PackedSplit(prepared, "train")
     loader = DistributedLoader(split, rank=0, world_size=1, micro_batch=1, accumulation=1, seed=1)

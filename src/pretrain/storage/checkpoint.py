@@ -6,6 +6,9 @@ Layout under `checkpoint.uri`::
     step-00000100/<DeepSpeed files>, loader.json, rng-rank-<r>.pt, job.json
     step-00000100/.parts/node-<k>.json   size and sha256 of the files node k wrote
     step-00000100/manifest.json          every file with size and sha256; written LAST
+    step-00000100/universal/             the same state in DeepSpeed's universal format (made on
+                                         the first resume at another world size or ZeRO stage),
+                                         with its own manifest.json, written last
     final/                               the Hugging Face export
 
 A directory without a complete manifest does not exist for readers. This module knows nothing
@@ -459,14 +462,18 @@ class CheckpointStore:
 
     def manifest(self, step: int) -> dict[str, Any] | None:
         """The manifest of `step`, or None when it has none (incomplete) or it is unreadable."""
+        return self.folder_manifest(step_name(step))
+
+    def folder_manifest(self, rel: str) -> dict[str, Any] | None:
+        """The manifest of the folder `<uri>/<rel>` (a step, or a step's universal form), or None."""
         try:
-            data = self.fs.cat_file(self._join(step_name(step), MANIFEST))
+            data = self.fs.cat_file(self._join(rel, MANIFEST))
             m: dict[str, Any] = json.loads(data)
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return None
-        return m if isinstance(m.get("files"), dict) else None
+        return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
 
     def complete_steps(self) -> list[int]:
         return [s for s in self.steps() if self.manifest(s) is not None]
@@ -474,36 +481,71 @@ class CheckpointStore:
     def verify(self, step: int, into: Path | None = None) -> str | None:
         """None when every file of `step` matches its manifest, else what is wrong. With `into`,
         the files are also copied there (downloaded for remote stores) as they are checked."""
-        m = self.manifest(step)
+        return self.verify_folder(step_name(step), into, what=f"step {step}")
+
+    def verify_folder(self, rel: str, into: Path | None = None, *, what: str | None = None) -> str | None:
+        """`verify` for any folder published with a manifest (`commit` or `publish_folder`)."""
+        what = what or rel
+        m = self.folder_manifest(rel)
         if m is None:
             return "no complete manifest"
-        base = self._join(step_name(step))
-        for rel, want in sorted(m["files"].items()):
+        base = self._join(rel)
+        for rel_file, want in sorted(m["files"].items()):
             try:
-                relative_name(rel, f"step {step}: manifest entry")
+                relative_name(rel_file, f"{what}: manifest entry")
             except UnsafePath as e:
                 return str(e)
-            src = f"{base}/{rel}"
+            src = f"{base}/{rel_file}"
             try:
                 if into is not None:
-                    dest = inside(into, rel, f"step {step}: manifest entry")
+                    dest = inside(into, rel_file, f"{what}: manifest entry")
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     if not (self.local and dest.resolve() == local_path(src).resolve()):
-                        self._retry(f"download {rel}", functools.partial(self.fs.get_file, src, str(dest)))
+                        self._retry(f"download {rel_file}", functools.partial(self.fs.get_file, src, str(dest)))
                     size, digest = dest.stat().st_size, sha256_file(dest)
                 elif self.local:
                     p = local_path(src) if src.startswith("file://") else Path(src)
                     size, digest = p.stat().st_size, sha256_file(p)
                 else:
-                    data = self._retry(f"read {rel}", functools.partial(self.fs.cat_file, src))
+                    data = self._retry(f"read {rel_file}", functools.partial(self.fs.cat_file, src))
                     size, digest = len(data), hashlib.sha256(data).hexdigest()
             except FileNotFoundError:
-                return f"{rel} is missing"
-            if size != want["size"]:
-                return f"{rel} has {size} bytes, manifest says {want['size']}"
-            if digest != want["sha256"]:
-                return f"{rel} fails its sha256 check"
+                return f"{rel_file} is missing"
+            if not isinstance(want, dict) or size != want.get("size"):
+                return (
+                    f"{rel_file} has {size} bytes, manifest says {want.get('size') if isinstance(want, dict) else want}"
+                )
+            if digest != want.get("sha256"):
+                return f"{rel_file} fails its sha256 check"
         return None
+
+    def publish_folder(self, local_dir: Path, rel: str, meta: dict[str, Any]) -> int:
+        """Publish a finished local folder as `<uri>/<rel>`: its files first (uploaded, or copied
+        unless it already is that folder), then its manifest, last, as `commit` does for a step.
+        Global rank 0 only, under the lease. Returns the bytes published."""
+        target = self._join(rel)
+        in_place = self.local and local_dir.resolve() == local_path(target).resolve()
+        files: dict[str, Any] = {}
+        for path in _files_under(local_dir):
+            name = path.relative_to(local_dir).as_posix()
+            files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            if not in_place:
+                self._retry(f"upload {name}", functools.partial(self._put, path, f"{target}/{name}"))
+        self._check_lease()
+        manifest = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "files": files, **meta}
+        self._pipe("write manifest", f"{target}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        return sum(int(f["size"]) for f in files.values())
+
+    def remove_folder(self, rel: str) -> None:
+        """Delete `<uri>/<rel>` (an unfinished derived folder) if it is there."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.exists(self._join(rel)):
+                self._retry("delete", functools.partial(self.fs.rm, self._join(rel), recursive=True))
+
+    def _put(self, path: Path, target: str) -> None:
+        if self.local:
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(path), target)
 
     def local_copy(self, step: int) -> Path:
         """Where `step`'s files are (local stores) or will be downloaded to (remote)."""

@@ -35,7 +35,7 @@ from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
 from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
 from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, out_of_space, step_name
-from pretrain.trainer import tasks
+from pretrain.trainer import tasks, universal
 from pretrain.trainer.extensions import seed_extension_cache
 from pretrain.trainer.model import build_model, parameter_groups
 from pretrain.trainer.progress import Progress
@@ -63,6 +63,9 @@ class Trainer:
         self.gpu = self.spec.resources.accelerator == "gpu"
         self.history = RunHistory.off(workdir)
         self._last_checkpoint_logged: int | None = None
+        self._groups: list[dict[str, Any]] = []
+        #: What a resume at another world size or stage cost (rank 0, when it converted).
+        self.reshard: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -152,13 +155,16 @@ class Trainer:
             path = prepare_cached(self.spec.data, tokenizer, fp, cache, remote, publish=False)
         return PackedSplit(path, "train"), PackedSplit(path, "val")
 
-    def build_engine(self, model: Any) -> Any:
+    def build_engine(self, model: Any, *, load_universal: bool = False) -> Any:
         import deepspeed
         import torch
 
         cfg = deepspeed_config(self.spec, self.world, gpu=self.gpu)
+        if load_universal:
+            cfg["checkpoint"] = {"load_universal": True}  # read only by load_checkpoint
         o = self.spec.training.optimizer
         groups = parameter_groups(model, o.weight_decay)
+        self._groups = [{k: v for k, v in g.items() if k != "params"} for g in groups]
 
         def schedule(optimizer: Any) -> Any:
             return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, self.spec))
@@ -209,7 +215,67 @@ class Trainer:
             return f"job {namespace}/{self.job.metadata.name} (uid {uid})"
         return f"local run {socket.gethostname()}:{self.workdir.resolve()}"
 
-    def resume(self, engine: Any, store: CheckpointStore, loader: DistributedLoader, step: int | None) -> int:
+    def resume_mode(self, store: CheckpointStore, step: int | None) -> universal.ResumeMode | None:
+        """Whether checkpoint `step` loads as it is or through its universal form (another
+        world size or ZeRO stage), or raise when it cannot load here at all."""
+        if step is None:
+            return None
+        manifest = store.manifest(step) or {}
+        mode, problem = universal.resume_mode(
+            manifest.get("world_size"), manifest.get("zero_stage"), self.world, self.spec.training.zero.stage,
+            checkpoint=step_name(step),
+        )  # fmt: skip
+        if problem:
+            raise CheckpointError(problem)
+        return mode
+
+    def universal_copy(self, store: CheckpointStore, step: int) -> Path:
+        """Checkpoint `step` in the universal format, node-local: the one stored beside it when it
+        verifies, else converted now by rank 0 and published (once: later resizes reuse it)."""
+        rel = f"{step_name(step)}/{universal.UNIVERSAL}"
+        local = store.local_copy(step) / universal.UNIVERSAL
+        error = None
+        if self.rank == 0:
+            try:
+                problem = store.verify_folder(rel, into=local)
+                if problem is None:
+                    log.info("resume: %s/%s, converted earlier, verified", store.uri, rel)
+                else:
+                    manifest = store.manifest(step) or {}
+                    store.remove_folder(rel)
+                    seconds = universal.convert(store.local_copy(step), local)
+                    nbytes = store.publish_folder(local, rel, {
+                        "step": step, "from_world_size": manifest.get("world_size"),
+                        "from_zero_stage": manifest.get("zero_stage"), "convert_seconds": round(seconds, 3),
+                    })  # fmt: skip
+                    self.reshard = {"event": "reshard", "step": step, "seconds": seconds, "bytes": nbytes,
+                                    "from_world_size": manifest.get("world_size"), "world_size": self.world,
+                                    "from_zero_stage": manifest.get("zero_stage"),
+                                    "zero_stage": self.spec.training.zero.stage}  # fmt: skip
+                    log.info(
+                        "resume: converted %s (%s processes, ZeRO-%s) to the universal format for %d processes at "
+                        "ZeRO-%d in %.1fs (%.1f MB, kept beside it for later resizes)", step_name(step),
+                        manifest.get("world_size"), manifest.get("zero_stage"), self.world,
+                        self.spec.training.zero.stage, seconds, nbytes / 1e6,
+                    )  # fmt: skip
+            except Exception as e:  # one line for every rank, not a hang at the next barrier
+                error = (
+                    f"{step_name(step)}: converting it for {self.world} processes failed: {e.__class__.__name__}: {e}"
+                )
+        error = self.broadcast(error)
+        if error:
+            raise CheckpointError(error)
+        if self.local_rank == 0 and self.rank != 0:
+            problem = store.verify_folder(rel, into=local)
+            if problem:
+                raise CheckpointError(f"{rel}: {problem}")
+        self.barrier()
+        return local
+
+    def resume(
+        self, engine: Any, store: CheckpointStore, loader: DistributedLoader, step: int | None,
+        mode: universal.ResumeMode | None,
+    ) -> int:  # fmt: skip
         """Load checkpoint `step` (chosen by `start_choice`); return the step to start at."""
         if step is None:
             return 0
@@ -218,15 +284,16 @@ class Trainer:
             if problem:
                 raise CheckpointError(f"{step_name(step)}: {problem}")
         self.barrier()
-        manifest = store.manifest(step) or {}
-        saved_world = manifest.get("world_size")
-        if saved_world is not None and saved_world != self.world:
-            raise CheckpointError(
-                f"{step_name(step)} was written by {saved_world} processes and this run has {self.world}: "
-                "resume with the same nodes x procsPerNode, or set checkpoint.resume: never"
-            )
         local = store.local_copy(step)
-        load_path, _ = engine.load_checkpoint(str(local.parent), tag=local.name, load_module_strict=True)
+        if mode == "universal":
+            folder = self.universal_copy(store, step)
+            t0 = time.perf_counter()
+            load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_module_strict=True)
+            universal.repair_after_load(engine, self._groups)
+            if self.reshard is not None:
+                self.reshard["load_seconds"] = time.perf_counter() - t0
+        else:
+            load_path, _ = engine.load_checkpoint(str(local.parent), tag=local.name, load_module_strict=True)
         if load_path is None:
             raise CheckpointError(f"{step_name(step)}: DeepSpeed could not load it")
         state = json.loads((local / "loader.json").read_text())
@@ -379,9 +446,10 @@ class Trainer:
 
         model = build_model(spec, tokenizer, init_dir, names)
         n_params = sum(p.numel() for p in model.parameters())
-        engine = self.build_engine(model)
+        mode = self.resume_mode(store, start_choice)
+        engine = self.build_engine(model, load_universal=mode == "universal")
         steps = total_steps(spec) or 1
-        start = self.resume(engine, store, loader, start_choice)
+        start = self.resume(engine, store, loader, start_choice, mode)
 
         seq = spec.data.sequence_length
         tokens_per_step = plan.global_batch * seq
@@ -405,6 +473,8 @@ class Trainer:
         self._last_checkpoint_logged = store.stats.last_verified_step
         self.history.log({"event": "start", "step": start, "attempt": self.attempt, "world_size": self.world,
                           "job": self.job.model_dump(by_alias=True, exclude_none=True, mode="json")})  # fmt: skip
+        if self.reshard is not None:
+            self.history.log(self.reshard)
         if self.rank == 0:
             log.info(
                 "job %s: %s %.2fM params, %d processes, ZeRO-%d %s, %d steps of %d x %d tokens (accumulation %d)%s",
