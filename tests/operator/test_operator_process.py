@@ -67,8 +67,8 @@ def test_apply_creates_the_children_and_status_then_delete_collects_them(env: En
                                   "configmaps": [f"{name}-config"]}  # fmt: skip
     env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Pending", "phase Pending")
     table = env.kubectl("get", "ptj", name).stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "STEP", "LOSS", "TOKENS/S", "RESTARTS", "AGE"]
-    assert table[1].split()[:3] == [name, "Pending", "0"], table
+    assert table[0].split() == ["NAME", "PHASE", "NODES", "STEP", "LOSS", "TOKENS/S", "RESTARTS", "AGE"]
+    assert table[1].split()[:4] == [name, "Pending", "2", "0"], table
     pods = env.kubectl("get", "pods", "-l", f"pretrain.io/job-name={name}", "-o", "json").stdout
     assert [p["status"]["phase"] for p in json.loads(pods)["items"]] == ["Pending", "Pending"]
     job = env.job(name)

@@ -324,6 +324,20 @@ class EnvVar(Spec):
     value: str = Field("", max_length=32768, description="Literal value (use credentialsSecret for secrets).")
 
 
+class ElasticSpec(Spec):
+    """Run on fewer nodes when some cannot be had, and grow back when they return."""
+
+    min_nodes: PositiveInt = Field(..., le=4096, description="The fewest nodes the job trains on.")
+    max_nodes: PositiveInt | None = Field(
+        None, le=4096, description="The most nodes it grows to (default: resources.nodes, where it starts)."
+    )
+    shrink_after_seconds: int = Field(
+        120, ge=0, le=86400,
+        description="How long a pod of the gang may wait unscheduled before the job restarts on the nodes it "
+        "has (down to minNodes), from its newest checkpoint.",
+    )  # fmt: skip
+
+
 class ResourcesSpec(Spec):
     """The pods: how many, how big, where they may run."""
 
@@ -357,6 +371,14 @@ class ResourcesSpec(Spec):
     labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod labels.")
     annotations: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod annotations.")
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment.")
+    elastic: ElasticSpec | None = Field(
+        None, description="Shrink to minNodes when nodes are lost, grow back when capacity returns."
+    )
+    termination_grace_period_seconds: int | None = Field(
+        None, ge=1, le=86400,
+        description="Pod terminationGracePeriodSeconds: on SIGTERM (preemption, eviction, a resize) the trainer "
+        "saves a checkpoint before this runs out. Default: sized from the model (see docs/operations.md).",
+    )  # fmt: skip
 
     @field_validator("labels", "node_selector")
     @classmethod
@@ -570,6 +592,17 @@ class CheckpointRef(Spec):
     time: str | None = None
 
 
+class Resize(Spec):
+    """An elastic job's last change of size: a planned restart, not counted against maxRestarts."""
+
+    from_nodes: int | None = None
+    to_nodes: int | None = None
+    reason: str | None = Field(None, description="Shrink (nodes could not be placed) or Grow (capacity returned).")
+    message: str | None = None
+    time: str | None = None
+    count: int | None = Field(None, description="Resizes so far.")
+
+
 class PretrainJobStatus(Spec):
     """Observed state of a PretrainJob, written only by the operator."""
 
@@ -581,6 +614,8 @@ class PretrainJobStatus(Spec):
     uncounted_restarts: int | None = Field(
         None, description="Gang restarts after disruptions (or RestartJobIgnore rules), not counted."
     )
+    nodes: int | None = Field(None, description="Nodes of the current attempt (an elastic job's size changes).")
+    resize: Resize | None = Field(None, description="The last resize of an elastic job.")
     suspended_seconds: int | None = Field(
         None, description="Time spent suspended, which activeDeadlineSeconds does not count."
     )

@@ -396,12 +396,34 @@ def _check_resources(spec: PretrainJobSpec) -> Iterator[SpecError]:
                 f"spec.resources.env[{i}].name",
                 "credentials are never accepted inline; use spec.checkpoint.credentialsSecret",
             )
+    yield from _check_elastic(spec)
     rp = spec.run_policy
     if rp.restart_backoff_seconds > rp.max_restart_backoff_seconds:
         yield SpecError(
             "spec.runPolicy.restartBackoffSeconds",
             f"{rp.restart_backoff_seconds} is above maxRestartBackoffSeconds ({rp.max_restart_backoff_seconds})",
         )
+
+
+def _check_elastic(spec: PretrainJobSpec) -> Iterator[SpecError]:
+    r = spec.resources
+    e = r.elastic
+    if e is None:
+        return
+    top = e.max_nodes or r.nodes
+    if e.min_nodes > r.nodes:
+        yield SpecError("spec.resources.elastic.minNodes", f"{e.min_nodes} is above resources.nodes ({r.nodes})")
+    if top < r.nodes:
+        yield SpecError("spec.resources.elastic.maxNodes", f"{top} is below resources.nodes ({r.nodes})")
+    t = spec.training
+    for field, n in (("minNodes", e.min_nodes), ("maxNodes", top)):
+        per_step = t.micro_batch_size * n * r.procs_per_node
+        if t.global_batch_size % per_step:
+            yield SpecError(
+                f"spec.resources.elastic.{field}",
+                f"training.globalBatchSize {t.global_batch_size} is not divisible by microBatchSize x {n} nodes x "
+                f"procsPerNode ({per_step}): the job could not train at that size",
+            )
 
 
 def _inline_secrets(path: str, options: Any) -> Iterator[SpecError]:

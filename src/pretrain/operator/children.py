@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pretrain.api.spec import API_VERSION, KIND, PretrainJob
+from pretrain.operator.elastic import termination_grace_seconds
 from pretrain.trainer.command import POD_CONFIG_PATH, POD_WORKDIR, RENDEZVOUS_PORT, trainer_command
 
 LABEL_JOB = "pretrain.io/job-name"
@@ -27,13 +28,19 @@ COMMON_LABELS = {"app.kubernetes.io/name": "pretrain", "app.kubernetes.io/manage
 
 #: The trainer image's non-root user.
 RUN_AS_USER = 1000
-#: Time the trainer gets after SIGTERM to finish its step and save a checkpoint.
-TERMINATION_GRACE_SECONDS = 300
 CONFIG_KEY = "job.json"
+#: "standby": a placeholder pod of an elastic job running below maxNodes. It holds a node's
+#: worth of resources and tells the operator, by running, that the node is back.
+LABEL_ROLE = "pretrain.io/role"
+ROLE_STANDBY = "standby"
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
     return f"{job}-a{attempt}-n{rank}"
+
+
+def standby_name(job: str, attempt: int, rank: int) -> str:
+    return f"{job}-a{attempt}-s{rank}"
 
 
 def pod_group_name(job: str, attempt: int) -> str:
@@ -126,10 +133,13 @@ def _resources(job: PretrainJob) -> dict[str, Any]:
     return out
 
 
-def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int) -> dict[str, Any]:
-    """One node of the gang: torchrun with static rendezvous on node 0."""
+def build_pod(
+    job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int, nodes: int | None = None
+) -> dict[str, Any]:
+    """One node of a gang of `nodes` (default resources.nodes): torchrun, static rendezvous on node 0."""
     spec = job.spec
     r = spec.resources
+    nodes = nodes or r.nodes
     name = job.metadata.name
     pod = pod_name(name, attempt, rank)
     labels = {LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), **r.labels}
@@ -141,11 +151,11 @@ def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: in
     }
     if r.queue_name:
         labels |= {LABEL_QUEUE: r.queue_name, LABEL_POD_GROUP: pod_group_name(name, attempt)}
-        annotations |= {ANNOTATION_POD_GROUP_COUNT: str(r.nodes), ANNOTATION_RETRIABLE_IN_GROUP: "false"}
+        annotations |= {ANNOTATION_POD_GROUP_COUNT: str(nodes), ANNOTATION_RETRIABLE_IN_GROUP: "false"}
     meta = _meta(job, pod, namespace, uid, labels)
     meta["annotations"] = annotations
     args = trainer_command(
-        nnodes=r.nodes, nproc_per_node=r.procs_per_node, node_rank="$(NODE_RANK)", master_addr="$(PRETRAIN_MASTER_ADDR)",
+        nnodes=nodes, nproc_per_node=r.procs_per_node, node_rank="$(NODE_RANK)", master_addr="$(PRETRAIN_MASTER_ADDR)",
         config=POD_CONFIG_PATH, workdir=POD_WORKDIR,
     )  # fmt: skip
     env: list[dict[str, Any]] = [
@@ -199,7 +209,8 @@ def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: in
         "hostname": pod,
         "subdomain": service_name(name),
         "restartPolicy": "Never",
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        # Time the trainer gets after SIGTERM to finish its step and save a checkpoint.
+        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
@@ -227,6 +238,27 @@ def build_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: in
         if value:
             pod_spec[key] = value
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def build_standby_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int) -> dict[str, Any]:
+    """A placeholder for node `rank` of an elastic job running below maxNodes: the trainer pod's
+    image, resources and placement, running `sleep` instead of torchrun. Once it runs, the node
+    is back and the operator grows the gang. It is not part of the gang (no Kueue pod group)."""
+    pod = build_pod(job, namespace, uid, attempt, rank)
+    name = standby_name(job.metadata.name, attempt, rank)
+    meta = pod["metadata"]
+    meta["name"] = name
+    meta["labels"].pop(LABEL_POD_GROUP, None)  # with Kueue, admitted as a pod of its own
+    meta["labels"][LABEL_ROLE] = ROLE_STANDBY
+    meta["annotations"] = {k: v for k, v in job.spec.resources.annotations.items()}
+    spec = pod["spec"]
+    spec["hostname"] = name
+    spec["terminationGracePeriodSeconds"] = 0
+    container = spec["containers"][0]
+    container.update({"name": "standby", "command": ["sleep"], "args": ["infinity"], "env": []})
+    for key in ("ports", "envFrom", "terminationMessagePolicy"):
+        container.pop(key, None)
+    return pod
 
 
 def build_pod_monitor(job: PretrainJob, namespace: str, uid: str) -> dict[str, Any]:

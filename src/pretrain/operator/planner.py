@@ -25,14 +25,18 @@ from pretrain.operator.children import (
     LABEL_ATTEMPT,
     LABEL_JOB,
     LABEL_RANK,
+    LABEL_ROLE,
+    ROLE_STANDBY,
     build_configmap,
     build_pod,
     build_pod_monitor,
     build_service,
+    build_standby_pod,
     configmap_name,
     pod_name,
     service_name,
 )
+from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import FailedPod, Verdict, decide, first_failed
 from pretrain.storage.checkpoint import step_name
 from pretrain.trainer.termination import parse_done
@@ -77,6 +81,11 @@ class PodView:
     #: disruption conditions (type and reason), the container's terminated reason.
     reasons: tuple[str, ...] = ()
     finished: datetime | None = None  # when the container terminated, or the disruption began
+    #: Bound to a node (spec.nodeName, or PodScheduled True): a Pending pod that is not cannot
+    #: be placed yet.
+    scheduled: bool = False
+    #: A placeholder of an elastic job below maxNodes (children.build_standby_pod), not a trainer.
+    standby: bool = False
 
     def failed(self) -> FailedPod:
         return FailedPod(self.name, self.exit_code, self.reasons, self.message, self.finished)
@@ -142,6 +151,9 @@ def pod_view(obj: dict[str, Any]) -> PodView:
     if status.get("phase") == "Unknown":
         reasons.append("NodeLost")  # the node stopped reporting: the pod's state is lost with it
     created = meta.get("creationTimestamp")
+    scheduled = bool((obj.get("spec") or {}).get("nodeName")) or any(
+        c.get("type") == "PodScheduled" and c.get("status") == "True" for c in status.get("conditions", []) or []
+    )
     return PodView(
         name=meta["name"],
         attempt=int(labels.get(LABEL_ATTEMPT, "0")),
@@ -154,6 +166,8 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         ip=status.get("podIP"),
         reasons=tuple(dict.fromkeys(reasons)),
         finished=finished,
+        scheduled=scheduled,
+        standby=labels.get(LABEL_ROLE) == ROLE_STANDBY,
     )
 
 
@@ -279,11 +293,15 @@ def plan(
                 st.s.pop(key, None)
 
     rp = job.spec.run_policy
-    nodes = job.spec.resources.nodes
+    low, high = size_range(job.spec)
+    nodes = int(st.s.get("nodes") or 0)  # the current attempt's size: an elastic job's changes
+    if not low <= nodes <= high:
+        nodes = job.spec.resources.nodes
     phase = st.s.get("phase")
 
     # ---- finished jobs: cleanup policy and TTL only
     if phase in TERMINAL:
+        delete_pods([p for p in live if p.standby])
         policy = rp.clean_pod_policy
         if policy == "All":
             delete_pods(live)
@@ -365,16 +383,18 @@ def plan(
     # view does not know of, are never deleted as such.
     stale = [p for p in live if p.attempt < attempt]
     delete_pods(stale)
-    current = [p for p in live if p.attempt == attempt]
+    current = [p for p in live if p.attempt == attempt and not p.standby]
+    standby = [p for p in live if p.attempt == attempt and p.standby]
     lingering = [p for p in observed.pods if p.attempt < attempt or p.deleting]
 
     def start_attempt(new_attempt: int, reason: str, message: str) -> None:
         st.s["attempt"] = new_attempt
         st.s.setdefault("startTime", iso(now))
+        st.s["nodes"] = nodes
         if resumed_after is not None and "startTime" in status:
             st.s["suspendedSeconds"] = int(suspended.total_seconds())
         for rank in range(nodes):
-            out.create.append(build_pod(job, namespace, uid, new_attempt, rank))
+            out.create.append(build_pod(job, namespace, uid, new_attempt, rank, nodes))
         st.phase(Phase.PENDING, reason, message)
         st.condition("Unschedulable", False, "")
 
@@ -389,23 +409,28 @@ def plan(
     if phase == Phase.RESTARTING.value:
         cond = st.get_condition(Phase.RESTARTING.value)
         since = parse_time(cond.get("lastTransitionTime")) if cond else None
-        wait = backoff_seconds(job, restarts)
-        delete_pods([p for p in current])
+        resizing = cond is not None and cond.get("reason") in RESIZE_REASONS
+        wait = 0 if resizing else backoff_seconds(job, restarts)
+        delete_pods(current + standby)
         if since and now < since + timedelta(seconds=wait):
             out.due_in((since + timedelta(seconds=wait) - now).total_seconds())
         if lingering or current or (since and now < since + timedelta(seconds=wait)):
             return _finish(out, st)
-        start_attempt(
-            attempt + 1,
-            "Restarted",
-            f"attempt {attempt + 1} after {restarts} restart(s); resuming from the latest checkpoint",
-        )
+        if resizing:
+            start_attempt(attempt + 1, "Resized",
+                          f"attempt {attempt + 1} on {nodes} node(s); resuming from the latest checkpoint")  # fmt: skip
+        else:
+            start_attempt(
+                attempt + 1,
+                "Restarted",
+                f"attempt {attempt + 1} after {restarts} restart(s); resuming from the latest checkpoint",
+            )
         return _finish(out, st)
 
     # ---- the current attempt
     # A pod of the current attempt being deleted by someone else (an eviction, a preemption, a
     # drain, kubectl delete) is a failure of the gang as much as one that exited.
-    gone = [p for p in observed.pods if p.attempt == attempt and p.deleting]
+    gone = [p for p in observed.pods if p.attempt == attempt and p.deleting and not p.standby]
     failed = [p for p in current if p.phase in ("Failed", "Unknown")] + gone
     missing = sorted(set(range(nodes)) - {p.rank for p in current} - {p.rank for p in gone})
     if failed or (missing and phase == Phase.RUNNING.value):
@@ -415,9 +440,13 @@ def plan(
         return _finish(out, st)
     if missing:  # Pending and some pods not created yet (e.g. the operator stopped half-way)
         for rank in missing:
-            out.create.append(build_pod(job, namespace, uid, attempt, rank))
+            out.create.append(build_pod(job, namespace, uid, attempt, rank, nodes))
         _check_scheduling(st, current, job, now, scheduling_grace)  # the new pods are not stuck
         return _finish(out, st)
+    if job.spec.resources.elastic is not None:
+        new_size = _elastic(st, out, job, namespace, uid, attempt, nodes, current, standby, now)
+        if new_size is not None:
+            return _finish(out, st)
     if all(p.phase == "Succeeded" for p in current):
         st.phase(Phase.SUCCEEDED, "Completed", f"all {nodes} pod(s) succeeded")
         st.s["completionTime"] = iso(now)
@@ -473,6 +502,59 @@ def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, cur
     wait = backoff_seconds(job, int(st.s["restarts"]))
     st.phase(Phase.RESTARTING, "GangRestart", f"{verdict.why}; restarting all pods in {wait}s ({count}){by_rule}",
              warning=True)  # fmt: skip
+
+
+RESIZE_REASONS = ("Shrink", "Grow")
+
+
+def _elastic(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: str, attempt: int, size: int,
+             current: list[PodView], standby: list[PodView], now: datetime) -> int | None:  # fmt: skip
+    """An elastic job's size: shrink when pods of the gang stay unscheduled past
+    shrinkAfterSeconds (down to minNodes), grow when standby pods for the missing nodes run.
+    A resize is a planned restart from the newest checkpoint: the pods are deleted (SIGTERM, so
+    the trainer checkpoints at the end of its step) and the next attempt starts without backoff,
+    not counted against maxRestarts. Returns the new size, or None when the size stays."""
+    e = job.spec.resources.elastic
+    assert e is not None
+    waiting = [p for p in current if p.phase == "Pending" and not p.scheduled]
+    if waiting:
+        out.delete.extend(("Pod", p.name) for p in standby)  # no growing while the gang cannot be placed
+        since = min((p.created for p in waiting if p.created), default=now)
+        due = since + timedelta(seconds=e.shrink_after_seconds)
+        if now < due:
+            st.due.append((due - now).total_seconds())
+            return None
+        new = fit(job.spec, len(current) - len(waiting))
+        if new is None or new >= size:
+            return None  # below minNodes: wait, as any gang does (schedulingTimeoutAction applies)
+        message = (f"{len(waiting)} of {size} pod(s) could not be scheduled for {e.shrink_after_seconds}s: "
+                   f"restarting on {new} node(s) from the newest checkpoint")  # fmt: skip
+        _resize(st, out, current + standby, size, new, "Shrink", message)
+        return new
+    _, high = size_range(job.spec)
+    if size >= high or not current or any(p.phase != "Running" for p in current):
+        return None
+    out.delete.extend(("Pod", p.name) for p in standby if p.phase in ("Failed", "Succeeded", "Unknown"))
+    have = {p.rank for p in standby if p.phase not in ("Failed", "Succeeded", "Unknown")}
+    out.create.extend(build_standby_pod(job, namespace, uid, attempt, rank) for rank in range(size, high)
+                      if rank not in have)  # fmt: skip
+    ready = [p for p in standby if p.phase == "Running"]
+    new = fit(job.spec, size + len(ready))
+    if new is None or new <= size:
+        return None
+    message = (f"{len(ready)} more node(s) can be placed: restarting on {new} node(s); the pods save a checkpoint "
+               "on SIGTERM and the next attempt resumes from it")  # fmt: skip
+    _resize(st, out, current + standby, size, new, "Grow", message)
+    return new
+
+
+def _resize(st: _Status, out: Plan, pods: list[PodView], old: int, new: int, reason: str, message: str) -> None:
+    out.delete.extend(("Pod", p.name) for p in pods)
+    count = int((st.s.get("resize") or {}).get("count") or 0) + 1
+    st.s["nodes"] = new
+    st.s["resize"] = {"fromNodes": old, "toNodes": new, "reason": reason, "message": message,
+                      "time": iso(st.now), "count": count}  # fmt: skip
+    st.phase(Phase.RESTARTING, reason, message, warning=reason == "Shrink")
 
 
 def _check_scheduling(
