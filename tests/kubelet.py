@@ -88,6 +88,10 @@ class Kubelet:
     processes: dict[str, PodProcess] = field(default_factory=dict)
     ips: dict[str, str] = field(default_factory=dict)
     refused: set[str] = field(default_factory=set)
+    #: Pods the node takes at most (None: any number), as a scheduler sees a node's allocatable
+    #: resources: a pod beyond it stays Pending, unbound, with PodScheduled False (Unschedulable).
+    #: Lower it to play a node that is gone and cannot come back; raise it to bring one back.
+    capacity: int | None = None
     pods: dict[str, dict[str, Any]] = field(default_factory=dict)  # the watch's view
     errors: list[str] = field(default_factory=list)
     #: "process" runs a pod's command as a local process tree (fast); "podman" runs the pod as a
@@ -344,6 +348,10 @@ class Kubelet:
         for name, pod in pods.items():
             deleting = bool(pod["metadata"].get("deletionTimestamp"))
             if not pod["spec"].get("nodeName") and not deleting:
+                if self.capacity is not None and self._bound(pods) >= self.capacity:
+                    self._unschedulable(name, pod)
+                    continue
+                pods[name] = {**pod, "spec": {**pod["spec"], "nodeName": self.node}}  # counted from now on
                 with contextlib.suppress(self.k.client.ApiException):  # the scheduler's bind
                     self.core.create_namespaced_pod_binding(name, self.namespace, {
                         "apiVersion": "v1", "kind": "Binding", "metadata": {"name": name},
@@ -375,6 +383,24 @@ class Kubelet:
                     self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
         for name in [n for n, pp in self.processes.items() if n not in pods and pp.proc.poll() is not None]:
             del self.processes[name]
+
+    def _bound(self, pods: dict[str, dict[str, Any]]) -> int:
+        """Pods holding a place on this node: bound and not finished (a terminating one still holds it)."""
+        return sum(
+            1 for p in pods.values()
+            if p["spec"].get("nodeName") and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+        )  # fmt: skip
+
+    def _unschedulable(self, name: str, pod: dict[str, Any]) -> None:
+        """What kube-scheduler writes on a pod it cannot place."""
+        conds = pod.get("status", {}).get("conditions") or []
+        if any(c.get("type") == "PodScheduled" and c.get("status") == "False" for c in conds):
+            return
+        with contextlib.suppress(self.k.client.ApiException):
+            self._patch_status(name, {"phase": "Pending", "conditions": [{
+                "type": "PodScheduled", "status": "False", "reason": "Unschedulable", "lastTransitionTime": _now(),
+                "message": f"0/1 nodes are available: 1 Too many pods (capacity {self.capacity}).",
+            }]})  # fmt: skip
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         self._signal(self.processes[name], sig)

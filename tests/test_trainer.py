@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -173,6 +174,8 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path: Path, storage: str, 
     first_output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, first_output[-3000:]
     assert "stopped: the last checkpoint was saved" in first_output
+    took = re.search(r"checkpoint step-\d{8} saved ([\d.]+)s after the signal", first_output)
+    assert took and 0 < float(took.group(1)) < 120, first_output[-3000:]
     first = Run(out, subprocess.CompletedProcess([], 0, first_output, ""))
     stopped_at = max(first.losses())
     assert 5 <= stopped_at < 40

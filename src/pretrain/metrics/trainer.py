@@ -92,6 +92,11 @@ class TrainerMetrics:
             "pretrain_checkpoint_last_verified_timestamp_seconds",
             "Unix time of the newest verified checkpoint (age: time() - this).",
         )
+        self.stop_save = gauge(
+            "pretrain_stop_checkpoint_seconds",
+            "From SIGTERM (preemption, eviction, a resize) to the last checkpoint committed: must fit the pod's "
+            "terminationGracePeriodSeconds.",
+        )
         self._eval_metric = Gauge(
             "pretrain_eval_metric", "Task metrics of the last evaluation (accuracy, f1, exact_match...).",
             [*names, "metric"], registry=self.registry,

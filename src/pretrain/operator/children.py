@@ -165,6 +165,8 @@ def build_pod(
         # The job's identity for the checkpoint lease: every attempt of this job may take it over.
         {"name": "PRETRAIN_JOB_UID", "value": uid},
         {"name": "PRETRAIN_ATTEMPT", "value": str(attempt)},
+        # The trainer warns when its checkpoint on SIGTERM came close to the pod's grace period.
+        {"name": "PRETRAIN_TERMINATION_GRACE_SECONDS", "value": str(termination_grace_seconds(spec))},
         {"name": "PRETRAIN_WORKDIR", "value": POD_WORKDIR},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},

@@ -60,6 +60,7 @@ class Trainer:
         self.node_rank = self.rank // self.local_world
         self.attempt = int(os.environ.get("PRETRAIN_ATTEMPT", "1"))
         self.stop_requested = False
+        self.signalled_at: float | None = None  # when SIGTERM/SIGINT came (time.monotonic)
         self.gpu = self.spec.resources.accelerator == "gpu"
         self.history = RunHistory.off(workdir)
         self._last_checkpoint_logged: int | None = None
@@ -71,6 +72,7 @@ class Trainer:
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
         if not self.stop_requested:
+            self.signalled_at = time.monotonic()
             log.warning(
                 "received %s: saving a checkpoint at the end of this step, then exiting", signal.Signals(signum).name
             )
@@ -534,12 +536,8 @@ class Trainer:
                 store.close()
                 self.report_checkpoint(store, metrics)
                 progress.close()
-                if self.rank == 0:
-                    log.info(
-                        "stopped at step %d on request; checkpoint %s saved; run again to resume", step, step_name(step)
-                    )
+                self.report_stop(step, metrics)
                 metrics.close()
-                self.history.close()
                 return 0
 
         progress.close()
@@ -564,6 +562,28 @@ class Trainer:
                         "checkpointTime": iso_time(store.stats.last_verified_time)})  # fmt: skip
         metrics.close()
         return 0
+
+    def report_stop(self, step: int, metrics: TrainerMetrics) -> None:
+        """After the checkpoint a SIGTERM asked for: how long it took from the signal, against the
+        pod's grace period (a save that does not fit is killed half-way and the work since the
+        previous checkpoint is lost), in the log, a metric and the run's history."""
+        seconds = time.monotonic() - self.signalled_at if self.signalled_at is not None else None
+        grace = float(os.environ.get("PRETRAIN_TERMINATION_GRACE_SECONDS") or 0) or None
+        if seconds is not None:
+            metrics.stop_save.set(seconds)
+            self.history.log({"event": "stop", "step": step, "seconds": seconds, "grace_seconds": grace})
+        self.history.close()
+        if self.rank != 0:
+            return
+        took = f" {seconds:.1f}s after the signal" if seconds is not None else ""
+        log.info(
+            "stopped at step %d on request; checkpoint %s saved%s; run again to resume", step, step_name(step), took
+        )
+        if seconds is not None and grace and seconds > 0.8 * grace:
+            log.warning(
+                "the checkpoint on SIGTERM took %.0fs of the pod's %.0fs grace period: raise "
+                "resources.terminationGracePeriodSeconds", seconds, grace,
+            )  # fmt: skip
 
     def record(self, entry: dict[str, Any], *, durable: bool = False) -> None:
         """Append one line to rank 0's train_log.jsonl (this attempt's own record of every step,
