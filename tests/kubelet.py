@@ -47,13 +47,15 @@ def expand(value: str, env: dict[str, str]) -> str:
 
 
 def signal_tree(pid: int, sig: int) -> None:
-    """Signal a process and all its descendants, as a container runtime signals a container
-    (torchrun starts its workers in sessions of their own, so a process group is not enough)."""
+    """Signal a pod's processes as a container runtime does: SIGKILL reaches every process (the
+    cgroup is killed; torchrun starts its workers in sessions of their own, so a process group is
+    not enough), any other signal only the container's first process, PID 1: on a pod's
+    deletion SIGTERM reaches torchrun alone, which must pass it on to its workers."""
     import psutil
 
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        procs = [root, *root.children(recursive=True)] if sig == signal.SIGKILL else [root]
     except psutil.NoSuchProcess:
         return
     for p in procs:

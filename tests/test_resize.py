@@ -50,6 +50,8 @@ def assert_continues(resumed: Run, reference: Run) -> None:
     assert sorted(got) == list(range(7, 13)), "the step count continues from the checkpoint"
     for step in got:
         assert abs(got[step] - want[step]) < TOLERANCE, (step, got[step], want[step])
+    loader = lambda run: json.loads((run.out / "checkpoints" / "step-00000012" / "loader.json").read_text())  # noqa: E731
+    assert loader(resumed) == loader(reference), "the data position continues exactly"
     lr = {e["step"]: e["lr"] for e in resumed.log if "lr" in e}
     assert all(abs(lr[e["step"]] - e["lr"]) < 1e-12 for e in reference.log if "lr" in e and e["step"] in lr), "LR"
 

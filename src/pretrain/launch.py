@@ -75,6 +75,9 @@ def run(file: Path, nproc: int | None, output: Path | None, verbose: bool, overr
         env.setdefault("DS_ACCELERATOR", "cpu")
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // procs)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torchrun gives its workers 30 s after SIGTERM, then SIGKILL: too little for the checkpoint
+    # a Ctrl-C asks for on a large model. Pods get their grace period (operator/children.py).
+    env.setdefault(TORCHRUN_SHUTDOWN_TIMEOUT, str(LOCAL_SHUTDOWN_SECONDS))
     tmp = out / "tmp"  # torchelastic leaves folders in TMPDIR
     tmp.mkdir(exist_ok=True)
     env["TMPDIR"] = str(tmp)
@@ -137,6 +140,11 @@ def _die_with_parent() -> None:
     from pretrain.proc import die_with_parent
 
     die_with_parent(signal.SIGTERM)
+
+
+#: torchrun's wait for its workers after a signal before SIGKILL (torch >= 2.7 reads it).
+TORCHRUN_SHUTDOWN_TIMEOUT = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+LOCAL_SHUTDOWN_SECONDS = 1800
 
 
 def _supervise(cmd: list[str], env: dict[str, str], log_path: Path, verbose: bool) -> tuple[int, int]:

@@ -349,9 +349,9 @@ def test_crd_cel_rules_and_transition_rules(raw: Raw) -> None:
 
 def test_tables_use_the_crd_printer_columns(raw: Raw) -> None:
     raw("POST", JOBS, job("table"))
-    raw("PATCH", f"{JOBS}/table/status", {"status": {"phase": "Running", "restarts": 1, "progress": {"step": 5, "loss": 2.5}}},
-        "application/merge-patch+json")  # fmt: skip
+    raw("PATCH", f"{JOBS}/table/status", {"status": {"phase": "Running", "nodes": 2, "restarts": 1,
+        "progress": {"step": 5, "loss": 2.5}}}, "application/merge-patch+json")  # fmt: skip
     _, table, _ = raw("GET", f"{JOBS}/table", headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
     cols = [c["name"] for c in table["columnDefinitions"]]
-    assert cols == ["Name", "Phase", "Step", "Loss", "Tokens/s", "Restarts", "Age"]
-    assert table["rows"][0]["cells"][:6] == ["table", "Running", 5, 2.5, None, 1]
+    assert cols == ["Name", "Phase", "Nodes", "Step", "Loss", "Tokens/s", "Restarts", "Age"]
+    assert table["rows"][0]["cells"][:7] == ["table", "Running", 2, 5, 2.5, None, 1]

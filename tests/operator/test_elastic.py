@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pretrain.api.validation import SpecError, parse_job
+from pretrain.operator.children import build_pod
 from pretrain.operator.elastic import fit, sizes, termination_grace_seconds
 from tests.operator.harness import Harness, job_body, job_manifest
 
@@ -113,3 +114,8 @@ def test_grace_period_fits_a_checkpoint() -> None:
     assert 200 < termination_grace_seconds(big.spec) < 3600, "7B: 47 GB per node of 2 at 100 MiB/s"
     mine = parse_job(job_manifest("t", elastic(**{"resources.terminationGracePeriodSeconds": 900})))
     assert termination_grace_seconds(mine.spec) == 900
+    pod = build_pod(mine, "default", "uid", 1, 0)
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 900
+    # SIGTERM reaches torchrun alone (PID 1), which would SIGKILL its workers after 30 s.
+    assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "895" and env["PRETRAIN_TERMINATION_GRACE_SECONDS"] == "900"

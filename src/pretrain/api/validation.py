@@ -31,6 +31,8 @@ CHECKPOINT_SCHEMES = {"", "file", "s3", "gs", "gcs", "az", "abfs", "memory"}
 RESERVED_ENV = {
     "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
     "NODE_RANK", "PRETRAIN_JOB_NAME", "PRETRAIN_ATTEMPT", "PRETRAIN_CONFIG",
+    # set from resources.terminationGracePeriodSeconds
+    "PRETRAIN_TERMINATION_GRACE_SECONDS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
 }  # fmt: skip
 
 _CREDENTIAL_WORDS = re.compile(

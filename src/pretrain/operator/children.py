@@ -140,6 +140,7 @@ def build_pod(
     spec = job.spec
     r = spec.resources
     nodes = nodes or r.nodes
+    grace = termination_grace_seconds(spec)
     name = job.metadata.name
     pod = pod_name(name, attempt, rank)
     labels = {LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), **r.labels}
@@ -166,7 +167,11 @@ def build_pod(
         {"name": "PRETRAIN_JOB_UID", "value": uid},
         {"name": "PRETRAIN_ATTEMPT", "value": str(attempt)},
         # The trainer warns when its checkpoint on SIGTERM came close to the pod's grace period.
-        {"name": "PRETRAIN_TERMINATION_GRACE_SECONDS", "value": str(termination_grace_seconds(spec))},
+        {"name": "PRETRAIN_TERMINATION_GRACE_SECONDS", "value": str(grace)},
+        # torchrun (the container's PID 1, the one process SIGTERM reaches) gives its workers 30 s
+        # by default before SIGKILL: they get the pod's grace period instead, less a little for
+        # torchrun's own exit.
+        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(grace - 5, 1))},
         {"name": "PRETRAIN_WORKDIR", "value": POD_WORKDIR},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -212,7 +217,7 @@ def build_pod(
         "subdomain": service_name(name),
         "restartPolicy": "Never",
         # Time the trainer gets after SIGTERM to finish its step and save a checkpoint.
-        "terminationGracePeriodSeconds": termination_grace_seconds(spec),
+        "terminationGracePeriodSeconds": grace,
         "enableServiceLinks": False,
         "securityContext": {
             "runAsNonRoot": True,
