@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from pretrain.metrics import names
+
 log = logging.getLogger("pretrain.metrics")
 
 #: Peak dense bf16 FLOP/s of one device, for MFU when the spec gives none.
@@ -57,27 +59,27 @@ class TrainerMetrics:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry(auto_describe=True)
-        names = list(labels.values())
+        label_names = list(labels.values())
         lv = labels.values()
 
         def gauge(name: str, doc: str) -> Any:
-            return Gauge(name, doc, names, registry=self.registry).labels(**lv)
+            return Gauge(name, doc, label_names, registry=self.registry).labels(**lv)
 
         def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, names, registry=self.registry).labels(**lv)
+            return Counter(name, doc, label_names, registry=self.registry).labels(**lv)
 
-        self.loss = gauge("pretrain_train_loss", "Training loss of the last optimizer step (mean over ranks).")
+        self.loss = gauge(names.TRAIN_LOSS, "Training loss of the last optimizer step (mean over ranks).")
         self.eval_loss = gauge("pretrain_eval_loss", "Validation loss of the last evaluation.")
         self.eval_perplexity = gauge("pretrain_eval_perplexity", "Validation perplexity of the last evaluation.")
         self.lr = gauge("pretrain_learning_rate", "Learning rate of the last optimizer step.")
         self.grad_norm = gauge("pretrain_grad_norm", "Global gradient norm before clipping.")
-        self.step = gauge("pretrain_step", "Optimizer steps completed.")
-        self.total_steps = gauge("pretrain_total_steps", "Optimizer steps the run will take.")
+        self.step = gauge(names.STEP, "Optimizer steps completed.")
+        self.total_steps = gauge(names.TOTAL_STEPS, "Optimizer steps the run will take.")
         self.tokens = counter("pretrain_tokens_total", "Tokens trained on by the whole job (counted on every rank).")
         self.samples = counter("pretrain_samples_total", "Sequences trained on by the whole job.")
-        self.tokens_per_second = gauge("pretrain_tokens_per_second", "Job-wide training throughput over the last step.")
+        self.tokens_per_second = gauge(names.TOKENS_PER_SECOND, "Job-wide training throughput over the last step.")
         self.step_time = Histogram(
-            "pretrain_step_duration_seconds", "Wall time of one optimizer step.", names,
+            names.STEP_DURATION, "Wall time of one optimizer step.", label_names,
             buckets=STEP_BUCKETS, registry=self.registry,
         ).labels(**lv)  # fmt: skip
         self.mfu = gauge("pretrain_mfu_ratio", "Model FLOPs utilisation of this rank's device (0-1).")
@@ -87,9 +89,9 @@ class TrainerMetrics:
         self.ckpt_duration = gauge("pretrain_checkpoint_save_duration_seconds", "Duration of the last checkpoint save.")
         self.ckpt_bytes = gauge("pretrain_checkpoint_size_bytes", "Bytes this node wrote in the last checkpoint.")
         self.ckpt_failures = counter("pretrain_checkpoint_failures_total", "Checkpoint saves that failed.")
-        self.ckpt_step = gauge("pretrain_checkpoint_last_verified_step", "Step of the newest verified checkpoint.")
+        self.ckpt_step = gauge(names.CHECKPOINT_STEP, "Step of the newest verified checkpoint.")
         self.ckpt_time = gauge(
-            "pretrain_checkpoint_last_verified_timestamp_seconds",
+            names.CHECKPOINT_TIME,
             "Unix time of the newest verified checkpoint (age: time() - this).",
         )
         self.stop_save = gauge(
@@ -98,8 +100,8 @@ class TrainerMetrics:
             "terminationGracePeriodSeconds.",
         )
         self._eval_metric = Gauge(
-            "pretrain_eval_metric", "Task metrics of the last evaluation (accuracy, f1, exact_match...).",
-            [*names, "metric"], registry=self.registry,
+            names.EVAL_METRIC, "Task metrics of the last evaluation (accuracy, f1, exact_match...).",
+            [*label_names, names.EVAL_METRIC_LABEL], registry=self.registry,
         )  # fmt: skip
         self._labels = lv
         self.attempt = gauge("pretrain_attempt", "Attempt of this run (1 + gang restarts so far).")
@@ -134,7 +136,7 @@ class TrainerMetrics:
     def observe_eval(self, scores: dict[str, float]) -> None:
         for name, value in scores.items():
             if name != "loss":
-                self._eval_metric.labels(**self._labels, metric=name).set(value)
+                self._eval_metric.labels(**self._labels, **{names.EVAL_METRIC_LABEL: name}).set(value)
 
     def observe_memory(self, allocated: int, reserved: int) -> None:
         self.mem_allocated.set(allocated)

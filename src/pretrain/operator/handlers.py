@@ -30,6 +30,7 @@ import kopf
 
 from pretrain.api.spec import GROUP, PLURAL, VERSION, Phase, PretrainJob
 from pretrain.api.validation import SpecError, parse_spec
+from pretrain.metrics import names as metric_names
 from pretrain.operator import metrics
 from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound, api_error
 from pretrain.operator.informer import ChildCache, start_reflectors
@@ -265,7 +266,7 @@ def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | No
     except OSError as e:
         log.debug("progress scrape of %s failed: %s", target.url, e)
         return None
-    if "pretrain_step" not in samples:
+    if metric_names.STEP not in samples:
         return None
     prog, ckpt = progress_from(samples, now)
     # A merge patch merges into the old progress: fields this scrape lacks are cleared explicitly.

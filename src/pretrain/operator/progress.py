@@ -4,27 +4,29 @@ from __future__ import annotations
 
 import math
 import urllib.request
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+from pretrain.metrics import names
 from pretrain.operator.planner import iso
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Sample values by metric name (labels dropped; the endpoint is one rank's)."""
+    """Sample values by sample name (labels dropped: the endpoint is one rank's), with
+    prometheus_client's parser; task metrics keep their label (`pretrain_eval_metric:accuracy`).
+    An exposition the parser refuses gives no samples (the scrape is skipped, as a failed one)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, rest = line.rpartition("} ") if "{" in line else line.partition(" ")
-        name = name_labels.split("{", 1)[0]
-        if name == "pretrain_eval_metric":  # keep the metric label: one sample per task metric
-            label = name_labels.split('metric="', 1)[1].split('"', 1)[0] if 'metric="' in name_labels else ""
-            name = f"{name}:{label}"
-        try:
-            out[name] = float(rest.split()[0])
-        except (ValueError, IndexError):
-            continue
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                name = sample.name
+                if name == names.EVAL_METRIC:
+                    name = f"{name}:{sample.labels.get(names.EVAL_METRIC_LABEL, '')}"
+                out[name] = float(sample.value)
+    except ValueError:
+        return {}
     return out
 
 
@@ -35,16 +37,16 @@ def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
 
 def evaluation_from(samples: dict[str, float]) -> dict[str, float]:
     """status.evaluation: the task metrics of the latest evaluation."""
-    prefix = "pretrain_eval_metric:"
+    prefix = f"{names.EVAL_METRIC}:"
     return {k[len(prefix) :]: round(v, 4) for k, v in samples.items() if k.startswith(prefix) and k != prefix}
 
 
 def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(status.progress, status.lastCheckpoint or None) from scraped samples."""
-    step = samples.get("pretrain_step")
-    total = samples.get("pretrain_total_steps")
-    tps = samples.get("pretrain_tokens_per_second")
-    loss = samples.get("pretrain_train_loss")
+    step = samples.get(names.STEP)
+    total = samples.get(names.TOTAL_STEPS)
+    tps = samples.get(names.TOKENS_PER_SECOND)
+    loss = samples.get(names.TRAIN_LOSS)
     progress: dict[str, Any] = {"updatedTime": iso(now)}
     if step is not None:
         progress["step"] = int(step)
@@ -56,13 +58,13 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
         progress["loss"] = round(loss, 4)
     if tps is not None:
         progress["tokensPerSecond"] = round(tps, 1)
-    seconds = samples.get("pretrain_step_duration_seconds_sum")
-    count = samples.get("pretrain_step_duration_seconds_count")
+    seconds = samples.get(f"{names.STEP_DURATION}_sum")
+    count = samples.get(f"{names.STEP_DURATION}_count")
     if seconds and count and total and step is not None:
         progress["etaSeconds"] = round(seconds / count * (total - step), 0)
     ckpt = None
-    ck_step = samples.get("pretrain_checkpoint_last_verified_step")
-    ck_time = samples.get("pretrain_checkpoint_last_verified_timestamp_seconds")
+    ck_step = samples.get(names.CHECKPOINT_STEP)
+    ck_time = samples.get(names.CHECKPOINT_TIME)
     if ck_step is not None and ck_time:
-        ckpt = {"step": int(ck_step), "time": iso(datetime.utcfromtimestamp(ck_time))}
+        ckpt = {"step": int(ck_step), "time": iso(datetime.fromtimestamp(ck_time, UTC).replace(tzinfo=None))}
     return progress, ckpt

@@ -1,0 +1,17 @@
+"""The metric names that cross a process boundary: the trainer serves them, the operator reads
+them from node 0's endpoint (operator/progress.py). Named once here, torch-free and
+prometheus_client-free, so the operator image imports them without the trainer's dependencies."""
+
+from __future__ import annotations
+
+STEP = "pretrain_step"
+TOTAL_STEPS = "pretrain_total_steps"
+TRAIN_LOSS = "pretrain_train_loss"
+TOKENS_PER_SECOND = "pretrain_tokens_per_second"
+#: A histogram: the operator reads its `_sum` and `_count` for the ETA.
+STEP_DURATION = "pretrain_step_duration_seconds"
+CHECKPOINT_STEP = "pretrain_checkpoint_last_verified_step"
+CHECKPOINT_TIME = "pretrain_checkpoint_last_verified_timestamp_seconds"
+#: One gauge per task metric (accuracy, f1...), told apart by the label EVAL_METRIC_LABEL.
+EVAL_METRIC = "pretrain_eval_metric"
+EVAL_METRIC_LABEL = "metric"

@@ -1,0 +1,32 @@
+"""status.progress from node 0's exposition: what the trainer's TrainerMetrics serves, read by the
+operator's parser (prometheus_client's), through the metric names both share."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pretrain.metrics.trainer import Labels, TrainerMetrics
+from pretrain.operator.progress import evaluation_from, parse_metrics, progress_from
+
+
+def test_the_operator_reads_what_the_trainer_serves() -> None:
+    from prometheus_client import generate_latest
+
+    m = TrainerMetrics(Labels('job "a"\\b', "ns", 0, 2), port=None)
+    m.total_steps.set(100)
+    m.observe_step(step=40, loss=2.5, lr=1e-3, grad_norm=1.0, tokens=4096, samples=32, seconds=0.5, mfu=None)
+    m.observe_step(step=41, loss=2.25, lr=1e-3, grad_norm=1.0, tokens=4096, samples=32, seconds=1.5, mfu=None)
+    m.observe_checkpoint(seconds=1.0, nbytes=10, failures=0, step=40, when=1_700_000_000.0)
+    m.observe_eval({"accuracy": 0.75, "macro_f1": 0.5, "loss": 1.0})
+    samples = parse_metrics(generate_latest(m.registry).decode())
+    progress, checkpoint = progress_from(samples, datetime(2026, 1, 1))
+    assert progress["step"] == 41 and progress["totalSteps"] == 100 and progress["percent"] == 41.0
+    assert progress["loss"] == 2.25 and progress["etaSeconds"] == 59.0, "mean step 1 s x 59 steps left"
+    assert checkpoint == {"step": 40, "time": "2023-11-14T22:13:20Z"}
+    assert evaluation_from(samples) == {"accuracy": 0.75, "macro_f1": 0.5}
+    m.close()
+
+
+def test_an_exposition_the_parser_refuses_gives_no_samples() -> None:
+    assert parse_metrics('pretrain_step{rank="0" 5\n') == {}
+    assert parse_metrics("") == {}
