@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pretrain.cli import main
-from pretrain.storage.checkpoint import MANIFEST, CheckpointError, CheckpointStore, download_dir, step_name
+from pretrain.storage.checkpoint import MANIFEST, CheckpointStore, step_name
+from pretrain.storage.fs import StorageError, download_dir
 from pretrain.storage.paths import UnsafePath, inside, relative_name
 from tests.s3server import S3
 
@@ -47,7 +48,7 @@ def test_a_bucket_key_with_dot_dot_segments_cannot_write_outside_the_model_folde
     client.put_object(Bucket=bucket, Key=evil, Body=b"owned")  # type: ignore[attr-defined]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]  # type: ignore[attr-defined]
     assert evil in keys, "the store kept the key as written (the attack is real)"
-    with pytest.raises(CheckpointError, match=r"object key .*'\.\.' segment"):
+    with pytest.raises(StorageError, match=r"object key .*'\.\.' segment"):
         download_dir(f"s3://{bucket}/a/final", tmp_path / "model")
     assert not victim.exists()
     result = CliRunner().invoke(main, ["generate", "--model", f"s3://{bucket}/a/final", "--prompt", "x"])

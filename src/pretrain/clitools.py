@@ -13,7 +13,7 @@ import click
 
 from pretrain.api.validation import SpecError
 from pretrain.data.sources import DataError
-from pretrain.storage.checkpoint import CheckpointError
+from pretrain.storage.fs import StorageError
 from pretrain.storage.paths import UnsafePath
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -39,7 +39,7 @@ def friendly_errors(func: F) -> F:
             fail(str(e))
         except UserError as e:
             fail(str(e))
-        except (CheckpointError, DataError, UnsafePath) as e:  # their messages name what and why
+        except (StorageError, DataError, UnsafePath) as e:  # their messages name what and why
             fail(str(e))
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

@@ -203,7 +203,7 @@ def load_export(model_uri: str) -> Path:
 
     from transformers.utils import logging as hf_logging
 
-    from pretrain.storage.checkpoint import download_dir
+    from pretrain.storage.fs import download_dir
 
     path = download_dir(model_uri, Path(tempfile.mkdtemp(prefix="pretrain-model-")))
     if not (path / "config.json").is_file():

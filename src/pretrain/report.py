@@ -22,7 +22,8 @@ import yaml
 
 from pretrain.clitools import UserError, friendly_errors
 from pretrain.metrics.history import MAX_HISTORY_BYTES, METRICS_FILE, current_records, parse_history
-from pretrain.storage.checkpoint import is_local, local_path, step_name
+from pretrain.storage.checkpoint import step_name
+from pretrain.storage.fs import is_local, local_path
 
 #: (file stem, title, y label, [(record key, line label)], log scale)
 FIGURES: list[tuple[str, str, str, list[tuple[str, str]], bool]] = [

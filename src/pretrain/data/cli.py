@@ -30,7 +30,7 @@ def tokenizer_train(file: Path, vocab_size: int | None, output: str, overrides: 
 
     from pretrain.data.prepare import text_sample
     from pretrain.data.tokenizer import fingerprint, save, train_bpe
-    from pretrain.storage.checkpoint import upload_dir
+    from pretrain.storage.fs import upload_dir
 
     job = load_job(file, overrides)
     size = vocab_size or job.spec.tokenizer.vocab_size

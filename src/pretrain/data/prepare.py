@@ -308,7 +308,7 @@ def prepare_cached(
         return prepare(spec, tokenizer, tokenizer_fingerprint, local_cache)
     import fsspec
 
-    from pretrain.storage.checkpoint import download_dir, upload_dir
+    from pretrain.storage.fs import download_dir, upload_dir
 
     inputs = resolve_inputs(spec, tokenizer_fingerprint)
     fp = inputs.fingerprint

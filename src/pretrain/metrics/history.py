@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pretrain.storage.checkpoint import is_local, local_path, upload_dir, with_retries
+from pretrain.storage.fs import is_local, local_path, upload_dir, with_retries
 
 log = logging.getLogger("pretrain.trainer")
 

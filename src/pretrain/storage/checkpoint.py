@@ -18,7 +18,6 @@ of DeepSpeed or torch: the trainer writes files into `staging_dir(step)` and cal
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import hashlib
 import json
@@ -37,6 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.proc import die_with_parent
+from pretrain.storage.fs import (
+    FULL_ERRNOS,
+    StorageError,
+    is_local,
+    local_path,
+    sha256_file,
+    upload_dir,
+    with_retries,
+)
 from pretrain.storage.lease import LEASE_FILE, CheckpointLease, LeaseError
 from pretrain.storage.paths import UnsafePath, inside, relative_name
 
@@ -87,84 +95,14 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(StorageError):
     """A checkpoint that cannot be saved or loaded; the message says which and why."""
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file://"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _files_under(root: Path) -> Iterator[Path]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and PARTS not in p.relative_to(root).parts and p.name != MANIFEST:
             yield p
-
-
-_TRANSIENT_WORDS = ("Connection", "Timeout", "Throttl", "SlowDown", "ServiceUnavailable", "InternalError", "Retry")
-
-
-def is_transient(e: BaseException) -> bool:
-    """Errors worth retrying: network and server-side trouble, whatever client library raised it
-    (OSError for fsspec's own, botocore/aiohttp/google classes by name)."""
-    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
-        return False
-    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
-        return False  # a full disk does not empty itself between retries
-    if isinstance(e, OSError | TimeoutError | ConnectionError):
-        return True
-    return any(word in cls.__name__ for cls in type(e).__mro__ for word in _TRANSIENT_WORDS)
-
-
-_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def out_of_space(where: Path) -> str | None:
-    """Say so when the failure `e` of a write under `where` is a full disk: the disk holding it is
-    left with almost nothing free (under 64 MiB and under 5% of its size). Judged by the disk,
-    not by the error, since torch's writer reports a full disk as "unexpected pos 161856 vs
-    161744", and an ENOSPC does not say which of a run's disks it came from."""
-    probe = where
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        usage = shutil.disk_usage(probe)
-    except OSError:
-        return None
-    if usage.free >= min(64 << 20, usage.total // 20):
-        return None  # an ENOSPC from this error came from another disk, or it was something else
-    return f"no space left on the disk holding {where} ({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB)"
-
-
-def with_retries(
-    what: str, fn: Callable[[], Any], *, attempts: int = 8, base_delay: float = 0.5, max_delay: float = 30.0
-) -> Any:
-    """Call `fn`, retrying transient errors with capped exponential backoff."""
-    delay = base_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if attempt == attempts or not is_transient(e):
-                raise
-            log.warning(
-                "%s failed (%s: %s); retry %d/%d in %.1fs", what, e.__class__.__name__, e, attempt, attempts - 1, delay
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, max_delay)
-    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -287,7 +225,7 @@ class CheckpointStore:
                 # A full disk cannot take even the lease, and the debris of the save that filled
                 # it is what a rerun must remove. The lease was free when the write failed (it is
                 # checked first), so that debris is nobody's save in flight.
-                if e.errno not in _FULL_ERRNOS:
+                if e.errno not in FULL_ERRNOS:
                     raise
                 log.warning("no room for the checkpoint lease in %s: removing unfinished saves first", self.uri)
                 if not self.discard_incomplete():
@@ -644,50 +582,3 @@ class CheckpointStore:
         if self._uploader is not None:
             self._uploader.shutdown(wait=True)
             self._uploader = None
-
-
-def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = None, *, into: bool = False) -> Path:
-    """A local copy of a directory URI. A local URI is returned as is, unless `into` asks for a
-    copy at `dest` anyway."""
-    if is_local(uri) and not into:
-        return local_path(uri)
-    if is_local(uri):
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(local_path(uri), dest)
-        return dest
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    files = fs.find(root)
-    if not files:
-        raise CheckpointError(f"{uri}: nothing there to download")
-    dest.mkdir(parents=True, exist_ok=True)
-    prefix = root.rstrip("/") + "/"
-    for path in files:
-        if not path.startswith(prefix):
-            raise CheckpointError(f"{uri}: the store listed {path!r}, which is not under it")
-        rel = path[len(prefix) :]
-        try:
-            target = inside(dest, rel, f"{uri}: object key")
-        except UnsafePath as e:
-            raise CheckpointError(str(e)) from None
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with_retries(f"download {rel}", functools.partial(fs.get_file, path, str(target)))
-    return dest
-
-
-def upload_dir(local_dir: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Copy a local directory's files to a directory URI (local or object storage)."""
-    if is_local(uri):
-        dest = local_path(uri)
-        if dest.resolve() != local_dir.resolve():
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(local_dir, dest)
-        return
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    for p in sorted(local_dir.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(local_dir).as_posix()
-            with_retries(f"upload {rel}", functools.partial(fs.put_file, str(p), f"{root}/{rel}"))

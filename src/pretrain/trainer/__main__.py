@@ -20,7 +20,7 @@ from pretrain.api.spec import PretrainJob
 from pretrain.api.validation import SpecError, parse_job
 from pretrain.data.sources import DataError
 from pretrain.proc import die_with_parent
-from pretrain.storage.checkpoint import CheckpointError, is_local, local_path, out_of_space
+from pretrain.storage.fs import StorageError, is_local, local_path, out_of_space
 from pretrain.trainer.termination import write_reason
 
 log = logging.getLogger("pretrain.trainer")
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = train() or 0
         return code
-    except (DataError, CheckpointError, SpecError) as e:
+    except (DataError, StorageError, SpecError) as e:  # CheckpointError is a StorageError
         report(str(e))
         return 1
     except Exception as e:

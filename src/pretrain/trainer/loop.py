@@ -34,7 +34,8 @@ from pretrain.data.prepare import prepare_cached, text_sample
 from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
 from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
-from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, download_dir, out_of_space, step_name
+from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, step_name
+from pretrain.storage.fs import download_dir, out_of_space
 from pretrain.trainer import tasks, universal
 from pretrain.trainer.extensions import seed_extension_cache
 from pretrain.trainer.model import build_model, parameter_groups
