@@ -313,14 +313,25 @@ def test_eval_batches_are_fixed_and_strided(prepared: Path) -> None:
     assert (r0[0] == eval_batches(split, rank=0, world_size=2, micro_batch=2, steps=2)[0]).all()
 
 
-def test_shards_round_trip_through_s3(corpus: Path, tmp_path: Path, s3: Any) -> None:
+def test_shards_round_trip_through_s3(corpus: Path, tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Prepared shards published to a real S3 protocol server are fetched, not rebuilt, elsewhere."""
+    import pretrain.storage.fs as storage_fs
     from pretrain.data.prepare import prepare_cached
 
     bucket = s3.bucket("prepared-shards")
     tok = bytes_tokenizer()
     spec = data_spec(str(corpus / "*.txt"), validation_split=0.1, cache_uri=f"s3://{bucket}/cache")
+    uploads: list[str] = []
+    real = storage_fs.with_retries
+
+    def recorded(what: str, fn: Any, **kw: Any) -> Any:
+        uploads.append(what)
+        return real(what, fn, **kw)
+
+    monkeypatch.setattr(storage_fs, "with_retries", recorded)
     first = prepare_cached(spec, tok, fingerprint(tok), tmp_path / "node0", spec.cache_uri, publish=True)
+    monkeypatch.undo()
+    assert uploads[-1] == "upload manifest.json" and len(uploads) > 2, "the manifest goes up last"
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
     assert f"cache/{first.name}/manifest.json" in keys and any(k.endswith("train-000000.bin") for k in keys)
     second = prepare_cached(spec, tok, fingerprint(tok), tmp_path / "node1", spec.cache_uri, publish=False)

@@ -324,13 +324,5 @@ def prepare_cached(
         return target
     path = prepare(spec, tokenizer, tokenizer_fingerprint, local_cache, inputs=inputs)
     if publish:
-        manifest = path / "manifest.json"
-        held = path.parent / f".{fp}.manifest"
-        shutil.copy(manifest, held)
-        manifest.unlink()
-        try:
-            upload_dir(path, remote)  # shards first
-        finally:
-            shutil.move(held, manifest)
-        fs.put_file(str(manifest), f"{root}/manifest.json")  # the manifest last
+        upload_dir(path, remote, last="manifest.json")  # shards first: readers wait for the manifest
     return path

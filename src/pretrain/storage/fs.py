@@ -123,18 +123,30 @@ def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = 
     return dest
 
 
-def upload_dir(local_dir: Path, uri: str, storage_options: dict[str, Any] | None = None) -> None:
-    """Copy a local directory's files to a directory URI (local or object storage)."""
+def upload_dir(
+    local_dir: Path, uri: str, storage_options: dict[str, Any] | None = None, *, last: str | None = None
+) -> None:
+    """Copy a local directory's files to a directory URI (local or object storage). `last` names
+    the file copied after all the others: a manifest, whose presence tells readers the rest is
+    there (the data cache; checkpoints write theirs the same way)."""
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file())
+    if last is not None:
+        files = [p for p in files if p.relative_to(local_dir).as_posix() != last] + [
+            p for p in files if p.relative_to(local_dir).as_posix() == last
+        ]
     if is_local(uri):
         dest = local_path(uri)
-        if dest.resolve() != local_dir.resolve():
-            shutil.rmtree(dest, ignore_errors=True)
-            shutil.copytree(local_dir, dest)
+        if dest.resolve() == local_dir.resolve():
+            return
+        shutil.rmtree(dest, ignore_errors=True)
+        for p in files:
+            target = dest / p.relative_to(local_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, target)
         return
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    for p in sorted(local_dir.rglob("*")):
-        if p.is_file():
-            rel = p.relative_to(local_dir).as_posix()
-            with_retries(f"upload {rel}", functools.partial(fs.put_file, str(p), f"{root}/{rel}"))
+    for p in files:
+        rel = p.relative_to(local_dir).as_posix()
+        with_retries(f"upload {rel}", functools.partial(fs.put_file, str(p), f"{root}/{rel}"))
