@@ -1,5 +1,7 @@
-"""Baseline for bench/train_throughput.py: the same transformers model trained by a plain PyTorch
-loop (AdamW, gradient accumulation, DDP when launched with several processes), no DeepSpeed.
+"""Baselines for bench/train_throughput.py: a plain PyTorch loop (AdamW, gradient accumulation,
+DDP when launched with several processes), no DeepSpeed, training either the job's transformers
+model (`--model job`) or a lean hand-written GPT of the same shape (`--model lean`,
+bench/lean_gpt.py).
 
 Writes one JSON line per step ({"step", "seconds"}) to --log on rank 0.
 """
@@ -28,6 +30,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--model", choices=["job", "lean"], default="job")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -39,7 +42,15 @@ def main() -> None:
     spec = job.spec
     torch.manual_seed(spec.training.seed)
     tok = bytes_tokenizer()
-    model = build_model(spec, tok).to(device)
+    model = build_model(spec, tok)
+    vocab = model.config.vocab_size
+    if args.model == "lean":
+        from lean_gpt import LeanGPT
+
+        c = model.config
+        model = LeanGPT(layers=c.num_hidden_layers, heads=c.num_attention_heads, width=c.hidden_size,
+                        inner=c.n_inner or 4 * c.hidden_size, positions=c.n_positions, vocab=c.vocab_size)  # fmt: skip
+    model = model.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[spec.training.precision]
     if dtype != torch.float32:
         model = model.to(dtype) if args.device == "cpu" else model
@@ -49,7 +60,6 @@ def main() -> None:
     opt = torch.optim.AdamW(parameter_groups(model, o.weight_decay), lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps)
     plan = batch_plan(spec, world)
     seq = spec.data.sequence_length
-    vocab = model.module.config.vocab_size if world > 1 else model.config.vocab_size
     gen = torch.Generator().manual_seed(rank)
     log = Path(args.step_log)
     for step in range(1, args.steps + 1):
@@ -62,7 +72,8 @@ def main() -> None:
                 else torch.enable_grad()
             )
             with ctx:
-                loss = model(input_ids=ids, labels=ids).loss / plan.accumulation
+                out = model(ids) if args.model == "lean" else model(input_ids=ids, labels=ids).loss
+                loss = out / plan.accumulation
             if world > 1 and m < plan.accumulation - 1:
                 with model.no_sync():
                     loss.backward()
