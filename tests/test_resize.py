@@ -93,10 +93,16 @@ def test_zero3_resumes_as_zero2_at_1_process(uninterrupted: dict[int, Run], tmp_
     assert_continues(resumed, uninterrupted[3])
 
 
-def test_a_change_from_stage_0_is_refused_before_training(tmp_path: Path) -> None:
+def test_zero0_resumes_at_another_size_as_it_is_and_refuses_another_stage(tmp_path: Path) -> None:
+    """ZeRO-0 keeps the whole optimizer state in one file: it loads at any world size without
+    conversion; a change to a sharded stage cannot be converted and is refused before training."""
     first = run_job(tmp_path, [*RESIZABLE, "training.zero.stage=0", "training.maxSteps=6"])
     assert first.proc.returncode == 0, first.output[-3000:]
-    again = run_job(tmp_path, [*RESIZABLE, "training.zero.stage=2", "training.maxSteps=12"])
+    again = run_job(tmp_path, [*RESIZABLE, "training.zero.stage=2", "training.maxSteps=6"])
     assert again.proc.returncode == 1
     assert "step-00000006 was written at ZeRO-0 and this run uses ZeRO-2" in again.output
     assert max(again.losses()) == 6, "no step ran after the refusal"
+    one = run_job(tmp_path, [*RESIZABLE, "training.zero.stage=0", "training.maxSteps=8"], nproc=1)
+    assert one.proc.returncode == 0, one.output[-3000:]
+    assert "resumed from" in one.output and "universal" not in one.output
+    assert max(one.losses()) == 8
