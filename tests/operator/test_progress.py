@@ -24,6 +24,9 @@ def test_the_operator_reads_what_the_trainer_serves() -> None:
     assert progress["loss"] == 2.25 and progress["etaSeconds"] == 59.0, "mean step 1 s x 59 steps left"
     assert checkpoint == {"step": 40, "time": "2023-11-14T22:13:20Z"}
     assert evaluation_from(samples) == {"accuracy": 0.75, "macro_f1": 0.5}
+    for failures in (2, 2, 3):  # the store's running count: the counter follows it, never double-counts
+        m.observe_checkpoint(seconds=1.0, nbytes=10, failures=failures, step=40, when=1_700_000_000.0)
+    assert parse_metrics(generate_latest(m.registry).decode())["pretrain_checkpoint_failures_total"] == 3
     m.close()
 
 

@@ -89,6 +89,7 @@ class TrainerMetrics:
         self.ckpt_duration = gauge("pretrain_checkpoint_save_duration_seconds", "Duration of the last checkpoint save.")
         self.ckpt_bytes = gauge("pretrain_checkpoint_size_bytes", "Bytes this node wrote in the last checkpoint.")
         self.ckpt_failures = counter("pretrain_checkpoint_failures_total", "Checkpoint saves that failed.")
+        self._failures_counted = 0
         self.ckpt_step = gauge(names.CHECKPOINT_STEP, "Step of the newest verified checkpoint.")
         self.ckpt_time = gauge(
             names.CHECKPOINT_TIME,
@@ -147,9 +148,9 @@ class TrainerMetrics:
     ) -> None:
         self.ckpt_duration.set(seconds)
         self.ckpt_bytes.set(nbytes)
-        current = self.ckpt_failures._value.get()
-        if failures > current:
-            self.ckpt_failures.inc(failures - current)
+        if failures > self._failures_counted:  # the store counts; the counter follows it
+            self.ckpt_failures.inc(failures - self._failures_counted)
+            self._failures_counted = failures
         if step is not None:
             self.ckpt_step.set(step)
         if when is not None:
