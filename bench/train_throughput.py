@@ -85,22 +85,27 @@ def run_plain(tmp: Path, nproc: int, settings: list[str], steps: int, device: st
 
 def compare(
     name: str, tmp: Path, nproc: int, settings: list[str], steps: int, repeats: int, device: str,
-    models: tuple[str, ...] = ("job",),
+    models: tuple[str, ...] = ("job",), compile_modes: tuple[str, ...] = ("off",),
 ) -> None:  # fmt: skip
     """Interleaved repeats of each baseline (`job`: the transformers model; `lean`: LeanGPT) and
-    the trainer; prints the trainer's tokens/s ratio to each baseline."""
+    the trainer (with training.compile off and/or on); prints each trainer variant's tokens/s
+    ratio to each baseline."""
     base: dict[str, list[float]] = {m: [] for m in models}
-    cand: list[float] = []
+    cand: dict[str, list[float]] = {c: [] for c in compile_modes}
     for i in range(repeats):
         for m in models:
             base[m].append(run_plain(tmp, nproc, settings, steps, device, m))
-        cand.append(run_trainer(tmp, nproc, settings))
-        shown = ", ".join(f"plain {m} {base[m][-1] * 1e3:.1f}" for m in models)
-        print(f"  {name} repeat {i + 1} (ms/step): {shown}, trainer {cand[-1] * 1e3:.1f}", flush=True)
-    for m in models:
-        ratio = statistics.median(base[m]) / statistics.median(cand)
-        label = {"job": "the same model in a plain loop", "lean": "a lean GPT in a plain loop"}[m]
-        print(f"{name}: trainer / {label}: tokens/s ratio {ratio:.3f} (median of {repeats} interleaved repeats)")
+        for c in compile_modes:
+            cand[c].append(run_trainer(tmp, nproc, [*settings, f"training.compile={c == 'on'}".lower()]))
+        shown = ", ".join([*(f"plain {m} {base[m][-1] * 1e3:.1f}" for m in models),
+                           *(f"trainer compile {c} {cand[c][-1] * 1e3:.1f}" for c in compile_modes)])  # fmt: skip
+        print(f"  {name} repeat {i + 1} (ms/step): {shown}", flush=True)
+    for c in compile_modes:
+        for m in models:
+            ratio = statistics.median(base[m]) / statistics.median(cand[c])
+            label = {"job": "the same model in a plain loop", "lean": "a lean GPT in a plain loop"}[m]
+            print(f"{name}: trainer (compile {c}) / {label}: tokens/s ratio {ratio:.3f} "
+                  f"(median of {repeats} interleaved repeats)")  # fmt: skip
 
 
 def main() -> None:
@@ -109,27 +114,51 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--only", choices=["1", "small", "2"], default=None, help="CPU: only one of the comparisons")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="both", help="trainer variants to run")
     args = p.parse_args()
+    modes = ("off", "on") if args.compile == "both" else (args.compile,)
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
     steps_setting = [s.format(steps=args.steps) for s in CPU_SETTINGS]
     if args.device == "cpu":
         if args.only in (None, "1"):
             one = [*steps_setting, "training.zero.stage=0", "training.globalBatchSize=16", "training.microBatchSize=8"]
             compare(
-                "demo shape, 1 process, fp32, ZeRO-0", tmp, 1, one, args.steps, args.repeats, "cpu", ("job", "lean")
+                "demo shape, 1 process, fp32, ZeRO-0",
+                tmp,
+                1,
+                one,
+                args.steps,
+                args.repeats,
+                "cpu",
+                ("job", "lean"),
+                modes,
             )
         if args.only in (None, "small"):
             small = [*steps_setting, *SMALL_GPT, "training.zero.stage=0"]
             compare(
-                "4x4x128 block 64, 1 process, ZeRO-0", tmp, 1, small, args.steps, args.repeats, "cpu", ("job", "lean")
+                "4x4x128 block 64, 1 process, ZeRO-0",
+                tmp,
+                1,
+                small,
+                args.steps,
+                args.repeats,
+                "cpu",
+                ("job", "lean"),
+                modes,
             )
         if args.only in (None, "2"):
             two = [*steps_setting, "training.zero.stage=2"]
             compare("2 processes, ZeRO-2 vs plain DDP", tmp, 2, two, args.steps, args.repeats, "cpu")
         return
     gpu = [*steps_setting, *GPU_SETTINGS]
-    compare("GPT-2 124M bf16, 1 GPU, ZeRO-1", tmp, 1, gpu, args.steps, args.repeats, "cuda", ("job", "lean"))
-    out = tmp / "mfu"
+    compare("GPT-2 124M bf16, 1 GPU, ZeRO-1", tmp, 1, gpu, args.steps, args.repeats, "cuda", ("job", "lean"), modes)
+    for mode in modes:
+        mfu(tmp, [*gpu, f"training.compile={mode == 'on'}".lower()], mode)
+
+
+def mfu(tmp: Path, gpu: list[str], mode: str) -> None:
+    """GPT-2 124M tokens/s and MFU of one trainer run (median step after warm-up)."""
+    out = tmp / f"mfu-{mode}"
     sets = [a for s in gpu for a in ("--set", s)]
     subprocess.run([sys.executable, "-m", "pretrain.cli", "run", str(JOB), "--nproc", "1", "--output", str(out), *sets],
                    env=env_for(tmp), check=True, capture_output=True)  # fmt: skip
@@ -147,7 +176,8 @@ def main() -> None:
     from pretrain.metrics.trainer import peak_flops_for
 
     peak = peak_flops_for(torch.cuda.get_device_name(0)) or float("nan")
-    print(f"GPT-2 124M bf16: {tokens / step:,.0f} tokens/s, MFU {flops / peak:.3f} on {torch.cuda.get_device_name(0)}")
+    print(f"GPT-2 124M bf16, compile {mode}: {tokens / step:,.0f} tokens/s, MFU {flops / peak:.3f} on "
+          f"{torch.cuda.get_device_name(0)}")  # fmt: skip
 
 
 if __name__ == "__main__":

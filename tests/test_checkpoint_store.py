@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.storage.checkpoint import CheckpointError, CheckpointStore, step_name
+from pretrain.storage.checkpoint import CheckpointError, CheckpointStore
+from pretrain.storage.manifest import step_name
 from tests.s3server import S3
 
 

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from pretrain.cli import main
-from pretrain.storage.checkpoint import MANIFEST, CheckpointStore, step_name
+from pretrain.storage.checkpoint import CheckpointStore
+from pretrain.storage.manifest import MANIFEST, step_name
 from pretrain.storage.fs import StorageError, download_dir
 from pretrain.storage.paths import UnsafePath, inside, relative_name
 from tests.s3server import S3

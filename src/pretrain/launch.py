@@ -319,7 +319,8 @@ def evaluate(
 
 
 def _perplexity(model: Any, tok: Any, data: Any, objective: str, batch_size: int, max_batches: int) -> dict[str, float]:
-    import math
+    """Loss and perplexity of an exported model over the first `max_batches` batches of `data`
+    packed as training packs it, by the evaluator training uses."""
     import tempfile
 
     import numpy as np
@@ -329,18 +330,13 @@ def _perplexity(model: Any, tok: Any, data: Any, objective: str, batch_size: int
     from pretrain.data.loader import PackedSplit
     from pretrain.data.prepare import prepare
     from pretrain.data.tokenizer import fingerprint
+    from pretrain.trainer.evaluator import lm_loss_sum, perplexity
 
     split = PackedSplit(prepare(data, tok, fingerprint(tok), Path(tempfile.mkdtemp(prefix="pretrain-eval-"))), "train")
     collate = Collator(objective=objective, vocab_size=len(tok), mask_token_id=tok.mask_token_id,
                        special_ids=tuple(tok.all_special_ids))  # fmt: skip
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for b, start in enumerate(range(0, len(split), batch_size)):
-            if b >= max_batches:
-                break
-            rows = split.rows(np.arange(start, min(start + batch_size, len(split))))
-            batch = {k: torch.from_numpy(v) for k, v in collate(rows, step=b).items()}
-            total += float(model(**batch).loss) * len(rows)
-            n += len(rows)
+    starts = range(0, len(split), batch_size)[:max_batches]
+    batches = (split.rows(np.arange(s, min(s + batch_size, len(split)))) for s in starts)
+    total, n = lm_loss_sum(model, batches, collate, lambda b: {k: torch.from_numpy(v) for k, v in b.items()})
     loss = total / max(n, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "sequences": float(n)}
+    return {"loss": loss, "perplexity": perplexity(loss), "sequences": float(n)}

@@ -22,8 +22,8 @@ import yaml
 
 from pretrain.clitools import UserError, friendly_errors
 from pretrain.metrics.history import MAX_HISTORY_BYTES, METRICS_FILE, current_records, parse_history
-from pretrain.storage.checkpoint import step_name
 from pretrain.storage.fs import is_local, local_path
+from pretrain.storage.manifest import step_name, total_bytes
 
 #: (file stem, title, y label, [(record key, line label)], log scale)
 FIGURES: list[tuple[str, str, str, list[tuple[str, str]], bool]] = [
@@ -104,7 +104,7 @@ def load_run(arg: str) -> Run:
     for s in store.steps():
         m = store.manifest(s)
         checkpoints.append({"name": step_name(s), "complete": m is not None,
-                            "bytes": sum(f["size"] for f in m["files"].values()) if m else None,
+                            "bytes": total_bytes(m) if m else None,
                             "time": m.get("time") if m else None})  # fmt: skip
     job = next((r.get("job") for r in reversed(records) if r.get("event") == "start"), None) or {}
     name = str((job.get("metadata") or {}).get("name") or Path(location.rstrip("/")).name)

@@ -255,6 +255,11 @@ class TrainingSpec(Spec):
     zero: ZeroSpec = Field(default_factory=ZeroSpec, description="ZeRO settings.")
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="Clip the gradient norm to this (0 turns it off).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the model (DeepSpeed's engine.compile). Unset: on with GPUs, off on CPU, where "
+        "the first step's compile (about 30 s here) outweighs the gain of short runs.",
+    )
     seed: NonNegativeInt = Field(
         1234, le=INT32_MAX, description="Seed of initialisation, masking and dropout (below 2^31)."
     )

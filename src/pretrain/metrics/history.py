@@ -152,8 +152,12 @@ class RunHistory:
         if self._tb is not None and self.tb_dir.exists():
             upload_dir(self.tb_dir, f"{self.uri}/{TENSORBOARD_DIR}", self.options)
 
-    def close(self) -> None:
-        self.sync()
+    def close(self, *, upload: bool = True) -> None:
+        """Flush and (on object storage, unless `upload` is false: an error path, where the
+        store may belong to another run now) upload; then stop writing."""
+        if upload:
+            self.sync()
+        self.enabled = False
         if self._tb is not None:
             self._tb.close()
             self._tb = None

@@ -16,7 +16,8 @@ from typing import Any, Protocol
 
 from pretrain.api.spec import GROUP, PLURAL, VERSION
 from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, service_name
-from pretrain.operator.planner import Event, Observed, iso, pod_view
+from pretrain.operator.planner import Event, Observed, pod_view
+from pretrain.timestamps import rfc3339
 
 #: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
 API_CALLS: list[tuple[str, str, list[str]]] = [
@@ -123,7 +124,7 @@ class InMemoryCluster:
         if key in self.objects:
             raise AlreadyExists(f"{kind} {meta['name']} already exists")
         stored = copy.deepcopy(obj)
-        stored["metadata"]["creationTimestamp"] = iso(self.now)
+        stored["metadata"]["creationTimestamp"] = rfc3339(self.now)
         stored["metadata"]["uid"] = f"uid-{meta['name']}"
         if kind == "Pod":
             stored["status"] = {"phase": "Pending"}
@@ -135,7 +136,7 @@ class InMemoryCluster:
         if key not in self.objects:
             raise NotFound(f"{kind} {name} not found")
         if kind == "Pod":  # pods terminate gracefully; `settle()` plays the kubelet finishing
-            self.objects[key]["metadata"]["deletionTimestamp"] = iso(self.now)
+            self.objects[key]["metadata"]["deletionTimestamp"] = rfc3339(self.now)
         else:
             del self.objects[key]
 

@@ -36,7 +36,7 @@ from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound
 from pretrain.operator.informer import ChildCache, start_reflectors
 from pretrain.operator.planner import Event, Observed, Plan, plan, set_condition
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
-from pretrain.storage.checkpoint import step_name
+from pretrain.storage.manifest import step_name
 
 log = logging.getLogger("pretrain.operator")
 

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pretrain.operator.cluster import AlreadyExists, Conflict
+from pretrain.timestamps import micro_time
 
 log = logging.getLogger("pretrain.operator.leader")
 
@@ -44,11 +45,6 @@ class LeaseRecord:
     acquire_time: str
     renew_time: str
     transitions: int = 0
-
-
-def micro_time(t: datetime) -> str:
-    """A MicroTime, as the API server writes it."""
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def next_record(current: LeaseRecord | None, me: str, now: str, expired: bool, duration: int) -> LeaseRecord | None:

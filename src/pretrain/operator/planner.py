@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from pretrain.api.spec import INT32_MAX, Phase, PretrainJob
@@ -38,30 +38,13 @@ from pretrain.operator.children import (
 )
 from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import FailedPod, Verdict, decide, first_failed
-from pretrain.storage.checkpoint import step_name
+from pretrain.storage.manifest import step_name
+from pretrain.timestamps import parse_time, rfc3339
 from pretrain.trainer.termination import parse_done
 
 TERMINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 #: Pod conditions that mark a pod being taken away (eviction, preemption, node drain, Kueue).
 DISRUPTION_CONDITIONS = ("DisruptionTarget", "TerminationTarget")
-
-
-def iso(t: datetime) -> str:
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(s: str | datetime | None) -> datetime | None:
-    """A Kubernetes timestamp as a naive UTC datetime.
-
-    The API server writes RFC 3339 with `Z` (`2026-01-01T00:00:00Z`), MicroTime adds fractions,
-    and the `kubernetes` client's `sanitize_for_serialization` turns its parsed datetimes back
-    into `2026-01-01T00:00:00+00:00`: every form is accepted, offsets converted to UTC."""
-    if not s:
-        return None
-    t = s if isinstance(s, datetime) else datetime.fromisoformat(s)
-    if t.tzinfo is not None:
-        t = t.astimezone(UTC).replace(tzinfo=None)
-    return t
 
 
 @dataclass(frozen=True)
@@ -248,12 +231,12 @@ def set_condition(conds: list[dict[str, Any]], type_: str, status: bool, reason:
             if all(c.get(k) == v for k, v in new.items()):
                 return False
             if c["status"] != value:
-                c["lastTransitionTime"] = iso(now)
+                c["lastTransitionTime"] = rfc3339(now)
             c.update(new)
             return True
     if status:
         conds.append({"type": type_, "status": value, "reason": reason, "message": message,
-                      "lastTransitionTime": iso(now)})  # fmt: skip
+                      "lastTransitionTime": rfc3339(now)})  # fmt: skip
         return True
     return False
 
@@ -363,7 +346,7 @@ def plan(
         delete_pods(live)
         st.phase(Phase.FAILED, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)",
                  warning=True)  # fmt: skip
-        st.s["completionTime"] = iso(now)
+        st.s["completionTime"] = rfc3339(now)
         return _finish(out, st)
 
     # ---- shared children
@@ -389,7 +372,7 @@ def plan(
 
     def start_attempt(new_attempt: int, reason: str, message: str) -> None:
         st.s["attempt"] = new_attempt
-        st.s.setdefault("startTime", iso(now))
+        st.s.setdefault("startTime", rfc3339(now))
         st.s["nodes"] = nodes
         if resumed_after is not None and "startTime" in status:
             st.s["suspendedSeconds"] = int(suspended.total_seconds())
@@ -449,7 +432,7 @@ def plan(
             return _finish(out, st)
     if all(p.phase == "Succeeded" for p in current):
         st.phase(Phase.SUCCEEDED, "Completed", f"all {nodes} pod(s) succeeded")
-        st.s["completionTime"] = iso(now)
+        st.s["completionTime"] = rfc3339(now)
         node0 = next((p for p in current if p.rank == 0), None)
         st.s.update(final_status(parse_done(node0.message) if node0 else None, job.spec.checkpoint.uri))
         if rp.clean_pod_policy == "All":
@@ -466,7 +449,7 @@ def plan(
         delete_pods(current)
         if action == "FailJob":
             st.phase(Phase.FAILED, "SchedulingTimeout", f"{stuck}; schedulingTimeoutAction is FailJob", warning=True)
-            st.s["completionTime"] = iso(now)
+            st.s["completionTime"] = rfc3339(now)
         else:
             st.phase(Phase.SUSPENDED, "SchedulingTimeout",
                      f"{stuck}; suspended (runPolicy.suspend is now true): unset it to try again", warning=True)  # fmt: skip
@@ -490,7 +473,7 @@ def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, cur
                 f"{restarts} of {rp.max_restarts} restarts used",
             )
         st.phase(Phase.FAILED, reason, f"{verdict.why}; {tail}{by_rule}", warning=True)
-        st.s["completionTime"] = iso(now)
+        st.s["completionTime"] = rfc3339(now)
         return
     out.delete.extend(("Pod", p.name) for p in current)
     if verdict.counts:
@@ -553,7 +536,7 @@ def _resize(st: _Status, out: Plan, pods: list[PodView], old: int, new: int, rea
     count = int((st.s.get("resize") or {}).get("count") or 0) + 1
     st.s["nodes"] = new
     st.s["resize"] = {"fromNodes": old, "toNodes": new, "reason": reason, "message": message,
-                      "time": iso(st.now), "count": count}  # fmt: skip
+                      "time": rfc3339(st.now), "count": count}  # fmt: skip
     st.phase(Phase.RESTARTING, reason, message, warning=reason == "Shrink")
 
 

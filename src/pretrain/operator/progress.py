@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pretrain.metrics import names
-from pretrain.operator.planner import iso
+from pretrain.timestamps import rfc3339
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -47,7 +47,7 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     total = samples.get(names.TOTAL_STEPS)
     tps = samples.get(names.TOKENS_PER_SECOND)
     loss = samples.get(names.TRAIN_LOSS)
-    progress: dict[str, Any] = {"updatedTime": iso(now)}
+    progress: dict[str, Any] = {"updatedTime": rfc3339(now)}
     if step is not None:
         progress["step"] = int(step)
     if total:
@@ -66,5 +66,5 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     ck_step = samples.get(names.CHECKPOINT_STEP)
     ck_time = samples.get(names.CHECKPOINT_TIME)
     if ck_step is not None and ck_time:
-        ckpt = {"step": int(ck_step), "time": iso(datetime.fromtimestamp(ck_time, UTC).replace(tzinfo=None))}
+        ckpt = {"step": int(ck_step), "time": rfc3339(datetime.fromtimestamp(ck_time, UTC))}
     return progress, ckpt

@@ -24,7 +24,6 @@ import json
 import logging
 import multiprocessing
 import os
-import re
 import shutil
 import threading
 import time
@@ -46,13 +45,10 @@ from pretrain.storage.fs import (
     with_retries,
 )
 from pretrain.storage.lease import LEASE_FILE, CheckpointLease, LeaseError
+from pretrain.storage.manifest import MANIFEST, PARTS, STEP_DIR, Manifest, parse_manifest, step_name
 from pretrain.storage.paths import UnsafePath, inside, relative_name
 
 log = logging.getLogger("pretrain.checkpoint")
-
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-MANIFEST = "manifest.json"
-PARTS = ".parts"
 
 
 #: Files uploaded at once, and the part size of multipart uploads.
@@ -89,10 +85,6 @@ def _uploader_init() -> None:
 def _publish_in_process(kwargs: dict[str, Any], step: int) -> int:
     """Runs in the uploader process: the same store, publishing one node part."""
     return CheckpointStore(**kwargs, upload_process=False)._publish_part(step)
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:08d}"
 
 
 class CheckpointError(StorageError):
@@ -398,20 +390,17 @@ class CheckpointStore:
                 out.append(int(m.group(1)))
         return sorted(out)
 
-    def manifest(self, step: int) -> dict[str, Any] | None:
+    def manifest(self, step: int) -> Manifest | None:
         """The manifest of `step`, or None when it has none (incomplete) or it is unreadable."""
         return self.folder_manifest(step_name(step))
 
-    def folder_manifest(self, rel: str) -> dict[str, Any] | None:
+    def folder_manifest(self, rel: str) -> Manifest | None:
         """The manifest of the folder `<uri>/<rel>` (a step, or a step's universal form), or None."""
         try:
             data = self.fs.cat_file(self._join(rel, MANIFEST))
-            m: dict[str, Any] = json.loads(data)
-        except FileNotFoundError:
+            return parse_manifest(json.loads(data))
+        except (OSError, ValueError):  # FileNotFoundError included: no manifest, not complete
             return None
-        except (OSError, ValueError):
-            return None
-        return m if isinstance(m, dict) and isinstance(m.get("files"), dict) else None
 
     def complete_steps(self) -> list[int]:
         return [s for s in self.steps() if self.manifest(s) is not None]
@@ -458,20 +447,18 @@ class CheckpointStore:
         return None
 
     def publish_folder(self, local_dir: Path, rel: str, meta: dict[str, Any]) -> int:
-        """Publish a finished local folder as `<uri>/<rel>`: its files first (uploaded, or copied
-        unless it already is that folder), then its manifest, last, as `commit` does for a step.
-        Global rank 0 only, under the lease. Returns the bytes published."""
-        target = self._join(rel)
-        in_place = self.local and local_dir.resolve() == local_path(target).resolve()
-        files: dict[str, Any] = {}
-        for path in _files_under(local_dir):
-            name = path.relative_to(local_dir).as_posix()
-            files[name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
-            if not in_place:
-                self._retry(f"upload {name}", functools.partial(self._put, path, f"{target}/{name}"))
-        self._check_lease()
+        """Publish a finished local folder as `<uri>/<rel>` with a manifest of its files (size
+        and sha256) written into it and copied last, under the lease. Global rank 0 only.
+        Returns the bytes published."""
+        files: dict[str, dict[str, Any]] = {
+            p.relative_to(local_dir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in _files_under(local_dir)
+        }
+        self._check_lease()  # the fence where the folder is its own destination (nothing is copied)
         manifest = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "files": files, **meta}
-        self._pipe("write manifest", f"{target}/{MANIFEST}", json.dumps(manifest, indent=1).encode())
+        (local_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        upload_dir(local_dir, f"{self.uri}/{rel}", self.options, last=MANIFEST, before_last=self._check_lease,
+                   retry=self._retry)  # fmt: skip
         return sum(int(f["size"]) for f in files.values())
 
     def remove_folder(self, rel: str) -> None:
@@ -479,11 +466,6 @@ class CheckpointStore:
         with contextlib.suppress(FileNotFoundError):
             if self.fs.exists(self._join(rel)):
                 self._retry("delete", functools.partial(self.fs.rm, self._join(rel), recursive=True))
-
-    def _put(self, path: Path, target: str) -> None:
-        if self.local:
-            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.put_file(str(path), target)
 
     def local_copy(self, step: int) -> Path:
         """Where `step`'s files are (local stores) or will be downloaded to (remote)."""

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from pretrain.clitools import friendly_errors
-from pretrain.storage.checkpoint import CheckpointStore, step_name
+from pretrain.storage.checkpoint import CheckpointStore
+from pretrain.storage.manifest import step_name, total_bytes
 
 
 def _store(uri: str) -> CheckpointStore:
@@ -37,7 +38,7 @@ def list_(uri: str) -> None:
         if m is None:
             click.echo(f"{step:>10}  {'incomplete':<10}  {'-':>10}  -")
         else:
-            size = sum(f["size"] for f in m["files"].values())
+            size = total_bytes(m)
             click.echo(f"{step:>10}  {'complete':<10}  {size / 1e6:>8.1f}MB  {m.get('time', '-')}")
 
 

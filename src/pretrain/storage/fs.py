@@ -124,11 +124,17 @@ def download_dir(uri: str, dest: Path, storage_options: dict[str, Any] | None = 
 
 
 def upload_dir(
-    local_dir: Path, uri: str, storage_options: dict[str, Any] | None = None, *, last: str | None = None
-) -> None:
-    """Copy a local directory's files to a directory URI (local or object storage). `last` names
-    the file copied after all the others: a manifest, whose presence tells readers the rest is
-    there (the data cache; checkpoints write theirs the same way)."""
+    local_dir: Path, uri: str, storage_options: dict[str, Any] | None = None, *, last: str | None = None,
+    before_last: Callable[[], None] | None = None, retry: Callable[[str, Callable[[], Any]], Any] | None = None,
+) -> None:  # fmt: skip
+    """Copy a local directory's files to a directory URI (local or object storage).
+
+    The one "manifest last" publish of the project (checkpoint folders, the data cache): `last`
+    names the file copied after all the others, a manifest whose presence tells readers the
+    rest is there, and `before_last` runs just before it goes (a lease check: a run that lost
+    its lease publishes nothing). `retry(what, fn)` wraps each copy (default: with_retries).
+    """
+    retry = retry or with_retries
     files = sorted(p for p in local_dir.rglob("*") if p.is_file())
     if last is not None:
         files = [p for p in files if p.relative_to(local_dir).as_posix() != last] + [
@@ -139,14 +145,20 @@ def upload_dir(
         if dest.resolve() == local_dir.resolve():
             return
         shutil.rmtree(dest, ignore_errors=True)
-        for p in files:
-            target = dest / p.relative_to(local_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(p, target)
-        return
-    import fsspec
+        copy: Callable[[Path, str], Any] = functools.partial(_copy_local, dest=dest)
+    else:
+        import fsspec
 
-    fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        copy = lambda p, rel: fs.put_file(str(p), f"{root}/{rel}")  # noqa: E731
     for p in files:
         rel = p.relative_to(local_dir).as_posix()
-        with_retries(f"upload {rel}", functools.partial(fs.put_file, str(p), f"{root}/{rel}"))
+        if rel == last and before_last is not None:
+            before_last()
+        retry(f"upload {rel}", functools.partial(copy, p, rel))
+
+
+def _copy_local(path: Path, rel: str, *, dest: Path) -> None:
+    target = dest / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(path, target)
