@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from pretrain.storage.checkpoint import CheckpointError, CheckpointStore
-from pretrain.storage.manifest import step_name
 from pretrain.storage.lease import LEASE_FILE, CheckpointLease, LeaseError, LeaseRecord, held_by_other
+from pretrain.storage.manifest import step_name
 from tests.s3server import S3
 from tests.test_checkpoint_store import save, write_fake
 

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from pretrain.cli import main
 from pretrain.storage.checkpoint import CheckpointStore
-from pretrain.storage.manifest import MANIFEST, step_name
 from pretrain.storage.fs import StorageError, download_dir
+from pretrain.storage.manifest import MANIFEST, step_name
 from pretrain.storage.paths import UnsafePath, inside, relative_name
 from tests.s3server import S3
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from pretrain import tasks
 from pretrain.api.validation import load_job, parse_job
 from pretrain.clitools import UserError, friendly_errors, set_option, shown
 from pretrain.trainer.command import trainer_command
@@ -266,7 +267,7 @@ def generate(
 @click.option("--data", "data_uri", required=True, help="Path, glob or URI of the evaluation data.")
 @click.option(
     "--objective",
-    type=click.Choice(["clm", "mlm", "sequence-classification", "token-classification", "extractive-qa"]),
+    type=click.Choice(tasks.names()),
     required=True,
 )
 @click.option("--text-field", default="text", show_default=True)
@@ -299,17 +300,18 @@ def evaluate(
     data = DataSpec(sources=[DataSourceSpec(uri=data_uri, text_field=text_field)], sequence_length=max_length,
                     validation_split=0.0)  # fmt: skip
     try:
-        if objective in ("clm", "mlm"):
+        task = tasks.get(objective)
+        if not task.fine_tuning:
             scores = _perplexity(model, tok, data, objective, batch_size, max_batches)
         else:
             from pretrain.data import labeled
-            from pretrain.trainer import tasks
+            from pretrain.trainer.evaluator import evaluate_task
 
             obj = ObjectiveSpec(type=objective, label_field=label_field)
-            names = [config.id2label[i] for i in range(len(config.id2label))] if objective != "extractive-qa" else []
+            names = [config.id2label[i] for i in range(len(config.id2label))] if task.has_labels else []
             rows = labeled.read_rows(data.sources)
             split = labeled.build(obj, data, tok, rows, names, training=False)
-            scores = tasks.evaluate(
+            scores = evaluate_task(
                 model, split, obj, names, rank=0, world=1, micro_batch=batch_size,
                 to_device=lambda b: {k: torch.from_numpy(v) for k, v in b.items()},
             )  # fmt: skip

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
+
+from pretrain import tasks
 
 GROUP = "pretrain.io"
 VERSION = "v1alpha1"
@@ -108,14 +110,19 @@ class ModelSpec(Spec):
     )
 
 
-FINE_TUNING = ("sequence-classification", "token-classification", "extractive-qa")
+if TYPE_CHECKING:
+    ObjectiveType = str
+else:
+    #: Every objective, one module of pretrain.tasks each (named from its files, none imported):
+    #: a Literal, so the CRD's enum and the errors list them.
+    ObjectiveType = Literal[tasks.names()]
 
 
 class ObjectiveSpec(Spec):
     """What the model learns to predict: language modelling (pre-training) or a labelled task
     (fine-tuning an exported model, named by model.initFrom)."""
 
-    type: Literal["clm", "mlm", "sequence-classification", "token-classification", "extractive-qa"] | None = Field(
+    type: ObjectiveType | None = Field(
         None,
         description="clm (next token) or mlm (masked tokens), by default mlm for bert and clm otherwise; or a "
         "fine-tuning task: sequence-classification, token-classification (e.g. BIO tags), extractive-qa (SQuAD).",
@@ -148,7 +155,8 @@ class ObjectiveSpec(Spec):
 
     @property
     def fine_tuning(self) -> bool:
-        return self.type in FINE_TUNING
+        """Trained on labelled rows (a fine-tuning task) rather than packed text."""
+        return self.type is not None and tasks.get(self.type).fine_tuning
 
 
 class TokenizerSpec(Spec):

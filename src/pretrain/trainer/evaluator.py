@@ -2,7 +2,8 @@
 
 Language modelling: the mean loss (and perplexity) over packed validation rows, masked with a
 fixed seed stream for MLM so every evaluation of a model sees the same masks. Fine-tuning tasks:
-their own metrics over the whole validation split (`pretrain.trainer.tasks`).
+their own metrics over the whole validation split, predicted on every rank's share, gathered
+and scored by the task (`pretrain.tasks`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import numpy as np
 
 from pretrain.api.spec import ObjectiveSpec
 from pretrain.data.collator import Collator
-from pretrain.trainer import tasks
+from pretrain.data.labeled import LabeledSplit
+from pretrain.tasks import get as task_for
 from pretrain.trainer.world import World
 
 #: Masking seed "step" of evaluation batches: fixed, and apart from every training step.
@@ -42,6 +44,37 @@ def lm_loss_sum(
             total += float(model(**batch).loss) * len(batch_rows)
             rows += len(batch_rows)
     return total, rows
+
+
+def evaluate_task(
+    model: Any, split: LabeledSplit, objective: ObjectiveSpec, names: list[str], *, rank: int, world: int,
+    micro_batch: int, to_device: Callable[[dict[str, np.ndarray[Any, Any]]], dict[str, Any]],
+) -> dict[str, float]:  # fmt: skip
+    """Metrics (and the mean loss) over the whole validation split; collective over all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    task = task_for(str(objective.type))
+    mine = np.arange(rank, len(split), world)
+    results: list[tuple[int, Any]] = []
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        for k in range(0, len(mine), micro_batch):
+            index = mine[k : k + micro_batch]
+            out = model(**to_device(split.rows(index)))
+            loss_sum[0] += float(out.loss) * len(index)
+            loss_sum[1] += len(index)
+            results.extend(zip(index.tolist(), task.predict(out, split, index, objective, names), strict=True))
+    gathered: list[list[tuple[int, Any]]] = [[] for _ in range(world)] if world > 1 else [results]
+    if world > 1:
+        dist.all_gather_object(gathered, results)
+        dist.all_reduce(loss_sum)
+    merged = dict(item for part in gathered for item in part)
+    order = sorted(merged)
+    scores = task.score(objective, [split.gold[i] for i in order], [merged[i] for i in order], names)
+    scores["loss"] = float(loss_sum[0]) / max(float(loss_sum[1]), 1.0)
+    scores["examples"] = float(len(order))
+    return scores
 
 
 class Evaluator:
@@ -76,7 +109,7 @@ class Evaluator:
     def task_scores(self, model: Any) -> dict[str, float]:
         if self.task_split is None or len(self.task_split) == 0:
             return {}
-        return tasks.evaluate(
+        return evaluate_task(
             model, self.task_split, self.objective, self.label_names, rank=self.world.rank, world=self.world.size,
             micro_batch=self.micro_batch, to_device=self.world.to_device,
         )  # fmt: skip

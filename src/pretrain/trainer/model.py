@@ -7,6 +7,7 @@ from typing import Any
 
 from pretrain.api.presets import resolve_dims
 from pretrain.api.spec import PretrainJobSpec
+from pretrain.tasks import get as get_task
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
@@ -45,18 +46,12 @@ def model_config(spec: PretrainJobSpec, tokenizer: Any) -> Any:
 
 
 def auto_class(objective: str) -> Any:
+    """The transformers Auto class of `objective`'s task (its head)."""
     import transformers
 
-    return getattr(
-        transformers,
-        {
-            "clm": "AutoModelForCausalLM",
-            "mlm": "AutoModelForMaskedLM",
-            "sequence-classification": "AutoModelForSequenceClassification",
-            "token-classification": "AutoModelForTokenClassification",
-            "extractive-qa": "AutoModelForQuestionAnswering",
-        }[objective],
-    )
+    from pretrain.tasks import get
+
+    return getattr(transformers, get(objective).model_class)
 
 
 def build_model(
@@ -78,8 +73,9 @@ def build_model(
         for key, value in labels.items():
             setattr(config, key, value)
         model = cls.from_config(config, attn_implementation=attn)
-    if objective in ("clm", "mlm"):
-        model.loss_type = "ForMaskedLM" if objective == "mlm" else "ForCausalLM"
+    loss_type = get_task(objective).loss_type
+    if loss_type:
+        model.loss_type = loss_type
     if spec.training.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -1,0 +1,11 @@
+"""What the two language-modelling tasks share: packed text, labels made by the collator, the
+mean loss (and perplexity) as their score."""
+
+from __future__ import annotations
+
+from pretrain.tasks import Task
+
+
+class LanguageModelling(Task):
+    fine_tuning = False
+    has_labels = False

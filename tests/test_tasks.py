@@ -1,0 +1,57 @@
+"""The task registry: every objective is one module of pretrain.tasks, found by its file name;
+the spec, the CRD and `pretrain eval` take their lists from it, and a new module is a new task."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pretrain import tasks
+from pretrain.api.crd import crd
+from pretrain.api.spec import ObjectiveSpec
+
+
+def test_every_module_is_a_task_named_by_its_file() -> None:
+    assert tasks.names() == ("clm", "extractive-qa", "mlm", "sequence-classification", "token-classification")
+    for name in tasks.names():
+        task = tasks.get(name)
+        assert task.name == name and task.model_class.startswith("AutoModelFor")
+        assert task.fine_tuning == (name not in ("clm", "mlm"))
+    with pytest.raises(ValueError, match="unknown objective 'seq2seq': one of clm, extractive-qa"):
+        tasks.get("seq2seq")
+
+
+def test_the_spec_and_the_crd_list_the_registry() -> None:
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    objective = schema["properties"]["spec"]["properties"]["objective"]["properties"]["type"]
+    assert sorted(objective["enum"]) == sorted(tasks.names())
+    assert ObjectiveSpec(type="extractive-qa").fine_tuning and not ObjectiveSpec(type="clm").fine_tuning
+
+
+def test_a_new_module_is_a_new_objective(tmp_path: Path) -> None:
+    """What a contributor adds: one file. The spec accepts its name and the trainer's code
+    finds its model class, with nothing else changed."""
+    (tmp_path / "summary_rating.py").write_text(textwrap.dedent('''
+        from pretrain.tasks import Task
+
+        class SummaryRating(Task):
+            name = "summary-rating"
+            model_class = "AutoModelForSequenceClassification"
+
+        TASK = SummaryRating()
+    '''))  # fmt: skip
+    code = textwrap.dedent(f"""
+        import pretrain.tasks
+        pretrain.tasks.__path__.append({str(tmp_path)!r})
+        from pretrain.api.spec import ObjectiveSpec
+        from pretrain.trainer.model import auto_class
+        spec = ObjectiveSpec(type="summary-rating")
+        print(spec.fine_tuning, auto_class("summary-rating").__name__)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "AutoModelForSequenceClassification"]
