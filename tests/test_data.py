@@ -17,6 +17,7 @@ from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
 from pretrain.data.prepare import prepare, text_sample
 from pretrain.data.sources import DataError
 from pretrain.data.tokenizer import build_tokenizer, bytes_tokenizer, chars_tokenizer, fingerprint
+from tests.splits import IndexSplit
 
 
 @pytest.fixture(scope="module")
@@ -162,29 +163,11 @@ def test_restored_loader_continues_exactly(
             assert all((x == y).all() for x, y in zip(e, g, strict=True))
 
 
-class _IndexSplit:
-    """A split whose rows are their own indices, to follow which rows a loader hands out."""
-
-    directory = Path("index-split")
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def rows(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        return np.asarray(index)[:, None]
-
-    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
-        return {0: np.arange(self.n)}
-
-
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (2, 3), (3, 2), (1, 3)])
 def test_a_resize_mid_epoch_sees_every_row_once(before: int, after: int) -> None:
     """Global batch 12 at any world size (accumulation absorbs it): 5 steps at `before`
     processes, a checkpoint, the other 5 steps of the epoch at `after`: every row exactly once."""
-    split = _IndexSplit(12 * 10)
+    split = IndexSplit(12 * 10)
     seen: list[int] = []
 
     def run(world: int, count: int, state: dict[str, Any] | None) -> dict[str, Any]:

@@ -25,22 +25,9 @@ from pretrain.trainer.checkpointer import JOB_FILE, LOADER_FILE, Checkpointer, o
 from pretrain.trainer.evaluator import EVAL_MASK_STREAM, Evaluator  # noqa: E402
 from pretrain.trainer.step import StepResult, StepSync, train_step  # noqa: E402
 from pretrain.trainer.world import World  # noqa: E402
+from tests.splits import IndexSplit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class IndexSplit:
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def rows(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        return np.asarray(index)[:, None]
-
-    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
-        return {0: np.arange(self.n)}
 
 
 class FileEngine:
@@ -209,3 +196,16 @@ def test_every_rank_stops_after_the_same_step_one_step_after_the_signal(tmp_path
     for _rank, agreed, loss in got:
         assert agreed == [False, False, False, True], "asked at step 3, agreed after step 4, on both ranks"
         assert loss == 1.5, "the read-back averages the ranks' losses"
+
+
+def test_gpt2_uses_the_fused_tanh_gelu_which_is_gpt2s_function(tmp_path: Path) -> None:
+    from transformers.activations import ACT2FN
+
+    from pretrain.data.tokenizer import build_tokenizer
+    from pretrain.trainer.model import model_config
+
+    j = job(tmp_path, "tokenizer.type=bytes")
+    config = model_config(j.spec, build_tokenizer(j.spec.tokenizer, "abc"))
+    assert config.activation_function == "gelu_pytorch_tanh"
+    x = torch.linspace(-8, 8, 10001, dtype=torch.float64)
+    assert torch.allclose(ACT2FN["gelu_pytorch_tanh"](x), ACT2FN["gelu_new"](x), atol=1e-12)

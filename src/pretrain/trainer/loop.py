@@ -193,9 +193,7 @@ class Trainer:
         tokens = parts.plan.global_batch * spec.data.sequence_length
         cfg = parts.engine.module.config
         flops = model_flops_per_token(parts.n_params, cfg.num_hidden_layers, cfg.hidden_size, spec.data.sequence_length)
-        peak = spec.monitoring.peak_flops or (
-            peak_flops_for(__import__("torch").cuda.get_device_name(self.world.local_rank)) if self.world.gpu else None
-        )
+        peak = spec.monitoring.peak_flops or (peak_flops_for(self.device_name()) if self.world.gpu else None)
         for row in rows:
             step, seconds = row["step"], row["seconds"]
             self.last_loss = row["loss"]
@@ -210,6 +208,11 @@ class Trainer:
                 self.history.log({"step": step, "loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
                                   "tokens_per_second": tokens / seconds, "mfu": mfu})  # fmt: skip
         self.observe_memory()
+
+    def device_name(self) -> str:
+        import torch
+
+        return str(torch.cuda.get_device_name(self.world.local_rank))
 
     def observe_memory(self) -> None:
         if self.world.gpu:
