@@ -20,7 +20,7 @@ def test_every_module_is_a_task_named_by_its_file() -> None:
     for name in tasks.names():
         task = tasks.get(name)
         assert task.name == name and task.model_class.startswith("AutoModelFor")
-        assert task.fine_tuning == (name not in ("clm", "mlm"))
+        assert task.fine_tuning == (name not in ("clm", "mlm")) == isinstance(task, tasks.FineTuningTask)
     with pytest.raises(ValueError, match="unknown objective 'seq2seq': one of clm, extractive-qa"):
         tasks.get("seq2seq")
 
@@ -36,11 +36,12 @@ def test_a_new_module_is_a_new_objective(tmp_path: Path) -> None:
     """What a contributor adds: one file. The spec accepts its name and the trainer's code
     finds its model class, with nothing else changed."""
     (tmp_path / "summary_rating.py").write_text(textwrap.dedent('''
-        from pretrain.tasks import Task
+        from pretrain.tasks.sequence_classification import SequenceClassification
 
-        class SummaryRating(Task):
+        class SummaryRating(SequenceClassification):
+            """A rating of a summary: classified as a sequence, with its own name."""
+
             name = "summary-rating"
-            model_class = "AutoModelForSequenceClassification"
 
         TASK = SummaryRating()
     '''))  # fmt: skip
@@ -50,8 +51,10 @@ def test_a_new_module_is_a_new_objective(tmp_path: Path) -> None:
         from pretrain.api.spec import ObjectiveSpec
         from pretrain.trainer.model import auto_class
         spec = ObjectiveSpec(type="summary-rating")
-        print(spec.fine_tuning, auto_class("summary-rating").__name__)
+        import pretrain.tasks
+        print(spec.fine_tuning, auto_class("summary-rating").__name__,
+              pretrain.tasks.get_fine_tuning("summary-rating").score.__qualname__)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["True", "AutoModelForSequenceClassification"]
+    assert proc.stdout.split() == ["True", "AutoModelForSequenceClassification", "SequenceClassification.score"]

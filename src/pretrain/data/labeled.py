@@ -72,7 +72,7 @@ def label_names(objective: ObjectiveSpec, rows: list[tuple[str, dict[str, Any]]]
     labels."""
     from pretrain import tasks
 
-    task = tasks.get(str(objective.type))
+    task = tasks.get_fine_tuning(str(objective.type))
     if not task.has_labels:
         return []
     if objective.label_names:
@@ -89,7 +89,7 @@ def build(objective: ObjectiveSpec, data: DataSpec, tokenizer: Any, rows: list[t
     from pretrain import tasks
 
     text_field = data.sources[0].text_field if data.sources else "text"
-    return tasks.get(str(objective.type)).build(
+    return tasks.get_fine_tuning(str(objective.type)).build(
         objective, data.sequence_length, text_field, tokenizer, rows, names, training=training
     )
 

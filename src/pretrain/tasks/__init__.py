@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from abc import ABC, abstractmethod
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -24,40 +25,49 @@ Rows = list[tuple[str, dict[str, Any]]]
 
 
 class Task:
-    """An objective. Language-modelling tasks train on packed text (the collator builds their
-    labels); fine-tuning tasks build labelled feature arrays from rows and score predictions."""
+    """An objective: what the model's head is and how it is trained. Language-modelling tasks
+    train on packed text, and the collator builds their labels; see `FineTuningTask` for the
+    tasks that train on labelled rows."""
 
     name: str = ""
     #: The transformers Auto class that adds this task's head.
     model_class: str = ""
-    #: Trained on labelled rows (a fine-tuning task) rather than packed text.
-    fine_tuning: bool = True
+    #: Trained on labelled rows (a `FineTuningTask`) rather than packed text.
+    fine_tuning: bool = False
     #: The transformers loss, for language modelling (none: the head's own).
     loss_type: str | None = None
     #: Whether the task classifies into named labels (kept in the model's config).
-    has_labels: bool = True
+    has_labels: bool = False
+
+
+class FineTuningTask(Task, ABC):
+    """A task trained and scored on labelled rows."""
+
+    fine_tuning = True
+    has_labels = True
 
     def label_names(self, objective: ObjectiveSpec, rows: Rows) -> list[str]:
-        """The label names of the training rows (when the spec names none)."""
-        raise NotImplementedError
+        """The label names of the training rows, when the spec names none (tasks with labels)."""
+        return []
 
+    @abstractmethod
     def build(
         self, objective: ObjectiveSpec, length: int, text_field: str, tokenizer: Any, rows: Rows, names: list[str],
         *, training: bool,
     ) -> LabeledSplit:  # fmt: skip
         """Feature arrays (the model's keyword arguments) of `rows`, with what scoring needs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def predict(
         self, out: Any, split: LabeledSplit, index: Any, objective: ObjectiveSpec, names: list[str]
     ) -> list[Any]:
         """Predictions for the examples at `index` from one forward pass's output."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(
         self, objective: ObjectiveSpec, gold: list[Any], predictions: list[Any], names: list[str]
     ) -> dict[str, float]:
-        raise NotImplementedError
+        """Metrics of `predictions` against `gold`, over the whole validation split."""
 
 
 @cache
@@ -70,4 +80,11 @@ def get(name: str) -> Task:
     if name not in names():
         raise ValueError(f"unknown objective {name!r}: one of {', '.join(names())}")
     task: Task = importlib.import_module(f"{__name__}.{name.replace('-', '_')}").TASK
+    return task
+
+
+def get_fine_tuning(name: str) -> FineTuningTask:
+    task = get(name)
+    if not isinstance(task, FineTuningTask):
+        raise ValueError(f"objective {name!r} is not a fine-tuning task")
     return task

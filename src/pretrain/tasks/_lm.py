@@ -7,5 +7,4 @@ from pretrain.tasks import Task
 
 
 class LanguageModelling(Task):
-    fine_tuning = False
-    has_labels = False
+    """Packed text in, the mean loss (and perplexity) out: nothing task-specific to build."""

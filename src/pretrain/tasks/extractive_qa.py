@@ -13,7 +13,7 @@ import numpy as np
 from pretrain.data.labeled import LabeledSplit, get_field
 from pretrain.data.sources import DataError
 from pretrain.evaluation import qa_scores
-from pretrain.tasks import Rows, Task
+from pretrain.tasks import FineTuningTask, Rows
 
 if TYPE_CHECKING:
     from pretrain.api.spec import ObjectiveSpec
@@ -66,7 +66,7 @@ def _answer_tokens(sequence_ids: list[Any], offsets: list[Any], answer: dict[str
     return (s, e) if s is not None and e is not None and e >= s else None
 
 
-class ExtractiveQA(Task):
+class ExtractiveQA(FineTuningTask):
     name = "extractive-qa"
     model_class = "AutoModelForQuestionAnswering"
     has_labels = False

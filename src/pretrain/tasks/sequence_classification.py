@@ -8,13 +8,13 @@ import numpy as np
 
 from pretrain.data.labeled import LabeledSplit, get_field, label_id
 from pretrain.evaluation import accuracy, macro_f1
-from pretrain.tasks import Rows, Task
+from pretrain.tasks import FineTuningTask, Rows
 
 if TYPE_CHECKING:
     from pretrain.api.spec import ObjectiveSpec
 
 
-class SequenceClassification(Task):
+class SequenceClassification(FineTuningTask):
     name = "sequence-classification"
     model_class = "AutoModelForSequenceClassification"
 

@@ -13,13 +13,13 @@ from pretrain.data.collator import IGNORE_INDEX
 from pretrain.data.labeled import LabeledSplit, get_field, label_id
 from pretrain.data.sources import DataError
 from pretrain.evaluation import entity_scores
-from pretrain.tasks import Rows, Task
+from pretrain.tasks import FineTuningTask, Rows
 
 if TYPE_CHECKING:
     from pretrain.api.spec import ObjectiveSpec
 
 
-class TokenClassification(Task):
+class TokenClassification(FineTuningTask):
     name = "token-classification"
     model_class = "AutoModelForTokenClassification"
 

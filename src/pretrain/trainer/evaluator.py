@@ -17,7 +17,7 @@ import numpy as np
 from pretrain.api.spec import ObjectiveSpec
 from pretrain.data.collator import Collator
 from pretrain.data.labeled import LabeledSplit
-from pretrain.tasks import get as task_for
+from pretrain.tasks import get_fine_tuning
 from pretrain.trainer.world import World
 
 #: Masking seed "step" of evaluation batches: fixed, and apart from every training step.
@@ -54,7 +54,7 @@ def evaluate_task(
     import torch
     import torch.distributed as dist
 
-    task = task_for(str(objective.type))
+    task = get_fine_tuning(str(objective.type))
     mine = np.arange(rank, len(split), world)
     results: list[tuple[int, Any]] = []
     loss_sum = torch.zeros(2, dtype=torch.float64)
