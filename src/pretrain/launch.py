@@ -289,7 +289,6 @@ def evaluate(
     from pretrain.data.sources import DataError
 
     path = load_export(model_uri)
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from pretrain.trainer.model import auto_class
@@ -306,6 +305,7 @@ def evaluate(
         else:
             from pretrain.data import labeled
             from pretrain.trainer.evaluator import evaluate_task
+            from pretrain.trainer.world import World
 
             obj = ObjectiveSpec(type=objective, label_field=label_field)
             names = [config.id2label[i] for i in range(len(config.id2label))] if task.has_labels else []
@@ -313,7 +313,7 @@ def evaluate(
             split = labeled.build(obj, data, tok, rows, names, training=False)
             scores = evaluate_task(
                 model, split, obj, names, rank=0, world=1, micro_batch=batch_size,
-                to_device=lambda b: {k: torch.from_numpy(v) for k, v in b.items()},
+                to_device=World().to_device,
             )  # fmt: skip
     except DataError as e:
         raise UserError(str(e)) from None
@@ -326,19 +326,19 @@ def _perplexity(model: Any, tok: Any, data: Any, objective: str, batch_size: int
     import tempfile
 
     import numpy as np
-    import torch
 
     from pretrain.data.collator import Collator
     from pretrain.data.loader import PackedSplit
     from pretrain.data.prepare import prepare
     from pretrain.data.tokenizer import fingerprint
     from pretrain.trainer.evaluator import lm_loss_sum, perplexity
+    from pretrain.trainer.world import World
 
     split = PackedSplit(prepare(data, tok, fingerprint(tok), Path(tempfile.mkdtemp(prefix="pretrain-eval-"))), "train")
     collate = Collator(objective=objective, vocab_size=len(tok), mask_token_id=tok.mask_token_id,
                        special_ids=tuple(tok.all_special_ids))  # fmt: skip
     starts = range(0, len(split), batch_size)[:max_batches]
     batches = (split.rows(np.arange(s, min(s + batch_size, len(split)))) for s in starts)
-    total, n = lm_loss_sum(model, batches, collate, lambda b: {k: torch.from_numpy(v) for k, v in b.items()})
+    total, n = lm_loss_sum(model, batches, collate, World().to_device)
     loss = total / max(n, 1)
     return {"loss": loss, "perplexity": perplexity(loss), "sequences": float(n)}

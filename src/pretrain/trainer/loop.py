@@ -27,13 +27,12 @@ import numpy as np
 from pretrain.api.spec import PretrainJob
 from pretrain.clitools import shown
 from pretrain.metrics.history import RunHistory
-from pretrain.metrics.trainer import Labels, TrainerMetrics, peak_flops_for
+from pretrain.metrics.trainer import Labels, TrainerMetrics
 from pretrain.storage.manifest import step_name
 from pretrain.timestamps import from_epoch
 from pretrain.trainer.checkpointer import Checkpointer, open_store
 from pretrain.trainer.extensions import seed_extension_cache
 from pretrain.trainer.progress import Progress
-from pretrain.trainer.recipe import model_flops_per_token
 from pretrain.trainer.setup import Parts, compile_enabled, setup
 from pretrain.trainer.step import StepResult, StepSync, train_step
 from pretrain.trainer.termination import write_done
@@ -191,13 +190,11 @@ class Trainer:
         steps read back together."""
         spec, t = self.spec, self.spec.training
         tokens = parts.plan.global_batch * spec.data.sequence_length
-        cfg = parts.engine.module.config
-        flops = model_flops_per_token(parts.n_params, cfg.num_hidden_layers, cfg.hidden_size, spec.data.sequence_length)
-        peak = spec.monitoring.peak_flops or (peak_flops_for(self.device_name()) if self.world.gpu else None)
+        peak = parts.peak_flops
         for row in rows:
             step, seconds = row["step"], row["seconds"]
             self.last_loss = row["loss"]
-            mfu = flops * tokens / self.world.size / seconds / peak if peak else None
+            mfu = parts.flops_per_token * tokens / self.world.size / seconds / peak if peak else None
             self.metrics.observe_step(step=step, loss=row["loss"], lr=row["lr"], grad_norm=row["grad_norm"],
                                       tokens=tokens, samples=parts.plan.global_batch, seconds=seconds, mfu=mfu)  # fmt: skip
             self.progress.update(step, loss=row["loss"], tokens_per_second=tokens / seconds, lr=row["lr"])
@@ -208,11 +205,6 @@ class Trainer:
                 self.history.log({"step": step, "loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
                                   "tokens_per_second": tokens / seconds, "mfu": mfu})  # fmt: skip
         self.observe_memory()
-
-    def device_name(self) -> str:
-        import torch
-
-        return str(torch.cuda.get_device_name(self.world.local_rank))
 
     def observe_memory(self) -> None:
         if self.world.gpu:

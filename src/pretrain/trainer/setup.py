@@ -22,12 +22,13 @@ from pretrain.data.collator import Collator
 from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
 from pretrain.data.prepare import prepare_cached, text_sample
 from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
+from pretrain.metrics.trainer import peak_flops_for
 from pretrain.storage.checkpoint import CheckpointStore
 from pretrain.storage.fs import download_dir, is_local
 from pretrain.trainer.checkpointer import Checkpointer
 from pretrain.trainer.evaluator import Evaluator
 from pretrain.trainer.model import build_model, parameter_groups
-from pretrain.trainer.recipe import BatchPlan, batch_plan, deepspeed_config, lr_multiplier
+from pretrain.trainer.recipe import BatchPlan, batch_plan, deepspeed_config, lr_multiplier, model_flops_per_token
 from pretrain.trainer.world import World
 
 log = logging.getLogger("pretrain.trainer")
@@ -44,6 +45,9 @@ class Parts:
     steps: int
     start: int
     n_params: int
+    #: Model FLOPs per token (for MFU), and the device's peak FLOP/s when known.
+    flops_per_token: float
+    peak_flops: float | None
 
 
 def compile_enabled(spec: PretrainJobSpec) -> bool:
@@ -63,7 +67,19 @@ def setup(job: PretrainJob, workdir: Path, world: World, checkpointer: Checkpoin
     mode = checkpointer.resume_mode(start_choice)
     engine, groups = build_engine(spec, model, world, load_universal=mode == "universal")
     start = checkpointer.load(engine, loader, start_choice, mode, groups)
-    return Parts(tokenizer, loader, collate, evaluator, engine, plan, total_steps(spec) or 1, start, n_params)
+    cfg, seq = model.config, spec.data.sequence_length
+    flops = model_flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, seq)
+    return Parts(tokenizer, loader, collate, evaluator, engine, plan, total_steps(spec) or 1, start, n_params, flops,
+                 peak_flops(spec, world))  # fmt: skip
+
+
+def peak_flops(spec: PretrainJobSpec, world: World) -> float | None:
+    """The spec's peak FLOP/s, else the known peak of this GPU (none on CPU)."""
+    if spec.monitoring.peak_flops or not world.gpu:
+        return spec.monitoring.peak_flops
+    import torch
+
+    return peak_flops_for(torch.cuda.get_device_name(world.local_rank))
 
 
 def fetch_init(spec: PretrainJobSpec, workdir: Path, world: World) -> Path | None:
