@@ -271,7 +271,7 @@ def test_uploader_process_logs_with_time_and_rank() -> None:
     import subprocess
     import sys
 
-    code = ("import logging; from pretrain.storage.checkpoint import _uploader_init; _uploader_init(); "
+    code = ("import logging; from pretrain.storage.uploader import _child_setup; _child_setup(); "
             "logging.getLogger('pretrain.checkpoint').warning('upload of x failed; retrying in 1s')")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "RANK": "3"},
                           check=False)  # fmt: skip
@@ -280,3 +280,52 @@ def test_uploader_process_logs_with_time_and_rank() -> None:
     assert re.fullmatch(
         r"\d\d:\d\d:\d\d \[rank 3\] WARNING pretrain.checkpoint: upload of x failed; retrying in 1s\n", proc.stderr
     ), proc.stderr
+
+
+GROUP_SIGNAL_SCRIPT = """
+import json, os, signal, sys, time
+from pathlib import Path
+from pretrain.storage.checkpoint import CheckpointStore
+got = []
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda s, f: got.append(s))  # the trainer's handler: note it, save, stop
+store = CheckpointStore(sys.argv[1], workdir=Path(sys.argv[2]), keep_last=5)
+for step in (1, 2, 3):
+    d = store.staging_dir(step)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "model.pt").write_bytes(os.urandom(1 << 16))
+    store.commit(step, writes_manifest=True, uploads=True, meta={}, background=True)
+    # The whole group, as torchrun, Ctrl-C and a container runtime signal it; while the first
+    # commit spawns the uploader too.
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        os.killpg(0, (signal.SIGTERM, signal.SIGINT)[step % 2])
+        time.sleep(0.01)
+    store.wait()
+store.close()
+print(json.dumps({"signals": len(got), "failures": store.stats.failures, "errors": store.stats.errors,
+                  "complete": store.complete_steps()}))
+"""
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_the_uploader_outlives_stop_signals_sent_to_the_process_group(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Issue 27 item 4 / 33 item 7: the uploader was spawned into the trainer's process group,
+    and a group SIGTERM (torchrun's stop, a pod's, Ctrl-C's SIGINT) killed it: the save on stop
+    failed with BrokenProcessPool. Signals are sent while the uploader starts, too."""
+    if where == "s3":
+        s3: S3 = request.getfixturevalue("s3")
+        uri = f"s3://{s3.bucket(f'sig-{os.urandom(3).hex()}')}/job"
+    else:
+        uri = str(tmp_path / "ckpt")
+    proc = subprocess.run(
+        [sys.executable, "-c", GROUP_SIGNAL_SCRIPT, uri, str(tmp_path / "w")], capture_output=True, text=True,
+        timeout=120, start_new_session=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["signals"] > 100, result
+    assert result["failures"] == 0, result["errors"]
+    assert result["complete"] == [1, 2, 3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -99,7 +100,7 @@ def run(file: Path, nproc: int | None, output: Path | None, verbose: bool, overr
             click.echo(f"curves: pretrain report {shown(out)}", err=True)
         return
     if code in (130, -signal.SIGINT, 128 + signal.SIGTERM):
-        click.echo("stopped: the last checkpoint was saved; run the same command again to resume", err=True)
+        click.echo(f"stopped: {stop_outcome(job, out)}", err=True)
         sys.exit(130)
     reason = reason_file.read_text().strip() if reason_file.is_file() else ""
     if hidden:
@@ -108,6 +109,37 @@ def run(file: Path, nproc: int | None, output: Path | None, verbose: bool, overr
     if reason:
         raise UserError(reason)  # the trainer's own words, as the last line
     raise UserError(f"training failed (exit code {code}); the trainer's last lines above say why")
+
+
+def stop_outcome(job: Any, out: Path) -> str:
+    """What a stop left, as the checkpoint folder says (a step counts when its manifest is
+    there), against the last step the run logged: a save on stop can fail, and then the steps
+    since the previous checkpoint are lost."""
+    import json
+    import tempfile
+
+    from pretrain.storage.checkpoint import CheckpointStore
+    from pretrain.storage.manifest import step_name
+
+    last = None
+    with contextlib.suppress(OSError, ValueError):
+        lines = (out / "work" / "train_log.jsonl").read_text().splitlines()
+        steps = [int(e["step"]) for e in map(json.loads, lines[-1000:]) if "loss" in e]
+        last = steps[-1] if steps else None  # this attempt's last step (the file spans attempts)
+    c = job.spec.checkpoint
+    try:
+        with tempfile.TemporaryDirectory(prefix="pretrain-stop-") as tmp:
+            store = CheckpointStore(c.uri, workdir=Path(tmp), storage_options=dict(c.storage_options), retry_attempts=3)
+            complete = store.complete_steps()
+    except Exception as e:
+        return f"the checkpoints in {shown(c.uri)} could not be read ({e.__class__.__name__}: {e})"
+    newest = complete[-1] if complete else None
+    if newest is None:
+        return "no checkpoint was saved; running the same command again starts from step 0"
+    if last is not None and newest < last:
+        return (f"checkpoint {step_name(last)} was NOT saved; running the same command again resumes from "
+                f"{step_name(newest)} (steps {newest + 1}-{last} are lost)")  # fmt: skip
+    return f"checkpoint {step_name(newest)} is saved; run the same command again to resume from it"
 
 
 LOCK_FILE = ".pretrain-run.lock"

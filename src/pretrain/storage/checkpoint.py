@@ -22,19 +22,17 @@ import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pretrain.proc import die_with_parent
 from pretrain.storage.fs import (
     FULL_ERRNOS,
     StorageError,
@@ -47,6 +45,7 @@ from pretrain.storage.fs import (
 from pretrain.storage.lease import LEASE_FILE, CheckpointLease, LeaseError
 from pretrain.storage.manifest import MANIFEST, PARTS, STEP_DIR, Manifest, parse_manifest, step_name
 from pretrain.storage.paths import UnsafePath, inside, relative_name
+from pretrain.storage.uploader import UploaderProcess
 
 log = logging.getLogger("pretrain.checkpoint")
 
@@ -59,32 +58,8 @@ UPLOAD_BLOCK = 64 * 2**20
 def _background_priority() -> None:
     """Lower this thread's CPU priority (Linux threads have their own nice value): checkpoint
     hashing and uploading must not slow the training loop on a busy host."""
-    import os
-
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-def _uploader_init() -> None:
-    """Start of the uploader process: low CPU priority, gone when its parent is gone, and log
-    lines (upload retries) in the trainer's format, with the time and the rank."""
-    import os
-    import signal
-    import sys
-
-    rank = os.environ.get("RANK", "0")
-    logging.basicConfig(
-        level=logging.INFO if rank == "0" else logging.WARNING, stream=sys.stderr, force=True,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-    )  # fmt: skip
-    with contextlib.suppress(OSError):
-        os.nice(10)
-    die_with_parent(signal.SIGKILL)
-
-
-def _publish_in_process(kwargs: dict[str, Any], step: int) -> int:
-    """Runs in the uploader process: the same store, publishing one node part."""
-    return CheckpointStore(**kwargs, upload_process=False)._publish_part(step)
 
 
 class CheckpointError(StorageError):
@@ -133,9 +108,9 @@ class CheckpointStore:
             "keep_last": keep_last, "keep_every": keep_every, "retry_attempts": retry_attempts,
             "retry_base_delay": retry_base_delay, "part_timeout": part_timeout,
         }  # fmt: skip
-        # Hashing and uploading run in a separate, niced process: a thread would hold the GIL
-        # for stretches and slow the training loop that shares the interpreter.
-        self._uploader: ProcessPoolExecutor | None = None
+        # Hashing and uploading run in a separate, niced process, out of the stop signals' reach
+        # (storage/uploader.py).
+        self._uploader = UploaderProcess()
         self.upload_process = upload_process
         self.local = is_local(uri)
         self.uri = str(local_path(uri).resolve()) if self.local else uri.rstrip("/")
@@ -282,14 +257,7 @@ class CheckpointStore:
         _background_priority()
         t0 = time.monotonic()
         try:
-            if self.upload_process:
-                if self._uploader is None:
-                    self._uploader = ProcessPoolExecutor(
-                        max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_uploader_init
-                    )
-                nbytes = self._uploader.submit(_publish_in_process, self._kwargs, step).result()
-            else:
-                nbytes = self._publish_part(step)
+            nbytes = self._uploader.publish(self._kwargs, step) if self.upload_process else self._publish_part(step)
             if writes_manifest:
                 self._check_lease()  # the manifest is the commit: never one after the lease was lost
                 self._write_manifest(step, meta)
@@ -561,6 +529,4 @@ class CheckpointStore:
     def close(self) -> None:
         self.wait()
         self._pool.shutdown(wait=True)
-        if self._uploader is not None:
-            self._uploader.shutdown(wait=True)
-            self._uploader = None
+        self._uploader.close()

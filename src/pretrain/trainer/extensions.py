@@ -7,6 +7,11 @@ trainer image compiles it once at build time under PRETRAIN_PREBUILT_EXTENSIONS;
 build (with its timestamps, so that ninja finds it up to date) into an empty TORCH_EXTENSIONS_DIR
 makes the launch load it instead. The build folder must stay writable (torch takes a lock file
 and rewrites build.ninja there), which is why it is copied rather than pointed at.
+
+Only what looks like a torch extension build is copied (a folder with `build.ninja` and a
+compiled `.so`), and never a folder that holds the cache itself: an unset variable once meant
+"the working directory", and `make demo` copied the whole project, `.git` and `.venv` included,
+into `.cache/torch_extensions` (then that cache into itself on the next launch).
 """
 
 from __future__ import annotations
@@ -19,16 +24,43 @@ from pathlib import Path
 
 log = logging.getLogger("pretrain.trainer")
 
+PREBUILT_ENV = "PRETRAIN_PREBUILT_EXTENSIONS"
+
+
+def is_extension_build(folder: Path) -> bool:
+    """True for a folder torch's cpp_extension.load built: its build.ninja beside a shared object."""
+    try:
+        return (folder / "build.ninja").is_file() and any(p.suffix == ".so" for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def prebuilt_extensions(source: Path, dest: Path) -> list[Path]:
+    """The extension builds under `source` that may be copied into `dest`: never `dest` itself,
+    a folder holding it, or a folder inside it."""
+    if not source.is_dir():
+        return []
+    dest = dest.resolve()
+    found = []
+    for built in sorted(p for p in source.iterdir() if p.is_dir() and not p.is_symlink()):
+        real = built.resolve()
+        if real == dest or dest.is_relative_to(real) or real.is_relative_to(dest):
+            continue
+        if is_extension_build(built):
+            found.append(built)
+    return found
+
 
 def seed_extension_cache(prebuilt: str | None = None, target: str | None = None) -> list[str]:
-    """Copy each prebuilt extension missing from the cache; returns the names copied. Safe when
-    several local ranks do it at once (each copies to a folder of its own, then renames)."""
-    source = Path(prebuilt or os.environ.get("PRETRAIN_PREBUILT_EXTENSIONS", ""))
+    """Copy each prebuilt extension missing from the cache; returns the names copied. Nothing
+    when no prebuilt folder is named. Safe when several local ranks do it at once (each copies
+    to a folder of its own, then renames)."""
+    named = prebuilt or os.environ.get(PREBUILT_ENV, "")
     dest = target or os.environ.get("TORCH_EXTENSIONS_DIR")
-    if not dest or not str(source) or not source.is_dir():
+    if not dest or not named.strip():
         return []
     copied = []
-    for built in sorted(p for p in source.iterdir() if p.is_dir()):
+    for built in prebuilt_extensions(Path(named), Path(dest)):
         final = Path(dest) / built.name
         if final.exists():
             continue

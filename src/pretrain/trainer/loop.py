@@ -275,6 +275,17 @@ class Trainer:
         self.history.close()
         if self.rank != 0:
             return 0
+        store = self.checkpointer.store
+        # The manifest decides: a save counts only when its manifest was written and reads back.
+        saved = store.stats.last_verified_step == step and store.manifest(step) is not None
+        if not saved:
+            newest = store.stats.last_verified_step
+            error = store.stats.errors[-1] if store.stats.errors else "no manifest"
+            log.error(
+                "stopped at step %d on request, but checkpoint %s was NOT saved (%s); a rerun resumes from %s", step,
+                step_name(step), error, step_name(newest) if newest is not None else "the newest earlier checkpoint",
+            )  # fmt: skip
+            return 1
         took = f" {seconds:.1f}s after the signal" if seconds is not None else ""
         log.info(
             "stopped at step %d on request; checkpoint %s saved%s; run again to resume", step, step_name(step), took
