@@ -329,3 +329,70 @@ def test_the_uploader_outlives_stop_signals_sent_to_the_process_group(
     assert result["signals"] > 100, result
     assert result["failures"] == 0, result["errors"]
     assert result["complete"] == [1, 2, 3]
+
+
+def _three_steps(uri: str, work: Path) -> CheckpointStore:
+    direct = CheckpointStore(uri, workdir=work, keep_last=5)
+    for step in (2, 4, 6):
+        save(direct, step)
+    return direct
+
+
+def test_throttled_manifest_reads_at_start_delete_nothing(s3: S3, tmp_path: Path) -> None:
+    """Issue 33 item 1: with S3 answering 503 SlowDown to manifest reads while a run starts,
+    verified steps 2, 4 and 6 were taken for "incomplete" and deleted, and the run retrained
+    from step 0. Reads fail for the first seconds: the start waits them out and resumes at 6.
+    Reads never work: one line, nothing deleted."""
+    from tests.s3proxy import throttling_proxy
+
+    uri = f"s3://{s3.bucket(f'throttle-{os.urandom(3).hex()}')}/job"
+    direct = _three_steps(uri, tmp_path / "w")
+    with throttling_proxy(s3.endpoint, r"manifest\.json$") as proxy:
+        opts = {"client_kwargs": {"endpoint_url": proxy.endpoint}, "config_kwargs": {"retries": {"max_attempts": 1}}}
+        until = time.monotonic() + 3.0
+        proxy.failing = lambda: time.monotonic() < until
+        store = CheckpointStore(uri, workdir=tmp_path / "a", storage_options=opts, retry_base_delay=0.5)
+        assert store.start_policy("auto") == (6, [])
+        assert proxy.throttled > 0, "the reads were throttled"
+        assert direct.complete_steps() == [2, 4, 6]
+
+        proxy.failing = lambda: True
+        store = CheckpointStore(uri, workdir=tmp_path / "b", storage_options=opts, retry_attempts=3,
+                                retry_base_delay=0.05)  # fmt: skip
+        with pytest.raises(CheckpointError) as e:
+            store.start_policy("auto")
+        message = str(e.value)
+        assert "\n" not in message and "step-00000002/manifest.json" in message and "nothing was deleted" in message
+        assert "failed 3 times" in message, message
+        store._retain()  # retention under throttling decides nothing either
+    assert direct.complete_steps() == [2, 4, 6]
+
+
+@pytest.mark.parametrize("damage", ["torn", "not-a-manifest"])
+def test_a_damaged_manifest_is_quarantined_with_its_weights(store: CheckpointStore, damage: str) -> None:
+    """Issue 33 item 1: a manifest torn by hand (the last 40 bytes cut) got its step's intact
+    weights deleted as "incomplete". It is moved aside with them; the run resumes from the
+    newest step that verifies."""
+    for step in (2, 4, 6):
+        save(store, step)
+    path = store._join(step_name(6), "manifest.json")
+    data = store.fs.cat_file(path)
+    store.fs.pipe_file(path, data[:-40] if damage == "torn" else b'{"files": {"a": {"size": "x"}}}')
+    weights = store.fs.cat_file(store._join(step_name(6), "model.pt"))
+    assert store.start_policy("auto") == (4, [])
+    assert store.steps() == [4]  # step 2 went by retention (keep 2) before the damage
+    moved = store.fs.ls(store._join("quarantine"), detail=False)
+    assert len(moved) == 1 and Path(moved[0]).name.startswith("step-00000006-")
+    assert store.fs.cat_file(f"{moved[0]}/model.pt") == weights
+    save(store, 8)  # retention leaves the quarantine alone
+    assert len(store.fs.ls(store._join("quarantine"), detail=False)) == 1
+
+
+def test_only_a_save_without_manifest_is_removed_at_start(store: CheckpointStore) -> None:
+    save(store, 2)
+    write_fake(store, 4)  # a crashed save: files, no manifest
+    if not store.local:
+        store.fs.put(str(store.staging_dir(4)), store._join(step_name(4)), recursive=True)
+    assert store.steps() == [2, 4]
+    assert store.start_policy("auto") == (2, [])
+    assert store.steps() == [2]

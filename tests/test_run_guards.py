@@ -63,6 +63,9 @@ def test_one_run_per_folder_and_no_orphans_after_kill_9(tmp_path: Path) -> None:
             p.kill()
     saved = sorted(int(p.parent.name.removeprefix("step-")) for p in (out / "checkpoints").glob("step-*/manifest.json"))
     assert saved, "the killed run's workers saved checkpoints"
+    logged = [json.loads(line)["step"] for line in (out / "work" / "train_log.jsonl").read_text().splitlines()
+              if '"loss"' in line]  # fmt: skip
+    assert saved[-1] == logged[-1], "issue 33 item 7: torchrun's SIGTERM after kill -9 saves the last step"
     third = run_job(out, [*SLOW[:-2], f"training.maxSteps={saved[-1] + 2}", "checkpoint.intervalSteps=2"])
     assert third.proc.returncode == 0, third.output[-3000:]
     assert f"(step {saved[-1]})" in third.output, "the killed run's last checkpoint is taken up"

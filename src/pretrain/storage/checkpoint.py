@@ -10,6 +10,8 @@ Layout under `checkpoint.uri`::
                                          the first resume at another world size or ZeRO stage),
                                          with its own manifest.json, written last
     final/                               the Hugging Face export
+    quarantine/step-00000100-<time>/     a step whose manifest was there but damaged, moved
+                                         aside with its files (never deleted by the store)
 
 A directory without a complete manifest does not exist for readers. This module knows nothing
 of DeepSpeed or torch: the trainer writes files into `staging_dir(step)` and calls `commit`.
@@ -37,6 +39,7 @@ from pretrain.storage.fs import (
     FULL_ERRNOS,
     StorageError,
     is_local,
+    is_transient,
     local_path,
     sha256_file,
     upload_dir,
@@ -48,6 +51,9 @@ from pretrain.storage.paths import UnsafePath, inside, relative_name
 from pretrain.storage.uploader import UploaderProcess
 
 log = logging.getLogger("pretrain.checkpoint")
+
+#: Where steps with a damaged manifest are moved, under the checkpoint location.
+QUARANTINE = "quarantine"
 
 
 #: Files uploaded at once, and the part size of multipart uploads.
@@ -156,7 +162,16 @@ class CheckpointStore:
         self._retry(what, put)
 
     def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
-        return with_retries(what, fn, attempts=self.retry_attempts, base_delay=self.retry_base_delay)
+        """`fn` with transient errors retried; one that persists becomes a CheckpointError that
+        says so (other errors, FileNotFoundError among them, pass unchanged)."""
+        try:
+            return with_retries(what, fn, attempts=self.retry_attempts, base_delay=self.retry_base_delay)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            raise CheckpointError(
+                f"{what} in {self.uri} failed {self.retry_attempts} times ({e.__class__.__name__}: {e})"
+            ) from e
 
     def _create_exclusive(self, path: str, data: bytes) -> None:
         """Write a small object only where none is (FileExistsError otherwise), whole or not at
@@ -352,26 +367,46 @@ class CheckpointStore:
         """Steps that have a directory (complete or not), ascending."""
         self.fs.invalidate_cache()
         out = []
-        for name in self._ls(self.root):
+        for name in self._retry("list steps", functools.partial(self._ls, self.root)):
             m = STEP_DIR.match(name)
             if m:
                 out.append(int(m.group(1)))
         return sorted(out)
 
     def manifest(self, step: int) -> Manifest | None:
-        """The manifest of `step`, or None when it has none (incomplete) or it is unreadable."""
+        """The manifest of `step`, or None when it has none (incomplete) or it is damaged."""
         return self.folder_manifest(step_name(step))
 
     def folder_manifest(self, rel: str) -> Manifest | None:
-        """The manifest of the folder `<uri>/<rel>` (a step, or a step's universal form), or None."""
+        """The manifest of the folder `<uri>/<rel>` (a step, or a step's universal form), or
+        None when it is absent or damaged; raises CheckpointError when it cannot be read."""
+        return self.manifest_state(rel)[1]
+
+    def manifest_state(self, rel: str) -> tuple[str, Manifest | None, str]:
+        """What is known of `<uri>/<rel>/manifest.json`: ("complete", manifest, ""), ("absent",
+        None, "") on a NotFound, or ("damaged", None, why) when it is there but is no manifest.
+        Any other failure (throttling, 5xx, timeouts, a refused read), once retries are spent,
+        raises CheckpointError: nothing may be decided, let alone deleted, on a failed read."""
         try:
-            data = self.fs.cat_file(self._join(rel, MANIFEST))
-            return parse_manifest(json.loads(data))
-        except (OSError, ValueError):  # FileNotFoundError included: no manifest, not complete
-            return None
+            data = self._retry(f"read {rel}/{MANIFEST}", functools.partial(self.fs.cat_file, self._join(rel, MANIFEST)))
+        except FileNotFoundError:
+            return "absent", None, ""
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}: nothing was deleted or loaded; run again once the storage answers") from None
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot read {self.uri}/{rel}/{MANIFEST} ({e.__class__.__name__}: {e}): nothing was deleted or loaded"
+            ) from None
+        try:
+            manifest = parse_manifest(json.loads(data))
+        except ValueError as e:  # not UTF-8, not JSON
+            return "damaged", None, f"{MANIFEST} does not parse ({e.__class__.__name__}: {e})"
+        if manifest is None:
+            return "damaged", None, f"{MANIFEST} is not a manifest (fields missing or of the wrong type)"
+        return "complete", manifest, ""
 
     def complete_steps(self) -> list[int]:
-        return [s for s in self.steps() if self.manifest(s) is not None]
+        return [s for s in self.steps() if self.manifest_state(step_name(s))[0] == "complete"]
 
     def verify(self, step: int, into: Path | None = None) -> str | None:
         """None when every file of `step` matches its manifest, else what is wrong. With `into`,
@@ -433,7 +468,7 @@ class CheckpointStore:
         """Delete `<uri>/<rel>` (an unfinished derived folder) if it is there."""
         with contextlib.suppress(FileNotFoundError):
             if self.fs.exists(self._join(rel)):
-                self._retry("delete", functools.partial(self.fs.rm, self._join(rel), recursive=True))
+                self._delete(rel)
 
     def local_copy(self, step: int) -> Path:
         """Where `step`'s files are (local stores) or will be downloaded to (remote)."""
@@ -491,31 +526,71 @@ class CheckpointStore:
         return step, notes
 
     def discard_incomplete(self) -> list[int]:
-        """Delete step folders without a manifest (only safe while no save is in flight)."""
-        gone = [s for s in self.steps() if self.manifest(s) is None]
-        for s in gone:
-            log.warning("removing %s: an incomplete checkpoint (a save that did not finish)", step_name(s))
-            with contextlib.suppress(FileNotFoundError):
-                self._retry("delete", functools.partial(self.fs.rm, self._join(step_name(s)), recursive=True))
+        """Delete the step folders proven to have no manifest: a NotFound on the manifest, then a
+        listing of the folder without it (the debris of a save that did not finish). A step whose
+        manifest is there but damaged is quarantined, not deleted with its weights; a failed
+        read stops this with CheckpointError before anything is deleted. Only safe while no
+        save is in flight."""
+        gone = []
+        for s in self.steps():
+            state, _, why = self.manifest_state(step_name(s))
+            if state == "damaged":
+                self.quarantine(s, why)
+            elif state == "absent" and MANIFEST not in self._retry(
+                "list", functools.partial(self._ls, self._join(step_name(s)))
+            ):
+                log.warning("removing %s: an incomplete checkpoint (a save that did not finish)", step_name(s))
+                self._delete(step_name(s))
+                gone.append(s)
         return gone
+
+    def quarantine(self, step: int, why: str) -> str:
+        """Move a step whose manifest is damaged to `<uri>/quarantine/` (out of every reader's
+        and retention's sight, its files kept for a person to inspect); returns where."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        dest = f"{QUARANTINE}/{step_name(step)}-{stamp}"
+        if self.local:
+            target = local_path(self.uri) / dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(local_path(self.uri) / step_name(step), target)
+        else:
+            src, dst = self._join(step_name(step)), self._join(dest)
+            self._retry("quarantine", functools.partial(self.fs.copy, src, dst, recursive=True))
+            self._delete(step_name(step))
+        log.warning("%s is damaged (%s): moved to %s/%s, nothing deleted", step_name(step), why, self.uri, dest)
+        return dest
+
+    def _delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._retry("delete", functools.partial(self.fs.rm, self._join(rel), recursive=True))
 
     # ------------------------------------------------------------------ retention
 
     def _retain(self) -> None:
-        steps = self.steps()
-        complete = [s for s in steps if self.manifest(s) is not None]
+        """Keep the newest `keep_last` complete steps (and every `keep_every`-th); delete older
+        complete steps and older debris. Damaged steps are quarantined; a storage error skips
+        retention this time (the next save tries again) rather than deciding on a failed read."""
+        try:
+            states = {s: self.manifest_state(step_name(s)) for s in self.steps()}
+        except CheckpointError as e:
+            log.warning("retention skipped: %s", e)
+            return
+        complete = [s for s, (state, _, _) in states.items() if state == "complete"]
         if not complete:
             return
         newest = complete[-1]
         keep = set(complete[-self.keep_last :]) | {newest}
         if self.keep_every:
             keep |= {s for s in complete if s % self.keep_every == 0}
-        for s in steps:
+        for s, (state, _, why) in states.items():
             # Older incomplete directories are debris of crashed saves; newer ones may be in flight.
-            if s not in keep and s < newest:
+            if s in keep or s >= newest:
+                continue
+            if state == "damaged":
+                self.quarantine(s, why)
+            else:
                 log.info("retention: deleting %s", step_name(s))
-                with contextlib.suppress(FileNotFoundError):
-                    self._retry("delete", functools.partial(self.fs.rm, self._join(step_name(s)), recursive=True))
+                self._delete(step_name(s))
 
     # ------------------------------------------------------------------ exports
 

@@ -60,10 +60,16 @@ class UploaderProcess:
 
     def _start(self) -> subprocess.Popen[bytes]:
         if self._proc is None or self._proc.poll() is not None:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pretrain.storage.uploader"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                start_new_session=True,
-            )  # fmt: skip
+            # Blocked from before the fork until the child ignores them: between the fork and its
+            # setsid() the child is still in this group, and a group signal would kill it.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "pretrain.storage.uploader"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    start_new_session=True,
+                )  # fmt: skip
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return self._proc
 
     @property
@@ -92,6 +98,7 @@ def _child_setup() -> IO[bytes]:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked by the parent until now
     die_with_parent(signal.SIGKILL)
     with contextlib.suppress(OSError):
         os.nice(10)
