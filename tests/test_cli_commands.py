@@ -134,3 +134,17 @@ def test_torchruns_failure_report_is_kept_from_the_screen() -> None:
     v.feed(report)
     v.close()
     assert b"".join(loud) == report
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [("--max-new-tokens", "1000000000", "1<=x<=100000"), ("--temperature", "nan", "nan is not a finite number"),
+     ("--temperature", "inf", "0.0<=x<=100.0"), ("--top-p", "nan", "nan is not a finite number"),
+     ("--top-p", "0", "0.0<x<=1.0"), ("--num-samples", "100000", "1<=x<=256")],
+)  # fmt: skip
+def test_generate_refuses_unbounded_or_meaningless_sampling(option: str, value: str, says: str) -> None:
+    """Issue 33 item 5: `--max-new-tokens 1000000000` ran until killed, `--temperature nan`
+    exited 0 printing spaces. Refused before any model is read."""
+    result = CliRunner().invoke(main, ["generate", "--model", "/no/such/model", option, value])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{option}'" in result.output and says in result.output, result.output

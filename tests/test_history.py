@@ -116,3 +116,28 @@ def test_report_names_what_is_missing(tmp_path: Path) -> None:
                        timeout=120)  # fmt: skip
     assert p.returncode == 1 and p.stderr.count("\n") == 1
     assert p.stderr.startswith(f"error: {tmp_path}: no metrics.jsonl here")
+
+
+def test_report_skips_and_counts_hand_broken_records(tmp_path: Path) -> None:
+    """Issue 33 item 5: `{"event": "start", "step": "resume"}` ended the report with a bare
+    ValueError, a step of NaN or 1e999 with ValueError/OverflowError naming no file or line."""
+    lines = [
+        json.dumps({"event": "start", "step": 0, "job": {"metadata": {"name": "hand"}}}),
+        json.dumps({"step": 1, "loss": 3.0, "lr": 0.1}),
+        json.dumps({"event": "start", "step": "resume"}),
+        '{"step": NaN, "loss": 2.0}',
+        '{"step": 1e999, "loss": 2.0}',
+        '{"step": 2, "loss": Infinity}',
+        '{"step": true, "loss": 2.5}',
+        "[1, 2]",
+        json.dumps({"step": 3, "loss": 2.0, "lr": 0.1}),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    p = subprocess.run([sys.executable, "-m", "pretrain.cli", "report", str(tmp_path)], capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    warning = p.stderr.strip().splitlines()[0]
+    assert warning.startswith(f'warning: {tmp_path}/metrics.jsonl: skipped 6 record(s) (line 3: step is "resume"')
+    assert "line 4: step is NaN" in warning and "line 5: step is Infinity" in warning
+    curves = json.loads((tmp_path / "report" / "curves.json").read_text())
+    assert curves["loss"]["train"]["x"] == [1, 3]

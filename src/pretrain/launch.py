@@ -246,15 +246,34 @@ def load_export(model_uri: str) -> Path:
     return path
 
 
+#: Bounds of `pretrain generate`: a sample is tokens on a screen, not a background job.
+MAX_NEW_TOKENS = 100_000
+MAX_SAMPLES = 256
+
+
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    import math
+
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
 @click.command()
 @click.option("--model", "model_uri", required=True, help="An exported model directory or URI (…/final).")
 @click.option("--prompt", default="", help="Text to continue.")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0.0), default=0.8, show_default=True, help="0: greedy.")
-@click.option("--top-k", type=click.IntRange(min=0), default=50, show_default=True, help="0: off.")
-@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)
-@click.option("--seed", type=int, default=None, help="Sampling seed, for repeatable output.")
-@click.option("--num-samples", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1, max=MAX_NEW_TOKENS), default=200, show_default=True,
+              help=f"At most {MAX_NEW_TOKENS} (longer samples slide a window over the model's positions).")  # fmt: skip
+@click.option("--temperature", type=click.FloatRange(min=0.0, max=100.0), default=0.8, show_default=True,
+              callback=_finite, help="0: greedy.")  # fmt: skip
+@click.option("--top-k", type=click.IntRange(min=0, max=2**31 - 1), default=50, show_default=True, help="0: off.")
+@click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=1.0, show_default=True,
+              callback=_finite)  # fmt: skip
+@click.option(
+    "--seed", type=click.IntRange(min=0, max=2**63 - 1), default=None, help="Sampling seed, for repeatable output."
+)
+@click.option("--num-samples", type=click.IntRange(min=1, max=MAX_SAMPLES), default=1, show_default=True)
 @friendly_errors
 def generate(
     model_uri: str, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,

@@ -21,7 +21,7 @@ import click
 import yaml
 
 from pretrain.clitools import UserError, friendly_errors
-from pretrain.metrics.history import MAX_HISTORY_BYTES, METRICS_FILE, current_records, parse_history
+from pretrain.metrics.history import MAX_HISTORY_BYTES, METRICS_FILE, check_history, current_records
 from pretrain.storage.fs import is_local, local_path
 from pretrain.storage.manifest import step_name, total_bytes
 
@@ -92,7 +92,11 @@ def load_run(arg: str) -> Run:
     raw = _read(location, METRICS_FILE)
     if raw is None:
         raise UserError(f"{location}: no {METRICS_FILE} (has the run logged a step yet?)")
-    records = current_records(parse_history(raw.decode("utf-8", "replace")))
+    parsed, skipped = check_history(raw.decode("utf-8", "replace"))
+    if skipped:
+        first = "; ".join(f"line {n}: {why}" for n, why in skipped[:3])
+        click.echo(f"warning: {location}/{METRICS_FILE}: skipped {len(skipped)} record(s) ({first})", err=True)
+    records = current_records(parsed)
     if not records:
         raise UserError(f"{location}/{METRICS_FILE}: no records")
     final_raw = _read(location, "final/metrics.json", 2**20)

@@ -42,16 +42,53 @@ TAGS = {
 
 
 def parse_history(text: str) -> list[dict[str, Any]]:
-    """Every record that parses, in order (a torn or foreign line is skipped)."""
-    out = []
-    for line in text.splitlines():
+    """Every record that parses and has the right types, in order (a torn, foreign or
+    hand-broken line is skipped; `check_history` says which and why)."""
+    return check_history(text)[0]
+
+
+#: Keys that are numbers wherever they appear (the step's curves and evaluation scores).
+_NUMBER_KEYS = ("loss", "lr", "grad_norm", "tokens_per_second", "mfu", "seconds", "tokens")
+
+
+def record_problem(rec: Any) -> str | None:
+    """Why a parsed line is not a usable record, or None: a step must be a whole number >= 0, an
+    event a string, and the curves' values finite numbers (null allowed: a NaN is written so)."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    step = rec.get("step")
+    if "step" in rec and not (isinstance(step, int) and not isinstance(step, bool) and 0 <= step < 2**53):
+        return f"step is {json.dumps(step)[:40]}, not a whole number >= 0"
+    if "event" in rec and not isinstance(rec["event"], str):
+        return "event is not a string"
+    for key, value in rec.items():
+        numeric = key in _NUMBER_KEYS or key.startswith("eval_")
+        if numeric and value is not None and not _finite_number(value):
+            return f"{key} is {json.dumps(value)[:40]}, not a finite number"
+    return None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_history(text: str) -> tuple[list[dict[str, Any]], list[tuple[int, str]]]:
+    """(usable records, [(line number, why skipped)]) of a metrics.jsonl's text."""
+    out, skipped = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             rec = json.loads(line)
-        except ValueError:
+        except ValueError:  # NaN and Infinity parse (as Python floats), and are refused below
+            skipped.append((number, "not JSON"))
             continue
-        if isinstance(rec, dict):
+        problem = record_problem(rec)
+        if problem is None:
             out.append(rec)
-    return out
+        else:
+            skipped.append((number, problem))
+    return out, skipped
 
 
 def current_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
