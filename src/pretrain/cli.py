@@ -29,13 +29,17 @@ def main() -> None:
 @set_option
 @friendly_errors
 def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
-    """Check PretrainJob files: types, ranges and cross-field rules."""
+    """Check PretrainJob files: types, ranges and cross-field rules, and a local pretrained
+    tokenizer's size and ids against the model's vocabulary."""
     from pretrain.api.validation import load_job
+    from pretrain.data.tokenizer_bounds import check_tokenizer_path
 
     bad = 0
     for f in files:
         try:
             job = load_job(f, overrides)
+            if job.spec.tokenizer.type == "pretrained" and job.spec.tokenizer.path:
+                check_tokenizer_path(job.spec.tokenizer.path, job.spec.model.vocab_size, here=False)
         except SpecError as e:
             click.echo(f"error: {e}" if e.path == str(f) else f"error: {f}: {e}", err=True)  # the file named once
             bad += 1

@@ -69,7 +69,9 @@ def data_prepare(file: Path, output: Path | None, overrides: tuple[str, ...]) ->
     cache = output or Path("runs") / job.metadata.name / "work" / "data"
     t0 = time.perf_counter()
     try:
-        tok = build_tokenizer(job.spec.tokenizer, text_sample(job.spec.data, job.spec.tokenizer.sample_bytes))
+        tok = build_tokenizer(
+            job.spec.tokenizer, text_sample(job.spec.data, job.spec.tokenizer.sample_bytes), job.spec.model.vocab_size
+        )
         path = prepare_cached(job.spec.data, tok, fingerprint(tok), cache, job.spec.data.cache_uri, publish=True)
     except DataError as e:
         raise UserError(str(e)) from None

@@ -96,8 +96,10 @@ def load_pretrained(path: str) -> Any:
     return tok
 
 
-def build_tokenizer(spec: TokenizerSpec, sample: Iterable[str]) -> Any:
-    """The tokenizer a job asks for; `sample` is read only by chars and bpe."""
+def build_tokenizer(spec: TokenizerSpec, sample: Iterable[str], model_vocab: int | None = None) -> Any:
+    """The tokenizer a job asks for; `sample` is read only by chars and bpe. A pretrained one is
+    bounded by `model_vocab` (model.vocabSize, else the API's maximum): its files before they
+    are loaded, a hub tokenizer once it is."""
     if spec.type == "bytes":
         return bytes_tokenizer()
     if spec.type == "chars":
@@ -105,7 +107,12 @@ def build_tokenizer(spec: TokenizerSpec, sample: Iterable[str]) -> Any:
     if spec.type == "bpe":
         return train_bpe(sample, spec.vocab_size)
     assert spec.path is not None
-    return load_pretrained(spec.path)
+    from pretrain.data.tokenizer_bounds import check_tokenizer_path, check_vocabulary
+
+    check_tokenizer_path(spec.path, model_vocab)
+    tok = load_pretrained(spec.path)
+    check_vocabulary(spec.path, len(tok), max(tok.get_vocab().values(), default=0), model_vocab)
+    return tok
 
 
 def fingerprint(tokenizer: Any) -> str:

@@ -111,7 +111,12 @@ def job_tokenizer(
         if store.exists("tokenizer/tokenizer.json") and spec.checkpoint.resume != "never" and store.complete_steps():
             download_dir(f"{store.uri}/tokenizer", tok_dir, store.options, into=True)
         else:
-            save(build_tokenizer(spec.tokenizer, text_sample(spec.data, spec.tokenizer.sample_bytes)), tok_dir)
+            save(
+                build_tokenizer(
+                    spec.tokenizer, text_sample(spec.data, spec.tokenizer.sample_bytes), spec.model.vocab_size
+                ),
+                tok_dir,
+            )
             store.upload_dir(tok_dir, "tokenizer")
     world.barrier()
     if world.uploads and world.rank != 0:
