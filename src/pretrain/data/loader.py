@@ -42,6 +42,7 @@ class PackedSplit:
         self.directory = directory
         self.seq_len: int = self.manifest["sequence_length"]
         self.dtype = np.dtype(self.manifest["dtype"])
+        self.id_bound = int(self.manifest.get("vocab_size") or np.iinfo(self.dtype).max + 1)
         self.shards: list[dict[str, Any]] = self.manifest["splits"][split]["shards"]
         rows = [s["rows"] for s in self.shards]
         self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
@@ -75,6 +76,10 @@ class PackedSplit:
         shard_of = np.searchsorted(self.offsets, index, side="right") - 1
         for k, (i, sh) in enumerate(zip(index, shard_of, strict=True)):
             out[k] = self._map(int(sh))[int(i - self.offsets[sh])]
+        if out.size and int(out.max()) >= self.id_bound:  # one pass over the batch: cheap beside a step
+            k = int(np.argmax(out.max(axis=1)))
+            raise DataError(f"shard {self.directory / self.shards[int(shard_of[k])]['file']}: token id {int(out[k].max())} "
+                            f"is not below the vocabulary ({self.id_bound}): corrupt")  # fmt: skip
         return out
 
     def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -28,6 +29,8 @@ import numpy as np
 from pretrain.api.spec import DataSourceSpec, DataSpec
 from pretrain.data.encode import BatchEncoder
 from pretrain.data.sources import DataError, SourceFile, iter_documents, resolve_files, source_fingerprint
+
+log = logging.getLogger("pretrain.data")
 
 FORMAT_VERSION = 1
 #: Rows per shard file (about 64M tokens at sequence length 1024).
@@ -103,14 +106,11 @@ def text_sample(spec: DataSpec, max_bytes: int) -> Iterator[str]:
 class _ShardWriter:
     """Appends rows to numbered shard files of one split, hashing as it goes."""
 
-    def __init__(self, directory: Path, split: str, dtype: np.dtype[Any], seq_len: int, shard_rows: int) -> None:
-        self.directory, self.split, self.dtype, self.seq_len, self.shard_rows = (
-            directory,
-            split,
-            dtype,
-            seq_len,
-            shard_rows,
-        )
+    def __init__(
+        self, directory: Path, split: str, dtype: np.dtype[Any], seq_len: int, shard_rows: int, id_bound: int
+    ) -> None:
+        self.directory, self.split, self.dtype, self.seq_len = directory, split, dtype, seq_len
+        self.shard_rows, self.id_bound = shard_rows, id_bound
         self.shards: list[Shard] = []
         self._fh: Any = None
         self._hash: Any = None
@@ -138,7 +138,11 @@ class _ShardWriter:
                 self._close()
                 self._open(source)
             take = min(len(rows) - start, self.shard_rows - self._rows)
-            data = np.ascontiguousarray(rows[start : start + take], dtype=self.dtype).tobytes()
+            block = np.ascontiguousarray(rows[start : start + take], dtype=self.dtype)
+            if block.size and int(block.max()) >= self.id_bound:
+                raise DataError(f"shard {self._name}: token id {int(block.max())} is not below the tokenizer's "
+                                f"vocabulary ({self.id_bound}); the tokenizer is inconsistent")  # fmt: skip
+            data = block.tobytes()
             self._fh.write(data)
             self._hash.update(data)
             self._rows += take
@@ -234,8 +238,12 @@ def prepare(
     fp = inputs.fingerprint
     target = cache_dir / fp
     if (target / "manifest.json").is_file():
-        return target
-    vocab = len(tokenizer)
+        problem = check_prepared(target)
+        if problem is None:
+            return target
+        log.warning("prepared data %s is damaged (%s): preparing it again", target, problem)
+        shutil.rmtree(target)
+    vocab = id_bound(tokenizer)
     dtype = token_dtype(vocab)
     seq = spec.sequence_length
     work = cache_dir / f".{fp}.partial-{os.getpid()}"
@@ -243,8 +251,8 @@ def prepare(
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        train = _ShardWriter(work, "train", dtype, seq, shard_rows)
-        val = _ShardWriter(work, "val", dtype, seq, shard_rows)
+        train = _ShardWriter(work, "train", dtype, seq, shard_rows, vocab)
+        val = _ShardWriter(work, "val", dtype, seq, shard_rows, vocab)
         with BatchEncoder(tokenizer, dtype) as encoder:
             source_entries = _pack_sources(spec, inputs, encoder, work, train, val)
         train_shards, val_shards = train.close(), val.close()
@@ -274,7 +282,77 @@ def prepare(
         shutil.rmtree(work, ignore_errors=True)
         return target
     work.rename(target)
+    _stamp(target)  # just written and hashed: the next start need not hash it again
     return target
+
+
+def id_bound(tokenizer: Any) -> int:
+    """One past the largest token id the tokenizer can produce (its length, unless ids skip)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
+def _stamp_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.verified.json"
+
+
+def _file_stamps(target: Path, names: list[str]) -> dict[str, list[int]]:
+    return {n: [(st := (target / n).stat()).st_size, st.st_mtime_ns] for n in names}
+
+
+def _stamp(target: Path) -> None:
+    """Record each shard's size and modification time once its checksum is known good."""
+    names = [s["file"] for split in _read_manifest(target)["splits"].values() for s in split["shards"]]
+    tmp = _stamp_path(target).with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_file_stamps(target, names)))
+    os.replace(tmp, _stamp_path(target))  # local ranks check at once: none reads it half-written
+
+
+def _known_stamps(target: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(_stamp_path(target).read_text())
+    except (OSError, ValueError):
+        return {}  # no record: every shard is hashed
+    return known if isinstance(known, dict) else {}
+
+
+def _read_manifest(target: Path) -> dict[str, Any]:
+    try:
+        manifest: dict[str, Any] = json.loads((target / "manifest.json").read_text())
+        return manifest
+    except (OSError, ValueError) as e:
+        raise DataError(f"{target}/manifest.json: unreadable dataset manifest ({e.__class__.__name__})") from None
+
+
+def check_prepared(target: Path) -> str | None:
+    """What is wrong with a prepared folder, or None: every shard of its manifest must be
+    there, of its size, with its sha256. A shard whose size and modification time match the
+    last check is not hashed again (a rewrite, even at the same size, changes the time)."""
+    from pretrain.storage.paths import UnsafePath, inside
+
+    try:
+        manifest = _read_manifest(target)
+        seq, itemsize = int(manifest["sequence_length"]), np.dtype(manifest["dtype"]).itemsize
+        shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+        known = _known_stamps(target)
+    except (DataError, KeyError, TypeError, ValueError) as e:
+        return f"its manifest is unreadable ({e.__class__.__name__}: {e})"
+    for s in shards:
+        try:
+            path = inside(target, str(s["file"]), "dataset manifest: shard")
+        except UnsafePath as e:
+            return str(e)
+        expected = int(s["rows"]) * seq * itemsize
+        size = path.stat().st_size if path.is_file() else -1
+        if size != expected:
+            return f"shard {s['file']} is {'missing' if size < 0 else f'{size} bytes, expected {expected}'}"
+        if known.get(s["file"]) == _file_stamps(target, [s["file"]])[s["file"]]:
+            continue
+        from pretrain.storage.fs import sha256_file
+
+        if sha256_file(path) != s["sha256"]:
+            return f"shard {s['file']} fails its sha256 check"
+    _stamp(target)
+    return None
 
 
 def _remove_dead_partials(cache_dir: Path) -> None:
@@ -313,13 +391,19 @@ def prepare_cached(
     inputs = resolve_inputs(spec, tokenizer_fingerprint)
     fp = inputs.fingerprint
     target = local_cache / fp
-    if (target / "manifest.json").is_file():
+    if (target / "manifest.json").is_file() and check_prepared(target) is None:
         return target
     remote = f"{remote_cache.rstrip('/')}/{fp}"
     fs, root = fsspec.core.url_to_fs(remote)
     if fs.exists(f"{root}/manifest.json"):
         staging = local_cache / f".{fp}.download-{os.getpid()}"
         download_dir(remote, staging, into=True)
+        problem = check_prepared(staging)
+        if problem is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DataError(f"data.cacheUri {remote}: {problem}; never trained on: delete {remote} to prepare it again")
+        _stamp_path(staging).rename(_stamp_path(target))
+        shutil.rmtree(target, ignore_errors=True)  # a damaged local copy, found above
         staging.rename(target)
         return target
     path = prepare(spec, tokenizer, tokenizer_fingerprint, local_cache, inputs=inputs)
