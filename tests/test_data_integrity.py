@@ -47,7 +47,7 @@ def test_a_truncated_shard_is_rebuilt(tmp_path: Path, corpus: list[str], caplog:
     counts without rebuilding."""
     code, first, folder = prepare(tmp_path, corpus)
     assert code == 0, first
-    shard, entry = first_train_shard(folder)
+    shard, _ = first_train_shard(folder)
     whole = shard.read_bytes()
     shard.write_bytes(whole[: len(whole) // 3])
     assert "expected" in (check_prepared(folder) or "")
