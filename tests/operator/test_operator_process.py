@@ -67,7 +67,7 @@ def test_apply_creates_the_children_and_status_then_delete_collects_them(env: En
                                   "configmaps": [f"{name}-config"]}  # fmt: skip
     env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Pending", "phase Pending")
     table = env.kubectl("get", "ptj", name).stdout.splitlines()
-    assert table[0].split() == ["NAME", "PHASE", "NODES", "STEP", "LOSS", "TOKENS/S", "RESTARTS", "AGE"]
+    assert table[0].split() == ["NAME", "PHASE", "NODES", "STEP", "LOSS", "TOKENS/S", "RESTARTS", "REASON", "AGE"]
     assert table[1].split()[:4] == [name, "Pending", "2", "0"], table
     pods = env.kubectl("get", "pods", "-l", f"pretrain.io/job-name={name}", "-o", "json").stdout
     assert [p["status"]["phase"] for p in json.loads(pods)["items"]] == ["Pending", "Pending"]
@@ -379,4 +379,48 @@ def test_the_deadline_counts_running_time_and_pods_form_a_kueue_group(env: Env) 
     env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Failed", "DeadlineExceeded", timeout=30)
     failed = next(c for c in env.job(name)["status"]["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "DeadlineExceeded"
+    env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_a_recreated_job_waits_for_the_old_pods_and_never_touches_pods_it_does_not_own(env: Env) -> None:
+    """Issue 27 items 1-2. `kubectl delete ptj same && kubectl apply -f same.yaml` while the old
+    pod terminates (bound to a node, it goes only when its kubelet confirms, as trainer pods
+    take their grace period): the new job counted the old `same-a1-n0` as its own failed pod
+    and, with maxRestarts 0, went Failed. And a pod someone else made with the job's label
+    was deleted at once."""
+    import time
+
+    name = "same"
+    pods = ("", "pods")
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"runPolicy.maxRestarts": 0}))
+    old = env.wait(lambda: next((p for p in env.api.objects("pods") if p["metadata"]["name"] == f"{name}-a1-n0"), None),
+                   "the first job's pod")  # fmt: skip
+    env.api.call(lambda s: s.bind("default", f"{name}-a1-n0", "node-a"))
+    env.kubectl("delete", "ptj", name, "--wait=false")
+    env.wait(lambda: env.job(name) == {}, "the first job gone")
+    env.wait(lambda: all(p["metadata"].get("deletionTimestamp") for p in env.api.objects("pods")
+                         if p["metadata"]["name"] == f"{name}-a1-n0"), "the old pod terminating")  # fmt: skip
+    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"runPolicy.maxRestarts": 0}))
+    env.wait(lambda: env.job(name).get("status", {}).get("reason") == "WaitingForPreviousJob", "waiting shown")
+    time.sleep(2)  # reconciles go on (the old pod's watch events queue the job): it keeps waiting
+    status = env.job(name)["status"]
+    assert status["phase"] == "Pending" and status.get("restarts", 0) == 0, status
+    assert f"pod {name}-a1-n0" in status["message"] and "earlier PretrainJob named same" in status["message"]
+
+    env.api.call(lambda s: s.delete(s.resources[pods], "default", f"{name}-a1-n0", grace=0))  # the kubelet confirms
+    uid = env.job(name)["metadata"]["uid"]
+    new = env.wait(lambda: next((p for p in env.api.objects("pods") if p["metadata"]["name"] == f"{name}-a1-n0"
+                                 and p["metadata"]["ownerReferences"][0]["uid"] == uid), None), "the new job's pod")  # fmt: skip
+    assert new["metadata"]["uid"] != old["metadata"]["uid"]
+    env.wait(lambda: env.job(name)["status"].get("attempt") == 1, "the new job started")
+    assert (env.job(name)["status"]["phase"], env.job(name)["status"]["reason"]) == ("Pending", "Created")
+
+    intruder = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "intruder", "labels": {"pretrain.io/job-name": name}},
+                "spec": {"containers": [{"name": "c", "image": "busybox"}]}}  # fmt: skip
+    env.kubectl("apply", "-f", "-", stdin=json.dumps(intruder))
+    env.kubectl("annotate", "ptj", name, "poke=1")  # a reconcile
+    time.sleep(2)
+    assert "intruder" in [p["metadata"]["name"] for p in env.api.objects("pods")], "someone else's pod is left alone"
+    assert env.job(name)["status"]["phase"] == "Pending" and env.job(name)["status"].get("restarts", 0) == 0
+    env.kubectl("delete", "pod", "intruder")
     env.kubectl("delete", "ptj", name, timeout=60)

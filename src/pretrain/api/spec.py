@@ -620,6 +620,7 @@ class PretrainJobStatus(Spec):
     """Observed state of a PretrainJob, written only by the operator."""
 
     phase: Phase | None = None
+    reason: str | None = Field(None, description="Why the job is in its phase (CamelCase, as in conditions).")
     message: str | None = None
     conditions: list[Condition] = Field(default_factory=list)
     attempt: int | None = None

@@ -72,6 +72,16 @@ def owner_reference(job: PretrainJob, uid: str) -> dict[str, Any]:
     }
 
 
+def controller_uid(meta: dict[str, Any]) -> str | None:
+    """The uid of the PretrainJob that controls an object (its controller ownerReference), or
+    None: the operator acts on a child only when this is its job's uid."""
+    for ref in meta.get("ownerReferences") or []:
+        if isinstance(ref, dict) and ref.get("controller") and ref.get("kind") == KIND:
+            uid = ref.get("uid")
+            return str(uid) if uid else None
+    return None
+
+
 def _meta(job: PretrainJob, name: str, namespace: str, uid: str, extra: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "name": name,

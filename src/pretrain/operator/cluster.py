@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from pretrain.api.spec import GROUP, PLURAL, VERSION
-from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, service_name
+from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, controller_uid, service_name
 from pretrain.operator.planner import Event, Observed, pod_view
 from pretrain.timestamps import rfc3339
 
@@ -96,12 +96,16 @@ class InMemoryCluster:
             pod_view(o) for (kind, ns, _), o in sorted(self.objects.items())
             if kind == "Pod" and ns == namespace and o["metadata"]["labels"].get(LABEL_JOB) == job
         ]  # fmt: skip
+        svc = self.objects.get(("Service", namespace, service_name(job)))
+        cm = self.objects.get(("ConfigMap", namespace, configmap_name(job)))
         return Observed(
             pods=pods,
-            service=("Service", namespace, service_name(job)) in self.objects,
-            configmap=("ConfigMap", namespace, configmap_name(job)) in self.objects,
+            service=svc is not None,
+            configmap=cm is not None,
             pod_monitor=pod_monitor and ("PodMonitor", namespace, job) in self.objects,
-            config=self.objects.get(("ConfigMap", namespace, configmap_name(job)), {}).get("data", {}).get(CONFIG_KEY),
+            config=(cm or {}).get("data", {}).get(CONFIG_KEY),
+            service_owner=controller_uid(svc["metadata"]) if svc else None,
+            configmap_owner=controller_uid(cm["metadata"]) if cm else None,
         )
 
     def pod_monitor_exists(self, namespace: str, job: str) -> bool:
@@ -305,13 +309,16 @@ class KubeCluster:
         pods = json.loads(raw.data)["items"]
         cm = self._read(self.core.read_namespaced_config_map, configmap_name(job), namespace, _preload_content=False)
         svc = self._read(self.core.read_namespaced_service, service_name(job), namespace, _preload_content=False)
-        config = (json.loads(cm.data).get("data") or {}).get(CONFIG_KEY) if cm is not None else None
+        cm_obj = json.loads(cm.data) if cm is not None else None
+        svc_obj = json.loads(svc.data) if svc is not None else None
         return Observed(
             pods=[pod_view(p) for p in pods],
             service=svc is not None,
             configmap=cm is not None,
             pod_monitor=self.pod_monitor_exists(namespace, job) if pod_monitor else False,
-            config=config,
+            config=(cm_obj.get("data") or {}).get(CONFIG_KEY) if cm_obj else None,
+            service_owner=controller_uid(svc_obj["metadata"]) if svc_obj else None,
+            configmap_owner=controller_uid(cm_obj["metadata"]) if cm_obj else None,
         )
 
     def pod_monitor_exists(self, namespace: str, job: str) -> bool:

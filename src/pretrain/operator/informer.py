@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, service_name
+from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, controller_uid, service_name
 from pretrain.operator.planner import Observed, PodView, pod_view
 
 log = logging.getLogger("pretrain.operator.informer")
@@ -53,8 +53,8 @@ class ChildCache:
     #: The (kind, namespace) lists that must have arrived before `synced` (namespace None: all).
     expected: set[tuple[str, str | None]] = field(default_factory=lambda: {(k, None) for k in KINDS})
     pods: dict[Key, dict[str, PodView]] = field(default_factory=dict)  # (ns, job) -> name -> view
-    services: set[Key] = field(default_factory=set)
-    configmaps: dict[Key, str | None] = field(default_factory=dict)  # (ns, name) -> job.json
+    services: dict[Key, str | None] = field(default_factory=dict)  # (ns, name) -> controller uid
+    configmaps: dict[Key, tuple[str | None, str | None]] = field(default_factory=dict)  # -> (job.json, uid)
     lock: threading.Lock = field(default_factory=threading.Lock)
     _listed: set[tuple[str, str | None]] = field(default_factory=set)
     _owner: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (kind, ns, name) -> job
@@ -67,13 +67,16 @@ class ChildCache:
         """The children of one job as the caches hold them (same shape as KubeCluster.observe)."""
         with self.lock:
             pods = sorted(self.pods.get((namespace, job), {}).values(), key=lambda p: p.name)
-            config_key = (namespace, configmap_name(job))
+            service_key, config_key = (namespace, service_name(job)), (namespace, configmap_name(job))
+            config, config_owner = self.configmaps.get(config_key, (None, None))
             return Observed(
                 pods=pods,
-                service=(namespace, service_name(job)) in self.services,
+                service=service_key in self.services,
                 configmap=config_key in self.configmaps,
                 pod_monitor=pod_monitor() if pod_monitor else False,
-                config=self.configmaps.get(config_key),
+                config=config,
+                service_owner=self.services.get(service_key),
+                configmap_owner=config_owner,
             )
 
     # ---- updates (from the reflectors)
@@ -103,7 +106,7 @@ class ChildCache:
             if not views:
                 self.pods.pop((ns, job), None)
         elif kind == "services":
-            self.services.discard((ns, name))
+            self.services.pop((ns, name), None)
         elif kind == "configmaps":
             self.configmaps.pop((ns, name), None)
         return job
@@ -119,9 +122,9 @@ class ChildCache:
             if kind == "pods":
                 self.pods.setdefault((ns, job), {})[name] = pod_view(obj)
             elif kind == "services":
-                self.services.add((ns, name))
+                self.services[(ns, name)] = controller_uid(meta)
             else:
-                self.configmaps[(ns, name)] = (obj.get("data") or {}).get(CONFIG_KEY)
+                self.configmaps[(ns, name)] = ((obj.get("data") or {}).get(CONFIG_KEY), controller_uid(meta))
         return {(ns, j) for j in (old, job) if j}
 
 

@@ -33,6 +33,7 @@ from pretrain.operator.children import (
     build_service,
     build_standby_pod,
     configmap_name,
+    controller_uid,
     pod_name,
     service_name,
 )
@@ -69,6 +70,8 @@ class PodView:
     scheduled: bool = False
     #: A placeholder of an elastic job below maxNodes (children.build_standby_pod), not a trainer.
     standby: bool = False
+    #: The uid of the PretrainJob controlling it (None: no controller reference of ours).
+    owner: str | None = None
 
     def failed(self) -> FailedPod:
         return FailedPod(self.name, self.exit_code, self.reasons, self.message, self.finished)
@@ -81,6 +84,33 @@ class Observed:
     configmap: bool = False
     pod_monitor: bool = False
     config: str | None = None  # the job.json the ConfigMap holds now
+    #: Controller uids of the Service and ConfigMap of the job's name (None: not ours, or absent).
+    service_owner: str | None = None
+    configmap_owner: str | None = None
+
+
+def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
+    """The children `uid` controls, and what of the job's names belongs to another controller:
+    an earlier job of the same name whose pods are still terminating (its Service and ConfigMap
+    await the garbage collector), or objects someone else made with the job's label. Those are
+    never counted, adopted or deleted; a fresh attempt waits for them, since its pods, Service
+    and ConfigMap take the same names."""
+    pods = [p for p in observed.pods if p.owner == uid]
+    others = [f"pod {p.name}" for p in observed.pods if p.owner != uid and p.owner is not None]
+    if observed.service and observed.service_owner != uid:
+        others.append("its Service")
+    if observed.configmap and observed.configmap_owner != uid:
+        others.append("its ConfigMap")
+    own = Observed(
+        pods=pods,
+        service=observed.service and observed.service_owner == uid,
+        configmap=observed.configmap and observed.configmap_owner == uid,
+        pod_monitor=observed.pod_monitor,
+        config=observed.config if observed.configmap_owner == uid else None,
+        service_owner=uid if observed.service_owner == uid else None,
+        configmap_owner=uid if observed.configmap_owner == uid else None,
+    )
+    return own, others
 
 
 @dataclass(frozen=True)
@@ -151,6 +181,7 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         finished=finished,
         scheduled=scheduled,
         standby=labels.get(LABEL_ROLE) == ROLE_STANDBY,
+        owner=controller_uid(meta),
     )
 
 
@@ -210,9 +241,10 @@ class _Status:
         return next((c for c in self.s.get("conditions", []) if c["type"] == type_), None)
 
     def phase(self, phase: Phase, reason: str, message: str, *, warning: bool = False) -> None:
-        if self.s.get("phase") != phase.value:
+        if self.s.get("phase") != phase.value or self.s.get("reason", reason) != reason:
             self.events.append(Event("Warning" if warning else "Normal", reason, message))
         self.s["phase"] = phase.value
+        self.s["reason"] = reason
         self.s["message"] = message
         for p in (Phase.RUNNING, Phase.RESTARTING, Phase.SUCCEEDED, Phase.FAILED, Phase.SUSPENDED):
             # A condition that turns False says why: the reason of the phase that replaced it.
@@ -257,6 +289,7 @@ def plan(
     """Decide what to do. `job` is None when the spec is invalid (`invalid` says why)."""
     st = _Status(status, now, generation)
     out = Plan()
+    observed, others = own_children(observed, uid)
     live = [p for p in observed.pods if not p.deleting]
 
     def delete_pods(pods: list[PodView]) -> None:
@@ -381,11 +414,18 @@ def plan(
         st.phase(Phase.PENDING, reason, message)
         st.condition("Unschedulable", False, "")
 
-    if phase == Phase.SUSPENDED.value or (phase is None and attempt == 0):
+    if phase == Phase.SUSPENDED.value or (phase in (None, Phase.PENDING.value) and attempt == 0):
+        if others and attempt == 0:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            st.phase(Phase.PENDING, "WaitingForPreviousJob",
+                     f"waiting for {shown} of an earlier PretrainJob named {name} (or not owned by this job) to go")  # fmt: skip
+            return _finish(out, st)
         if lingering:
             return _finish(out, st)  # wait for old pods to go before a fresh attempt
         start_attempt(
-            attempt + 1, "Resumed" if phase else "Created", f"created {nodes} pod(s) for attempt {attempt + 1}"
+            attempt + 1,
+            "Resumed" if phase == Phase.SUSPENDED.value else "Created",
+            f"created {nodes} pod(s) for attempt {attempt + 1}",
         )
         return _finish(out, st)
 
