@@ -99,6 +99,11 @@ class Kubelet:
     #: "process" runs a pod's command as a local process tree (fast); "podman" runs the pod as a
     #: real container of its image (tests/containers.py), with its securityContext and volumes.
     runtime: str = "process"
+    #: Images this node can pull (None: any, in process mode); podman mode asks podman. A pod of
+    #: another image waits with ErrImagePull, then ImagePullBackOff, as the kubelet reports it.
+    images: set[str] | None = None
+    _pull_tries: dict[str, int] = field(default_factory=dict)
+    _retry_at: dict[str, float] = field(default_factory=dict)  # a refused start is tried again then
     _next_ip: int = 10
     _port: int | None = None
 
@@ -236,7 +241,66 @@ class Kubelet:
         else:
             signal_tree(pp.proc.pid, sig)
 
+    def _wait(self, pod: dict[str, Any], reason: str, message: str) -> None:
+        """A container the kubelet cannot start: Pending, waiting with the kubelet's reason
+        (written when it changes), tried again a second later."""
+        c = pod["spec"]["containers"][0]
+        self._retry_at[pod["metadata"]["name"]] = time.monotonic() + 1.0
+        now = [(cs.get("state") or {}).get("waiting") for cs in pod.get("status", {}).get("containerStatuses") or []]
+        if now == [{"reason": reason, "message": message}]:
+            return
+        with contextlib.suppress(self.k.client.ApiException):
+            self._patch_status(pod["metadata"]["name"], {"phase": "Pending", "containerStatuses": [
+                {"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
+                 "started": False, "state": {"waiting": {"reason": reason, "message": message}}}]})  # fmt: skip
+
+    def _cannot_pull(self, pod: dict[str, Any]) -> bool:
+        """ErrImagePull on the first try, ImagePullBackOff after, for an image this node lacks."""
+        image = pod["spec"]["containers"][0]["image"]
+        if self.runtime == "podman":
+            present = (
+                subprocess.run([*containers.PODMAN, "image", "exists", image], capture_output=True).returncode == 0
+            )
+        else:
+            present = self.images is None or image in self.images
+        if present:
+            return False
+        name = pod["metadata"]["name"]
+        tries = self._pull_tries[name] = self._pull_tries.get(name, 0) + 1
+        reason = "ErrImagePull" if tries == 1 else "ImagePullBackOff"
+        message = (f'failed to pull and unpack image "{image}": failed to resolve reference "{image}": not found'
+                   if tries == 1 else f'Back-off pulling image "{image}"')  # fmt: skip
+        self._wait(pod, reason, message)
+        return True
+
+    def _config_error(self, pod: dict[str, Any]) -> bool:
+        """CreateContainerConfigError for a Secret or ConfigMap (or key) the pod names that is
+        not there, in the kubelet's words; the kubelet retries, so a later one starts the pod."""
+        c = pod["spec"]["containers"][0]
+        refs = [("secret", r["secretRef"]["name"], None) for r in c.get("envFrom", []) if "secretRef" in r]
+        for e in c.get("env", []):
+            src = e.get("valueFrom") or {}
+            for kind, key in (("secret", "secretKeyRef"), ("configmap", "configMapKeyRef")):
+                if key in src:
+                    refs.append((kind, src[key]["name"], src[key]["key"]))
+        for kind, ref, key in refs:
+            try:
+                data = self._secret(ref) if kind == "secret" else self._configmap(ref)
+            except self.k.client.ApiException as e:
+                if e.status != 404:
+                    raise
+                self._wait(pod, "CreateContainerConfigError", f'{kind} "{ref}" not found')
+                return True
+            if key is not None and key not in data:
+                what = "Secret" if kind == "secret" else "ConfigMap"
+                self._wait(pod, "CreateContainerConfigError",
+                           f"couldn't find key {key} in {what} {self.namespace}/{ref}")  # fmt: skip
+                return True
+        return False
+
     def _start(self, pod: dict[str, Any]) -> None:
+        if self._cannot_pull(pod) or self._config_error(pod):
+            return None
         if self.runtime == "podman":
             return self._start_container(pod)
         name = pod["metadata"]["name"]
@@ -362,7 +426,8 @@ class Kubelet:
                 continue
             pp = self.processes.get(name)
             if pp is None and not deleting and pod["status"].get("phase") == "Pending" and name not in self.refused:
-                self._start(pod)
+                if time.monotonic() >= self._retry_at.get(name, 0.0):
+                    self._start(pod)
                 continue
             if pp is None:
                 if deleting:  # never started here (or already stopped): confirm the deletion

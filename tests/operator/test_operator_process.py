@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -345,8 +346,9 @@ def test_an_unschedulable_gang_is_suspended_when_the_spec_says_so(env: Env) -> N
     env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"runPolicy.schedulingTimeoutSeconds": 2,
                                                             "runPolicy.schedulingTimeoutAction": "Suspend"}))  # fmt: skip
     env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Suspended", "phase Suspended", timeout=30)
+    # Two writes, the status and then the spec's suspend: a read may fall between them.
+    env.wait(lambda: env.job(name)["spec"]["runPolicy"].get("suspend") is True, "spec.runPolicy.suspend set")
     job = env.job(name)
-    assert job["spec"]["runPolicy"]["suspend"] is True
     assert next(c for c in job["status"]["conditions"] if c["type"] == "Unschedulable")["status"] == "True"
     env.wait(lambda: env.children(name)["pods"] == [], "the pods deleted")
     env.kubectl("patch", "ptj", name, "--type=merge", "-p", '{"spec": {"runPolicy": {"suspend": false}}}')
@@ -424,3 +426,50 @@ def test_a_recreated_job_waits_for_the_old_pods_and_never_touches_pods_it_does_n
     assert env.job(name)["status"]["phase"] == "Pending" and env.job(name)["status"].get("restarts", 0) == 0
     env.kubectl("delete", "pod", "intruder")
     env.kubectl("delete", "ptj", name, timeout=60)
+
+
+def test_a_pod_that_cannot_start_says_why_and_a_rule_fails_fast(env: Env, tmp_path: Path) -> None:
+    """Issue 27 item 3: a bound pod waiting with CreateContainerConfigError (a missing Secret),
+    or ErrImagePull for a wrong tag, was reported as "Unschedulable: pod(s) pending longer than
+    ...s", without the kubelet's words. The stand-in kubelet refuses both as a kubelet does."""
+    from tests.kubelet import Kubelet
+
+    node = Kubelet(
+        env.api.kubeconfig, tmp_path / "node", images={"ghcr.io/pretrain-io/pretrain-trainer-cpu:0.1.0"}
+    ).start()
+    try:
+        name = "nosecret"
+        env.kubectl("apply", "-f", "-", stdin=manifest(name, **{
+            "checkpoint.uri": "s3://b/c", "checkpoint.credentialsSecret": "missing-creds",
+            "runPolicy.schedulingTimeoutSeconds": 1}))  # fmt: skip
+        env.wait(lambda: env.job(name).get("status", {}).get("reason") == "CreateContainerConfigError",
+                 "the kubelet's reason in status")  # fmt: skip
+        time.sleep(2)  # past the scheduling timeout: still not called a scheduling problem
+        status = env.job(name)["status"]
+        assert status["phase"] == "Pending"
+        assert (
+            status["message"]
+            == f'pod {name}-a1-n0 cannot start (CreateContainerConfigError): secret "missing-creds" not found'
+        )
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["CannotStart"]["status"] == "True"
+        assert conditions.get("Unschedulable", {}).get("status") != "True", conditions
+        row = env.kubectl("get", "ptj", name).stdout.splitlines()[1].split()
+        assert row[1:2] + row[-2:-1] == ["Pending", "CreateContainerConfigError"], row
+        assert 'secret "missing-creds" not found' in env.kubectl("get", "ptj", name, "-o", "wide").stdout
+        assert re.search(r"Warning\s+CreateContainerConfigError", env.kubectl("describe", "ptj", name).stdout)
+        env.kubectl("delete", "ptj", name, timeout=60)
+
+        name = "badimage"
+        rules = [{"name": "no-image", "action": "FailJob", "onReasons": ["ErrImagePull", "ImagePullBackOff"]}]
+        env.kubectl("apply", "-f", "-", stdin=manifest(name, **{
+            "resources.image": "ghcr.io/pretrain-io/pretrain-trainer-cpu:no-such-tag",
+            "runPolicy.failurePolicy": {"rules": rules}}))  # fmt: skip
+        env.wait(lambda: env.job(name).get("status", {}).get("phase") == "Failed", "phase Failed")
+        status = env.job(name)["status"]
+        assert status["reason"] == "FailedByPolicy", status
+        assert status["message"].startswith(f"pod {name}-a1-n0 cannot start (ErrImagePull): failed to pull")
+        assert "failurePolicy rule 1 (no-image): FailJob" in status["message"]
+        env.kubectl("delete", "ptj", name, timeout=60)
+    finally:
+        node.stop()

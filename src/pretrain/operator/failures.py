@@ -77,6 +77,18 @@ def describe(pod: FailedPod) -> tuple[str, str]:
     return f"pod {pod.name} failed ({code}){tail}", "PodFailed"
 
 
+def decide_start_failure(policy: FailurePolicySpec, pod: FailedPod) -> Verdict | None:
+    """The verdict of a spec rule for a pod whose container cannot start (its waiting reason in
+    `pod.reasons`: ErrImagePull, CreateContainerConfigError, ...), or None when no rule names it.
+    With no rule the job waits: the kubelet retries pulls, and a missing Secret may be created."""
+    why = f"pod {pod.name} cannot start ({', '.join(pod.reasons)})" + (f": {pod.message}" if pod.message else "")
+    for i, rule in enumerate(policy.rules, start=1):
+        if rule.on_exit_codes is None and _matches(rule, pod):
+            label = f"failurePolicy rule {i}" + (f" ({rule.name})" if rule.name else "")
+            return Verdict(rule.action, why, pod.reasons[0], label)
+    return None
+
+
 def decide(policy: FailurePolicySpec, pod: FailedPod | None, missing: str | None = None) -> Verdict:
     """The verdict for the gang's first failed pod, or for a pod that vanished (`missing`)."""
     if pod is None:

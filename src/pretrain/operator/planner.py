@@ -38,7 +38,7 @@ from pretrain.operator.children import (
     service_name,
 )
 from pretrain.operator.elastic import fit, size_range
-from pretrain.operator.failures import FailedPod, Verdict, decide, first_failed
+from pretrain.operator.failures import FailedPod, Verdict, decide, decide_start_failure, first_failed
 from pretrain.storage.manifest import step_name
 from pretrain.timestamps import parse_time, rfc3339
 from pretrain.trainer.termination import parse_done
@@ -72,6 +72,11 @@ class PodView:
     standby: bool = False
     #: The uid of the PretrainJob controlling it (None: no controller reference of ours).
     owner: str | None = None
+    #: (reason, message) of a container the kubelet cannot start (ErrImagePull, a missing
+    #: Secret, an init container in CrashLoopBackOff...), or None.
+    waiting: tuple[str, str] | None = None
+    #: The scheduler's words on a pod it cannot place ("0/4 nodes are available: ...").
+    unschedulable: str = ""
 
     def failed(self) -> FailedPod:
         return FailedPod(self.name, self.exit_code, self.reasons, self.message, self.finished)
@@ -182,7 +187,31 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         scheduled=scheduled,
         standby=labels.get(LABEL_ROLE) == ROLE_STANDBY,
         owner=controller_uid(meta),
+        waiting=_start_failure(status),
+        unschedulable=_scheduler_message(status),
     )
+
+
+#: Waiting reasons of a container that is on its way (not a failure to start).
+STARTING_REASONS = ("ContainerCreating", "PodInitializing")
+
+
+def _scheduler_message(status: dict[str, Any]) -> str:
+    for c in status.get("conditions", []) or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            return str(c.get("message") or "")
+    return ""
+
+
+def _start_failure(status: dict[str, Any]) -> tuple[str, str] | None:
+    """The first container (init containers first) waiting for a reason other than starting up."""
+    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason and reason not in STARTING_REASONS:
+            message = str(waiting.get("message") or "").strip()
+            return str(reason), message.splitlines()[-1][:512] if message else ""
+    return None
 
 
 def final_status(done: dict[str, Any] | None, checkpoint_uri: str | None) -> dict[str, Any]:
@@ -482,6 +511,9 @@ def plan(
         if phase != Phase.RUNNING.value:
             st.phase(Phase.RUNNING, "Running", f"all {nodes} pod(s) running (attempt {attempt})")
         st.condition("Unschedulable", False, "")
+        st.condition(CANNOT_START, False, "Started", "every container started")
+        return _finish(out, st)
+    if _cannot_start(st, out, job, current, restarts, now):
         return _finish(out, st)
     stuck = _check_scheduling(st, current, job, now, scheduling_grace)  # some pods still Pending
     action = rp.scheduling_timeout_action
@@ -580,19 +612,47 @@ def _resize(st: _Status, out: Plan, pods: list[PodView], old: int, new: int, rea
     st.phase(Phase.RESTARTING, reason, message, warning=reason == "Shrink")
 
 
+#: The condition of a job whose pods are placed but whose containers the kubelet cannot start.
+CANNOT_START = "CannotStart"
+
+
+def _cannot_start(st: _Status, out: Plan, job: PretrainJob, current: list[PodView], restarts: int,
+                  now: datetime) -> bool:  # fmt: skip
+    """Say why a placed pod does not start, in the kubelet's words (a wrong image is not a
+    scheduling problem), and let a failure policy rule on the reason act on it. Returns whether
+    the job failed or restarts (the plan is then complete)."""
+    blocked = [p for p in current if p.phase == "Pending" and p.waiting is not None]
+    if not blocked:
+        st.condition(CANNOT_START, False, "Started", "no container is refused a start")
+        return False
+    pod = blocked[0]
+    reason, message = pod.waiting or ("", "")
+    verdict = decide_start_failure(job.spec.run_policy.failure_policy, FailedPod(pod.name, None, (reason,), message))
+    if verdict is not None:
+        _gang_failed(st, out, job, verdict, current, restarts, now)
+        return True
+    why = f"pod {pod.name} cannot start ({reason})" + (f": {message}" if message else "")
+    st.phase(Phase.PENDING, reason, why, warning=True)
+    st.condition(CANNOT_START, True, reason, why)
+    st.condition("Unschedulable", False, "Scheduled", "the pods are placed")
+    return False
+
+
 def _check_scheduling(
     st: _Status, pods: list[PodView], job: PretrainJob, now: datetime, grace: timedelta | None
 ) -> str | None:
     """Raise the Unschedulable condition (and one event) for pods pending past the timeout;
     returns its message, or None while no pod has waited that long."""
     grace = grace or timedelta(seconds=job.spec.run_policy.scheduling_timeout_seconds)
-    stuck = [p for p in pods if p.phase == "Pending" and p.created and now >= p.created + grace]
-    waiting = [p.created + grace - now for p in pods if p.phase == "Pending" and p.created and now < p.created + grace]
+    unplaced = [p for p in pods if p.phase == "Pending" and not p.scheduled]  # a placed pod is the kubelet's
+    stuck = [p for p in unplaced if p.created and now >= p.created + grace]
+    waiting = [p.created + grace - now for p in unplaced if p.created and now < p.created + grace]
     if waiting:
         st.due.append(min(waiting).total_seconds())
     if stuck:
         cond = st.get_condition("Unschedulable")
-        msg = f"{len(stuck)} pod(s) pending longer than {int(grace.total_seconds())}s (e.g. {stuck[0].name})"
+        said = f": {stuck[0].unschedulable}" if stuck[0].unschedulable else ""
+        msg = f"{len(stuck)} pod(s) pending longer than {int(grace.total_seconds())}s (e.g. {stuck[0].name}{said})"
         if not cond or cond["status"] != "True":
             st.events.append(Event("Warning", "Unschedulable", msg))
         st.condition("Unschedulable", True, "PodsPending", msg)
