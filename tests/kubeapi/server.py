@@ -21,6 +21,7 @@ import yaml
 from aiohttp import web
 
 from tests.kubeapi import patches
+from tests.kubeapi.rbac import Authorizer, Request, forbidden_message
 from tests.kubeapi.selectors import FieldSelector, LabelSelector
 from tests.kubeapi.store import ApiError, Obj, Resource, Store, WatchEvent
 
@@ -66,6 +67,18 @@ def human_age(seconds: float) -> str:
     return f"{h // 24}d"
 
 
+def _verb_of(request: web.Request, name: str | None) -> str:
+    """The RBAC verb of a request, as the API server's request-info resolver names it."""
+    method = request.method
+    if method == "GET" or method == "HEAD":
+        if name is not None:
+            return "get"
+        return "watch" if request.query.get("watch") in ("true", "1") else "list"
+    if method == "DELETE":
+        return "delete" if name is not None else "deletecollection"
+    return {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+
+
 def _jsonpath(obj: Obj, path: str) -> Any:
     node: Any = obj
     for part in path.strip(".").split("."):
@@ -91,6 +104,10 @@ class ApiServer:
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._streams: set[asyncio.Queue[WatchEvent | None]] = set()
+        #: RBAC for the identities `kubeconfig_for` made (the emulator's own token is an admin).
+        self.authorizer = Authorizer()
+        self.users: dict[str, str] = {}  # bearer token -> user
+        self.refusals: list[str] = []  # every 403, for tests to show
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -130,6 +147,31 @@ class ApiServer:
             asyncio.run_coroutine_threadsafe(_close(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+    def kubeconfig_for(self, user: str, rbac: list[Obj], path: Path) -> Path:
+        """A kubeconfig for `user` (a service account's user name), whose requests are
+        authorised against the Roles, ClusterRoles and bindings in `rbac` (helm template's)."""
+        import secrets
+
+        token = secrets.token_hex(16)
+        self.users[token] = user
+        self.authorizer.load(rbac)
+        config = yaml.safe_load(self.kubeconfig.read_text())
+        config["users"] = [{"name": "tester", "user": {"token": token}}]
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    def _authorize(self, request: web.Request, verb: str, res: Resource, ns: str | None, name: str | None,
+                   sub: str | None) -> None:  # fmt: skip
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        user = self.users.get(token)
+        if user is None:
+            return  # the emulator's own token: a cluster admin
+        req = Request(user, verb, res.group, res.plural + (f"/{sub}" if sub else ""), ns, name)
+        if not self.authorizer.allows(req):
+            message = forbidden_message(req)
+            self.refusals.append(message)
+            raise ApiError(403, "Forbidden", message, {"name": name or "", "group": res.group, "kind": res.plural})
 
     @property
     def url(self) -> str:
@@ -206,6 +248,7 @@ class ApiServer:
         sub = rest[2] if len(rest) > 2 else None
         if sub is not None and sub not in res.subresources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
+        self._authorize(request, _verb_of(request, name), res, ns, name, sub)
         return await self._verb(request, res, ns, name, sub)
 
     async def _verb(self, request: web.Request, res: Resource, ns: str | None, name: str | None,

@@ -353,5 +353,6 @@ def test_tables_use_the_crd_printer_columns(raw: Raw) -> None:
         "progress": {"step": 5, "loss": 2.5}}}, "application/merge-patch+json")  # fmt: skip
     _, table, _ = raw("GET", f"{JOBS}/table", headers={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"})
     cols = [c["name"] for c in table["columnDefinitions"]]
-    assert cols == ["Name", "Phase", "Nodes", "Step", "Loss", "Tokens/s", "Restarts", "Age"]
+    assert cols == ["Name", "Phase", "Nodes", "Step", "Loss", "Tokens/s", "Restarts", "Reason", "Age", "Message"]
+    assert [c["priority"] for c in table["columnDefinitions"]][-1] == 1, "Message shows with -o wide"
     assert table["rows"][0]["cells"][:7] == ["table", "Running", 2, 5, 2.5, None, 1]

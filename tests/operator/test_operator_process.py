@@ -473,3 +473,37 @@ def test_a_pod_that_cannot_start_says_why_and_a_rule_fails_fast(env: Env, tmp_pa
         env.kubectl("delete", "ptj", name, timeout=60)
     finally:
         node.stop()
+
+
+@pytest.mark.parametrize("watch", [("default",), ()], ids=["namespaced", "cluster-wide"])
+def test_the_operator_needs_no_more_than_the_charts_rbac(tmp_path: Path, watch: tuple[str, ...]) -> None:
+    """Issue 27 items 5-6: the emulator authorises the operator's every request against the
+    Roles and bindings `helm template` renders (namespaced: Roles only). A namespaced install
+    used to spend about a minute on 403s (Kopf listing namespaces and CRDs) before its first
+    reconcile; now nothing is refused. Taking one rule out of the chart fails the job's start."""
+    import copy
+
+    from tests.kubeapi.harness import OperatorProcess, chart_rbac, start_apiserver
+
+    api = start_apiserver(tmp_path / "api")
+    kubectl = Kubectl(api)
+    try:
+        op = OperatorProcess(api, tmp_path / "op.log", watch=watch).start()
+        kubectl("apply", "-f", "-", stdin=manifest("rbac"))
+        wait_for(lambda: any(p["metadata"]["name"] == "rbac-a1-n0" for p in api.objects("pods")), 30, "the pod",
+                 lambda: op.text()[-3000:])  # fmt: skip
+        assert api.refusals == [], api.refusals[:3]
+        op.stop()
+
+        _, rbac = chart_rbac("default", watch)
+        trimmed = copy.deepcopy(rbac)
+        for doc in trimmed:
+            doc["rules"] = [r for r in doc.get("rules") or [] if r.get("resources") != ["pods"]]
+        op = OperatorProcess(api, tmp_path / "op2.log", watch=watch, rbac=trimmed).start()
+        kubectl("apply", "-f", "-", stdin=manifest("norule"))
+        wait_for(lambda: any('cannot list resource "pods"' in r or 'cannot create resource "pods"' in r
+                             for r in api.refusals), 30, "a refusal", lambda: op.text()[-3000:])  # fmt: skip
+        assert not any(p["metadata"]["name"] == "norule-a1-n0" for p in api.objects("pods"))
+        op.stop()
+    finally:
+        api.stop()

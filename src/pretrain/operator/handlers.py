@@ -468,6 +468,10 @@ CONTROLLER: Controller | None = None
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     global CONTROLLER
     settings.peering.standalone = True
+    # Watching named namespaces needs no list of namespaces or CRDs: Kopf's scanning of both is
+    # cluster-wide, which a namespaced install (Roles only) may not do; refused, it retried for
+    # about a minute before every start. The PretrainJob CRD is found by API discovery instead.
+    settings.scanning.disabled = bool(STATE.namespaces)
     settings.posting.level = logging.WARNING
     settings.watching.server_timeout = 300
     cluster = _cluster()
