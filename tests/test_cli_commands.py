@@ -148,3 +148,13 @@ def test_generate_refuses_unbounded_or_meaningless_sampling(option: str, value: 
     result = CliRunner().invoke(main, ["generate", "--model", "/no/such/model", option, value])
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{option}'" in result.output and says in result.output, result.output
+
+
+def test_validate_warns_when_checkpoints_would_stay_in_the_pod() -> None:
+    ok = CliRunner().invoke(main, ["validate", TINY])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stderr.strip() == (f"warning: {TINY}: spec.checkpoint.uri is not set: on a cluster the checkpoints stay "
+                                 "in the pod's emptyDir, and a restarted, resized or resumed job starts again from "
+                                 "step 0 (`pretrain run` keeps them in its run folder)")  # fmt: skip
+    stored = CliRunner().invoke(main, ["validate", TINY, "--set", "checkpoint.uri=s3://b/ck"])
+    assert stored.exit_code == 0 and stored.stderr == "", stored.output

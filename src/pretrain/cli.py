@@ -31,7 +31,7 @@ def main() -> None:
 def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
     """Check PretrainJob files: types, ranges and cross-field rules, and a local pretrained
     tokenizer's size and ids against the model's vocabulary."""
-    from pretrain.api.validation import load_job
+    from pretrain.api.validation import load_job, spec_warnings
     from pretrain.data.tokenizer_bounds import check_tokenizer_path
 
     bad = 0
@@ -45,6 +45,8 @@ def validate(files: tuple[Path, ...], overrides: tuple[str, ...]) -> None:
             bad += 1
         else:
             click.echo(f"{f}: ok ({job.metadata.name}, {job.spec.model.family}, {job.spec.world_size} processes)")
+            for warning in spec_warnings(job.spec):
+                click.echo(f"warning: {f}: {warning}", err=True)
     if bad:
         sys.exit(1)
 

@@ -492,3 +492,25 @@ def test_a_success_without_a_usable_summary_keeps_the_scraped_progress(message: 
     h.cluster.set_phase("tiny-a1-n1", "Succeeded", 0, "")
     h.reconcile()
     assert h.phase == "Succeeded" and "progress" not in h.status and "lastCheckpoint" not in h.status
+
+
+def test_a_job_without_checkpoint_storage_is_warned_and_says_a_restart_starts_over() -> None:
+    """Issue 27 item 5: without checkpoint.uri the checkpoints live in the pod's emptyDir; attempt
+    2 started at step 1 while the status said "resuming from the latest checkpoint"."""
+    h = Harness(job_body({"runPolicy.restartBackoffSeconds": 0}))
+    h.reconcile()
+    assert "NoCheckpointStorage" in h.events()
+    warning = next(e for _, e in h.cluster.events if e.reason == "NoCheckpointStorage")
+    assert warning.type == "Warning" and "spec.checkpoint.uri is not set" in warning.message
+    h.run_all()
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=1, message="boom")
+    h.reconcile()
+    h.cluster.settle()
+    h.reconcile()
+    assert h.status["attempt"] == 2
+    assert "starting from step 0: checkpoint.uri is not set" in h.status["message"], h.status
+    assert "resuming" not in h.status["message"]
+    with_storage = Harness(job_body(two_nodes()))
+    with_storage.reconcile()
+    assert "NoCheckpointStorage" not in with_storage.events()

@@ -278,6 +278,20 @@ def check_spec(spec: PretrainJobSpec, *, check_backends: bool = True) -> Iterato
     yield from _check_resources(spec)
 
 
+#: Why a job without checkpoint.uri loses its work on a cluster (shared by validate and the operator).
+NO_CHECKPOINT_URI = (
+    "spec.checkpoint.uri is not set: on a cluster the checkpoints stay in the pod's emptyDir, and a restarted, "
+    "resized or resumed job starts again from step 0 (`pretrain run` keeps them in its run folder)"
+)
+
+
+def spec_warnings(spec: PretrainJobSpec) -> list[str]:
+    """What is valid but loses work: said by `pretrain validate` and as the operator's event.
+    Not refused: a one-node job without shared storage is a fair quick experiment, and the
+    smallest example is one; refusing would also need a webhook (CEL rules cannot warn)."""
+    return [NO_CHECKPOINT_URI] if not spec.checkpoint.uri else []
+
+
 def _check_model(spec: PretrainJobSpec) -> Iterator[SpecError]:
     m = spec.model
     try:

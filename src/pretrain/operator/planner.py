@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pretrain.api.spec import INT32_MAX, Phase, PretrainJob
+from pretrain.api.validation import spec_warnings
 from pretrain.operator.children import (
     CONFIG_KEY,
     LABEL_ATTEMPT,
@@ -433,6 +434,8 @@ def plan(
     lingering = [p for p in observed.pods if p.attempt < attempt or p.deleting]
 
     def start_attempt(new_attempt: int, reason: str, message: str) -> None:
+        if new_attempt == 1:
+            st.events.extend(Event("Warning", "NoCheckpointStorage", w) for w in spec_warnings(job.spec))
         st.s["attempt"] = new_attempt
         st.s.setdefault("startTime", rfc3339(now))
         st.s["nodes"] = nodes
@@ -470,12 +473,12 @@ def plan(
             return _finish(out, st)
         if resizing:
             start_attempt(attempt + 1, "Resized",
-                          f"attempt {attempt + 1} on {nodes} node(s); resuming from the latest checkpoint")  # fmt: skip
+                          f"attempt {attempt + 1} on {nodes} node(s); {resumes_from(job)}")  # fmt: skip
         else:
             start_attempt(
                 attempt + 1,
                 "Restarted",
-                f"attempt {attempt + 1} after {restarts} restart(s); resuming from the latest checkpoint",
+                f"attempt {attempt + 1} after {restarts} restart(s); {resumes_from(job)}",
             )
         return _finish(out, st)
 
@@ -610,6 +613,14 @@ def _resize(st: _Status, out: Plan, pods: list[PodView], old: int, new: int, rea
     st.s["resize"] = {"fromNodes": old, "toNodes": new, "reason": reason, "message": message,
                       "time": rfc3339(st.now), "count": count}  # fmt: skip
     st.phase(Phase.RESTARTING, reason, message, warning=reason == "Shrink")
+
+
+def resumes_from(job: PretrainJob) -> str:
+    """Where a new attempt starts, truthfully: without checkpoint.uri the checkpoints were in
+    the old pods' emptyDir, gone with them."""
+    if job.spec.checkpoint.uri:
+        return "resuming from the latest checkpoint"
+    return "starting from step 0: checkpoint.uri is not set, so the checkpoints went with the old pods"
 
 
 #: The condition of a job whose pods are placed but whose containers the kubelet cannot start.
