@@ -69,7 +69,7 @@ def test_crd_names_and_columns() -> None:
     version = spec["versions"][0]
     assert version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase", "Nodes", "Step", "Loss", "Tokens/s", "Restarts", "Age",
+        "Phase", "Nodes", "Step", "Loss", "Tokens/s", "Restarts", "Reason", "Age", "Message",
     ]  # fmt: skip
     rules = openapi_schema()["properties"]["spec"]["x-kubernetes-validations"]
     assert all(r["message"] and r["rule"] for r in rules)

@@ -117,7 +117,9 @@ def test_deadline_fails_the_job() -> None:
     assert all(p["metadata"].get("deletionTimestamp") for p in h.cluster.pods())
 
 
-def test_ttl_deletes_children_after_the_end() -> None:
+def test_ttl_deletes_the_job_after_the_end() -> None:
+    """As Job, JobSet and TrainJob: the job itself goes (its children with it), not only its
+    children (issue 27 item 8)."""
     h = Harness(job_body(two_nodes(**{"runPolicy.ttlSecondsAfterFinished": 100, "runPolicy.cleanPodPolicy": "None"})))
     h.reconcile()
     h.run_all()
@@ -131,8 +133,22 @@ def test_ttl_deletes_children_after_the_end() -> None:
     h.advance(51)
     h.reconcile()
     h.cluster.settle()
-    assert h.cluster.objects == {}
+    assert h.cluster.objects == {} and h.cluster.jobs == {}
     assert "TTLExpired" in h.events()
+
+
+def test_a_failed_job_has_no_completion_time_and_its_ttl_counts_from_the_failure() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.ttlSecondsAfterFinished": 30, "runPolicy.maxRestarts": 0})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=1, message="boom")
+    h.reconcile()
+    assert h.phase == "Failed" and "completionTime" not in h.status
+    assert h.condition("Failed")["reason"] == "RestartsExhausted", "the same reason with maxRestarts 0"
+    h.advance(31)
+    h.reconcile()
+    assert h.cluster.jobs == {}
 
 
 def test_operator_restart_mid_job_duplicates_nothing() -> None:

@@ -36,7 +36,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["pretrain.io"]
   resources: ["pretrainjobs"]
   # patch: spec.runPolicy.suspend, set when schedulingTimeoutAction is Suspend
-  verbs: ["get", "list", "watch", "patch"]
+  # delete: the job itself, ttlSecondsAfterFinished after it ended
+  verbs: ["get", "list", "watch", "patch", "delete"]
 - apiGroups: ["pretrain.io"]
   resources: ["pretrainjobs/status"]
   verbs: ["patch"]
@@ -51,14 +52,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 # list and watch: the operator's caches of its children (pretrain.operator.informer)
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["create", "delete", "get", "list", "watch"]
+  verbs: ["create", "get", "list", "watch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["create", "delete", "get", "update", "list", "watch"]
+  verbs: ["create", "get", "update", "list", "watch"]
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
-  verbs: ["create", "delete", "get"]
+  verbs: ["create", "get"]
 {{- end -}}

@@ -508,7 +508,7 @@ class RunPolicySpec(Spec):
         default_factory=FailurePolicySpec, description="What a pod failure does (rules, then defaults)."
     )
     ttl_seconds_after_finished: NonNegativeInt | None = Field(
-        None, le=INT32_MAX, description="Delete the job's children this long after it ends."
+        None, le=INT32_MAX, description="Delete the job (its children go with it) this long after it ends."
     )
     suspend: bool = Field(False, description="Delete pods and hold the job; resumes when unset.")
     clean_pod_policy: Literal["None", "Running", "All"] = Field(
@@ -586,7 +586,7 @@ class Condition(Spec):
 
 
 class Progress(Spec):
-    """Node 0's latest numbers, scraped by the operator every 30 seconds."""
+    """Node 0's latest numbers, scraped by the operator (every 60 seconds by default)."""
 
     step: int | None = Field(None, description="Last optimizer step reported by rank 0.")
     total_steps: int | None = None
@@ -622,7 +622,10 @@ class PretrainJobStatus(Spec):
     phase: Phase | None = None
     reason: str | None = Field(None, description="Why the job is in its phase (CamelCase, as in conditions).")
     message: str | None = None
-    conditions: list[Condition] = Field(default_factory=list)
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     attempt: int | None = None
     restarts: int | None = Field(None, description="Gang restarts counted against runPolicy.maxRestarts.")
     uncounted_restarts: int | None = Field(

@@ -21,13 +21,15 @@ from pretrain.timestamps import rfc3339
 
 #: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
 API_CALLS: list[tuple[str, str, list[str]]] = [
-    (GROUP, PLURAL, ["get", "patch"]),  # patch: spec.runPolicy.suspend (schedulingTimeoutAction Suspend)
+    # patch: spec.runPolicy.suspend (schedulingTimeoutAction Suspend); delete: ttlSecondsAfterFinished
+    (GROUP, PLURAL, ["get", "patch", "delete"]),
     (GROUP, f"{PLURAL}/status", ["patch"]),
     ("", "pods", ["create", "delete", "list"]),
-    ("", "services", ["create", "delete", "get"]),
-    ("", "configmaps", ["create", "delete", "get", "update"]),
+    # Services, ConfigMaps and PodMonitors go with their job (owner references): never deleted here.
+    ("", "services", ["create", "get"]),
+    ("", "configmaps", ["create", "get", "update"]),
     ("", "events", ["create"]),
-    ("monitoring.coreos.com", "podmonitors", ["create", "delete", "get"]),
+    ("monitoring.coreos.com", "podmonitors", ["create", "get"]),
 ]
 
 
@@ -35,6 +37,7 @@ class Cluster(Protocol):
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None: ...
     def suspend_job(self, namespace: str, name: str) -> None: ...
+    def delete_job(self, namespace: str, name: str, uid: str) -> None: ...
     def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed: ...
     def pod_monitor_exists(self, namespace: str, job: str) -> bool: ...
     def create(self, obj: dict[str, Any]) -> None: ...
@@ -86,6 +89,16 @@ class InMemoryCluster:
         job["spec"] = merge_patch(job.get("spec") or {}, {"runPolicy": {"suspend": True}})
         job["metadata"]["resourceVersion"] = str(next(self._rv))
         job["metadata"]["generation"] = int(job["metadata"].get("generation") or 1) + 1
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """The job goes, and its children with it (the garbage collector's work, done here)."""
+        self.calls.append(("delete", "PretrainJob"))
+        job = self.jobs.get((namespace, name))
+        if job is None or job["metadata"].get("uid") != uid:
+            raise NotFound(f"PretrainJob {name} not found")
+        del self.jobs[(namespace, name)]
+        for key in [k for k, o in self.objects.items() if k[1] == namespace and controller_uid(o["metadata"]) == uid]:
+            del self.objects[key]
 
     def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed:
         # the same reads as KubeCluster.observe
@@ -320,6 +333,18 @@ class KubeCluster:
             service_owner=controller_uid(svc_obj["metadata"]) if svc_obj else None,
             configmap_owner=controller_uid(cm_obj["metadata"]) if cm_obj else None,
         )
+
+    def delete_job(self, namespace: str, name: str, uid: str) -> None:
+        """Delete the job itself, only the incarnation planned for (uid precondition); its
+        children go by their owner references."""
+        body = self.k.client.V1DeleteOptions(propagation_policy="Background",
+                                             preconditions=self.k.client.V1Preconditions(uid=uid))  # fmt: skip
+        try:
+            self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=body)
+        except self.k.client.ApiException as e:
+            if e.status in (404, 409):  # gone, or a new job of the same name (the precondition failed)
+                raise NotFound(f"PretrainJob {name} not found") from e
+            raise
 
     def pod_monitor_exists(self, namespace: str, job: str) -> bool:
         try:

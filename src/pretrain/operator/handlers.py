@@ -188,6 +188,14 @@ def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
     for ev in p.events:
         cluster.event(namespace, name, uid, ev)
         log.info("%s/%s: %s %s: %s", namespace, name, ev.type, ev.reason, ev.message)
+    if p.delete_job:
+        try:
+            cluster.delete_job(namespace, name, uid)
+        except NotFound:
+            pass
+        except Exception as e:
+            reason, message = api_error(e)
+            failures.append((reason, f"delete the job after its TTL: {message}"))
     _report_conditions(namespace, name, uid, p.status, cluster, failures, monitor_missing)
     if p.status.get("restarts", 0) > old.get("restarts", 0):
         metrics.RESTARTS.labels(namespace).inc()

@@ -33,10 +33,8 @@ from pretrain.operator.children import (
     build_pod_monitor,
     build_service,
     build_standby_pod,
-    configmap_name,
     controller_uid,
     pod_name,
-    service_name,
 )
 from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import FailedPod, Verdict, decide, decide_start_failure, first_failed
@@ -138,6 +136,8 @@ class Plan:
     requeue_after: float | None = None
     #: Set the job's spec.runPolicy.suspend (schedulingTimeoutAction Suspend): the one spec write.
     suspend_job: bool = False
+    #: Delete the job itself (ttlSecondsAfterFinished), its uid as the precondition.
+    delete_job: bool = False
 
     def due_in(self, seconds: float) -> None:
         seconds = max(seconds, 0.5)
@@ -145,7 +145,7 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not (self.create or self.replace or self.delete or self.events)
+        return not (self.create or self.replace or self.delete or self.events or self.delete_job)
 
 
 def pod_view(obj: dict[str, Any]) -> PodView:
@@ -261,11 +261,12 @@ class _Status:
         self.s = copy.deepcopy(old)
         self.now = now
         self.s["observedGeneration"] = generation
+        self.generation = generation
         self.events: list[Event] = []
         self.due: list[float] = []  # seconds until a timed check
 
     def condition(self, type_: str, status: bool, reason: str, message: str = "") -> None:
-        set_condition(self.s.setdefault("conditions", []), type_, status, reason, message, self.now)
+        set_condition(self.s.setdefault("conditions", []), type_, status, reason, message, self.now, self.generation)
 
     def get_condition(self, type_: str) -> dict[str, Any] | None:
         return next((c for c in self.s.get("conditions", []) if c["type"] == type_), None)
@@ -282,14 +283,15 @@ class _Status:
 
 
 def set_condition(conds: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
-                  now: datetime) -> bool:  # fmt: skip
+                  now: datetime, generation: int | None = None) -> bool:  # fmt: skip
     """Kubernetes-style condition bookkeeping, in place: lastTransitionTime moves only when the
-    status flips, and a False condition that never was True is not listed. Returns whether
-    anything changed."""
+    status flips, observedGeneration is the spec generation the condition was judged at, and a
+    False condition that never was True is not listed. Returns whether anything changed."""
     value = "True" if status else "False"
+    seen = {"observedGeneration": generation} if generation is not None else {}
     for c in conds:
         if c["type"] == type_:
-            new = {"status": value, "reason": reason, "message": message}
+            new = {"status": value, "reason": reason, "message": message, **seen}
             if all(c.get(k) == v for k, v in new.items()):
                 return False
             if c["status"] != value:
@@ -298,7 +300,7 @@ def set_condition(conds: list[dict[str, Any]], type_: str, status: bool, reason:
             return True
     if status:
         conds.append({"type": type_, "status": value, "reason": reason, "message": message,
-                      "lastTransitionTime": rfc3339(now)})  # fmt: skip
+                      "lastTransitionTime": rfc3339(now), **seen})  # fmt: skip
         return True
     return False
 
@@ -353,25 +355,17 @@ def plan(
             delete_pods(live)
         elif policy == "Running":
             delete_pods([p for p in live if p.phase in ("Running", "Pending", "Unknown")])
-        done = parse_time(st.s.get("completionTime"))
-        if rp.ttl_seconds_after_finished is not None and done and (observed.service or observed.configmap or live):
-            out.due_in((done + timedelta(seconds=rp.ttl_seconds_after_finished) - now).total_seconds())
-        if (
-            rp.ttl_seconds_after_finished is not None
-            and done
-            and now >= done + timedelta(seconds=rp.ttl_seconds_after_finished)
-        ):
-            delete_pods([p for p in live if ("Pod", p.name) not in out.delete])
-            if observed.service:
-                out.delete.append(("Service", service_name(name)))
-            if observed.configmap:
-                out.delete.append(("ConfigMap", configmap_name(name)))
-            if observed.pod_monitor:
-                out.delete.append(("PodMonitor", name))
-            if observed.service or observed.configmap or live:
-                st.events.append(
-                    Event("Normal", "TTLExpired", "deleted the job's children after ttlSecondsAfterFinished")
-                )
+        # Job's habit: completionTime on success only; a failed job's end is its Failed condition's.
+        ended = st.get_condition(str(phase))
+        done = parse_time(st.s.get("completionTime")) or parse_time(ended.get("lastTransitionTime") if ended else None)
+        ttl = rp.ttl_seconds_after_finished
+        if ttl is not None and done:
+            if now < done + timedelta(seconds=ttl):
+                out.due_in((done + timedelta(seconds=ttl) - now).total_seconds())
+            else:  # the job goes, as Job, JobSet and TrainJob go; its children go with it (owner references)
+                out.delete_job = True
+                st.events.append(Event("Normal", "TTLExpired", f"deleting the job {ttl}s after it ended "
+                                                                  "(runPolicy.ttlSecondsAfterFinished)"))  # fmt: skip
         return _finish(out, st)
 
     attempt = int(st.s.get("attempt") or 0)
@@ -409,7 +403,6 @@ def plan(
         delete_pods(live)
         st.phase(Phase.FAILED, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)",
                  warning=True)  # fmt: skip
-        st.s["completionTime"] = rfc3339(now)
         return _finish(out, st)
 
     # ---- shared children
@@ -524,7 +517,6 @@ def plan(
         delete_pods(current)
         if action == "FailJob":
             st.phase(Phase.FAILED, "SchedulingTimeout", f"{stuck}; schedulingTimeoutAction is FailJob", warning=True)
-            st.s["completionTime"] = rfc3339(now)
         else:
             st.phase(Phase.SUSPENDED, "SchedulingTimeout",
                      f"{stuck}; suspended (runPolicy.suspend is now true): unset it to try again", warning=True)  # fmt: skip
@@ -543,12 +535,8 @@ def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, cur
         if verdict.action == "FailJob":
             reason, tail = "FailedByPolicy", "the failure policy fails the job"
         else:
-            reason, tail = (
-                ("RestartsExhausted" if rp.max_restarts else verdict.reason),
-                f"{restarts} of {rp.max_restarts} restarts used",
-            )
+            reason, tail = "RestartsExhausted", f"{restarts} of {rp.max_restarts} restarts used"
         st.phase(Phase.FAILED, reason, f"{verdict.why}; {tail}{by_rule}", warning=True)
-        st.s["completionTime"] = rfc3339(now)
         return
     out.delete.extend(("Pod", p.name) for p in current)
     if verdict.counts:
