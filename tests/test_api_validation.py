@@ -70,6 +70,7 @@ BAD_SPECS: list[tuple[str, str, str]] = [
     ("bad-objective", mutate("spec.objective", {"type": "seq2seq"}), "spec.objective.type"),
     ("mask-prob", mutate("spec.objective", {"maskProbability": 1.5}), "spec.objective.maskProbability"),
     ("pretrained-no-path", mutate("spec.tokenizer", {"type": "pretrained"}), "spec.tokenizer.path"),
+    ("request-above-limit", mutate("spec.resources.requests", {"memory": "5Gi"}), "spec.resources.requests.memory"),
     ("bad-tokenizer", mutate("spec.tokenizer.type", "sentencepiece"), "spec.tokenizer.type"),
     ("vocab-below-bytes", mutate("spec.tokenizer", {"type": "bytes"}).replace("family: gpt2", "family: gpt2\n    vocabSize: 100"), "spec.model.vocabSize"),
     ("batch-indivisible", mutate("spec.training.globalBatchSize", 30), "spec.training.globalBatchSize"),

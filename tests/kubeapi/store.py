@@ -115,6 +115,24 @@ def _name_errors(res: Resource, name: str) -> list[str]:
     return errs
 
 
+#: The API server's rule for environment variable names (validation.IsEnvVarName).
+ENV_NAME = re.compile(r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+
+
+def _resource_errors(index: int, resources: Obj) -> list[str]:
+    """A request above its limit, in the API server's words."""
+    from pretrain.api.quantity import quantity
+
+    errs = []
+    requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+    for name, want in requests.items():
+        cap = limits.get(name)
+        if cap is not None and quantity(str(want)) > quantity(str(cap)):
+            errs.append(f"spec.containers[{index}].resources.requests: Invalid value: {str(want)!r}: must be less "
+                        f"than or equal to {name} limit of {cap}")  # fmt: skip
+    return errs
+
+
 def _label_errors(labels: dict[str, Any]) -> list[str]:
     errs = []
     for k, v in (labels or {}).items():
@@ -325,10 +343,16 @@ class Store:
         if len(set(names)) != len(names):
             errs.append("spec.containers: Duplicate value")
         vols = {v["name"] for v in spec.get("volumes", [])}
-        for c in spec.get("containers", []):
+        for i, c in enumerate(spec.get("containers", [])):
             for m in c.get("volumeMounts", []):
                 if m["name"] not in vols:
-                    errs.append(f"spec.containers[0].volumeMounts.name: Not found: {m['name']!r}")
+                    errs.append(f"spec.containers[{i}].volumeMounts.name: Not found: {m['name']!r}")
+            errs += _resource_errors(i, c.get("resources") or {})
+            for e in c.get("env") or []:
+                if not ENV_NAME.match(str(e.get("name", ""))):
+                    errs.append(f"spec.containers[{i}].env[].name: Invalid value: {e.get('name')!r}: a valid "
+                                "environment variable name must consist of alphabetic characters, digits, '_', '-', "
+                                "or '.', and must not start with a digit")  # fmt: skip
         if errs:
             raise self._invalid(res, pod["metadata"]["name"], errs)
 

@@ -356,3 +356,16 @@ def test_tables_use_the_crd_printer_columns(raw: Raw) -> None:
     assert cols == ["Name", "Phase", "Nodes", "Step", "Loss", "Tokens/s", "Restarts", "Reason", "Age", "Message"]
     assert [c["priority"] for c in table["columnDefinitions"]][-1] == 1, "Message shows with -o wide"
     assert table["rows"][0]["cells"][:7] == ["table", "Running", 2, 5, 2.5, None, 1]
+
+
+def test_pods_are_validated_as_the_api_server_does(raw: Raw) -> None:
+    """Issue 27 item 6: a request above its limit, or a bad env name, is refused as a real API
+    server refuses the pod (the operator must never render one)."""
+    bad = pod("p-limits")
+    bad["spec"]["containers"][0]["resources"] = {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}
+    code, status, _ = raw("POST", PODS, bad)
+    assert code == 422 and "must be less than or equal to memory limit of 1Gi" in status["message"], status
+    bad = pod("p-env")
+    bad["spec"]["containers"][0]["env"] = [{"name": "1BAD", "value": "x"}]
+    code, status, _ = raw("POST", PODS, bad)
+    assert code == 422 and "a valid environment variable name" in status["message"], status

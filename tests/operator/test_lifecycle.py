@@ -42,7 +42,7 @@ def test_gang_restart_then_success() -> None:
     h.cluster.set_phase("tiny-a1-n1", "Failed", exit_code=137, message="OOMKilled")
     h.reconcile()
     assert h.phase == "Restarting" and h.status["restarts"] == 1
-    assert "tiny-a1-n1 failed (exit code 137): OOMKilled" in h.status["message"]
+    assert "tiny-a1-n1 was killed by SIGKILL (exit code 137); its last log line: OOMKilled" in h.status["message"]
     assert all(p["metadata"].get("deletionTimestamp") for p in h.cluster.pods()), "the whole gang is deleted"
     h.cluster.settle()
     h.reconcile()
@@ -400,12 +400,31 @@ def test_not_in_exit_codes() -> None:
     assert h.phase == "Failed" and h.condition("Failed")["reason"] == "FailedByPolicy"
 
 
-def test_deleted_pod_of_a_pending_gang_restarts_it() -> None:
+def test_deleted_pod_of_a_pending_gang_restarts_it_without_spending_a_restart() -> None:
+    """Issue 27 item 7: `kubectl delete pod` was "failed (no exit code)" and spent a restart.
+    Nothing was wrong with the job: it restarts uncounted, unless a rule on PodDeleted says."""
     h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0})))
     h.reconcile()
     h.cluster.objects[("Pod", "default", "tiny-a1-n0")]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     h.reconcile()
-    assert h.phase == "Restarting" and h.status["restarts"] == 1
+    assert h.phase == "Restarting" and h.status["restarts"] == 0 and h.status["uncountedRestarts"] == 1
+    assert "pod tiny-a1-n0 was deleted while it ran" in h.status["message"], h.status
+    rule = {"runPolicy.failurePolicy": {"rules": [{"action": "FailJob", "onReasons": ["PodDeleted"]}]}}
+    h = Harness(job_body(two_nodes(**rule)))
+    h.reconcile()
+    h.cluster.objects[("Pod", "default", "tiny-a1-n0")]["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    h.reconcile()
+    assert h.phase == "Failed" and h.condition("Failed")["reason"] == "FailedByPolicy"
+
+
+def test_a_pod_killed_by_a_signal_says_so_not_its_last_log_line() -> None:
+    h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0})))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=137, message="12:00:01 [rank 0] INFO step 40/100 loss 2.1")
+    h.reconcile()
+    assert "pod tiny-a1-n0 was killed by SIGKILL (exit code 137); its last log line: 12:00:01" in h.status["message"]
 
 
 # --------------------------------------------------------------------------- time and scheduling

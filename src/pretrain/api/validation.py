@@ -17,6 +17,7 @@ import yaml
 from pydantic import ValidationError
 
 from pretrain.api.presets import MissingDimension, resolve_dims
+from pretrain.api.quantity import quantity
 from pretrain.api.spec import PretrainJob, PretrainJobSpec
 from pretrain.storage.paths import system_path
 
@@ -412,6 +413,11 @@ def _check_resources(spec: PretrainJobSpec) -> Iterator[SpecError]:
                 f"spec.resources.env[{i}].name",
                 "credentials are never accepted inline; use spec.checkpoint.credentialsSecret",
             )
+    for kind in ("cpu", "memory"):
+        want, cap = getattr(r.requests, kind), getattr(r.limits, kind)
+        if want is not None and cap is not None and quantity(want) > quantity(cap):
+            # The API server refuses such a pod; the job would sit with ApplyFailed.
+            yield SpecError(f"spec.resources.requests.{kind}", f"{want} is above limits.{kind} ({cap})")
     yield from _check_elastic(spec)
     rp = spec.run_policy
     if rp.restart_backoff_seconds > rp.max_restart_backoff_seconds:

@@ -20,6 +20,8 @@ from pretrain.api.spec import DISRUPTION_REASONS, FailureAction, FailurePolicyRu
 
 #: The container's terminated reason when the kernel's OOM killer ended it.
 OOM_KILLED = "OOMKilled"
+#: The reason of a pod deleted while it ran by someone else, with no disruption condition.
+POD_DELETED = "PodDeleted"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,25 @@ def describe(pod: FailedPod) -> tuple[str, str]:
     disruption = [r for r in pod.reasons if r in DISRUPTION_REASONS]
     if disruption:
         return f"pod {pod.name} was disrupted ({', '.join(disruption)}){tail}", "Disruption"
+    if POD_DELETED in pod.reasons:
+        return f"pod {pod.name} was deleted while it ran (kubectl delete pod, or another client)", POD_DELETED
+    signal = _signal_name(pod.exit_code)
+    if signal:  # killed: its last log line is not why, only where it was
+        last = f"; its last log line: {pod.message}" if pod.message else ""
+        return f"pod {pod.name} was killed by {signal} ({code}){last}", "PodFailed"
     return f"pod {pod.name} failed ({code}){tail}", "PodFailed"
+
+
+def _signal_name(exit_code: int | None) -> str | None:
+    """SIGKILL for 137, SIGTERM for 143...: a container's exit code 128+N is death by signal N."""
+    import signal
+
+    if exit_code is None or not 128 < exit_code < 128 + 65:
+        return None
+    try:
+        return signal.Signals(exit_code - 128).name
+    except ValueError:
+        return None
 
 
 def decide_start_failure(policy: FailurePolicySpec, pod: FailedPod) -> Verdict | None:
@@ -100,6 +120,6 @@ def decide(policy: FailurePolicySpec, pod: FailedPod | None, missing: str | None
         if _matches(rule, pod):
             label = f"failurePolicy rule {i}" + (f" ({rule.name})" if rule.name else "")
             return Verdict(rule.action, why, reason, label)
-    if reason == "Disruption":
+    if reason in ("Disruption", POD_DELETED):  # nothing was wrong with the job
         return Verdict("RestartJobIgnore", why, reason)
     return Verdict("RestartJob", why, reason)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from pretrain.api.spec import INT32_MAX, Phase, PretrainJob
+from pretrain.api.spec import DISRUPTION_REASONS, INT32_MAX, Phase, PretrainJob
 from pretrain.api.validation import spec_warnings
 from pretrain.operator.children import (
     CONFIG_KEY,
@@ -37,7 +37,7 @@ from pretrain.operator.children import (
     pod_name,
 )
 from pretrain.operator.elastic import fit, size_range
-from pretrain.operator.failures import FailedPod, Verdict, decide, decide_start_failure, first_failed
+from pretrain.operator.failures import POD_DELETED, FailedPod, Verdict, decide, decide_start_failure, first_failed
 from pretrain.storage.manifest import step_name
 from pretrain.timestamps import parse_time, rfc3339
 from pretrain.trainer.termination import parse_done
@@ -77,8 +77,13 @@ class PodView:
     #: The scheduler's words on a pod it cannot place ("0/4 nodes are available: ...").
     unschedulable: str = ""
 
-    def failed(self) -> FailedPod:
-        return FailedPod(self.name, self.exit_code, self.reasons, self.message, self.finished)
+    def failed(self, *, deleted: bool = False) -> FailedPod:
+        """What the failure policy reads; a pod deleted while it ran (by someone other than the
+        operator, with no disruption condition: `kubectl delete pod`) gets reason PodDeleted."""
+        reasons = self.reasons
+        if deleted and self.exit_code is None and not set(reasons) & set(DISRUPTION_REASONS):
+            reasons = (*reasons, POD_DELETED)
+        return FailedPod(self.name, self.exit_code, reasons, self.message, self.finished)
 
 
 @dataclass(frozen=True)
@@ -482,7 +487,7 @@ def plan(
     failed = [p for p in current if p.phase in ("Failed", "Unknown")] + gone
     missing = sorted(set(range(nodes)) - {p.rank for p in current} - {p.rank for p in gone})
     if failed or (missing and phase == Phase.RUNNING.value):
-        first = first_failed([p.failed() for p in failed]) if failed else None
+        first = first_failed([p.failed(deleted=p in gone) for p in failed]) if failed else None
         verdict = decide(rp.failure_policy, first, None if first else pod_name(name, attempt, missing[0]))
         _gang_failed(st, out, job, verdict, current, restarts, now)
         return _finish(out, st)
