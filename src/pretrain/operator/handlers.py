@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import kopf
@@ -166,42 +167,34 @@ def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
             reason, message = api_error(e)
             failures.append((reason, f"{what}: {message}"))
     for obj in p.replace:
-        try:
-            cluster.replace(obj)
-        except Exception as e:
-            reason, message = api_error(e)
-            failures.append((reason, f"update {obj['kind']} {obj['metadata']['name']}: {message}"))
+        _attempt(failures, f"update {obj['kind']} {obj['metadata']['name']}", partial(cluster.replace, obj))
     for kind, child in p.delete:
-        try:
-            cluster.delete(kind, namespace, child)
-        except NotFound:
-            pass
-        except Exception as e:
-            reason, message = api_error(e)
-            failures.append((reason, f"delete {kind} {child}: {message}"))
+        _attempt(failures, f"delete {kind} {child}", partial(cluster.delete, kind, namespace, child), missing_ok=True)
     if p.suspend_job:
-        try:
-            cluster.suspend_job(namespace, name)
-        except Exception as e:
-            reason, message = api_error(e)
-            failures.append((reason, f"set spec.runPolicy.suspend: {message}"))
+        _attempt(failures, "set spec.runPolicy.suspend", partial(cluster.suspend_job, namespace, name))
     for ev in p.events:
         cluster.event(namespace, name, uid, ev)
         log.info("%s/%s: %s %s: %s", namespace, name, ev.type, ev.reason, ev.message)
     if p.delete_job:
-        try:
-            cluster.delete_job(namespace, name, uid)
-        except NotFound:
-            pass
-        except Exception as e:
-            reason, message = api_error(e)
-            failures.append((reason, f"delete the job after its TTL: {message}"))
+        _attempt(failures, "delete the job after its TTL", partial(cluster.delete_job, namespace, name, uid),
+                 missing_ok=True)  # fmt: skip
     _report_conditions(namespace, name, uid, p.status, cluster, failures, monitor_missing)
     if p.status.get("restarts", 0) > old.get("restarts", 0):
         metrics.RESTARTS.labels(namespace).inc()
     metrics.observe_phase(namespace, name, p.status.get("phase"))
     if failures:
         raise ApplyFailed(f"{failures[0][0]}: {failures[0][1]}")
+
+
+def _attempt(failures: list[tuple[str, str]], what: str, call: Callable[[], None], *, missing_ok: bool = False) -> None:
+    """One write of a plan: a failure is noted (reason, what: message) and the plan goes on."""
+    try:
+        call()
+    except Exception as e:
+        if missing_ok and isinstance(e, NotFound):
+            return
+        reason, message = api_error(e)
+        failures.append((reason, f"{what}: {message}"))
 
 
 def _report_conditions(namespace: str, name: str, uid: str, status: dict[str, Any], cluster: Cluster,
