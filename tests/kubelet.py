@@ -105,7 +105,7 @@ class Kubelet:
     _pull_tries: dict[str, int] = field(default_factory=dict)
     _retry_at: dict[str, float] = field(default_factory=dict)  # a refused start is tried again then
     _next_ip: int = 10
-    _port: int | None = None
+    _ports: dict[str, int] = field(default_factory=dict)  # gang (master address) -> rendezvous port
 
     def __post_init__(self) -> None:
         import kubernetes
@@ -170,12 +170,18 @@ class Kubelet:
 
     # ------------------------------------------------------------------ env and volumes
 
-    def _rendezvous_port(self) -> int:
-        if self._port is None:
+    def _rendezvous_port(self, pod: dict[str, Any]) -> int:
+        """The rendezvous port of the pod's gang. In a cluster each pod has a network namespace
+        of its own, so every gang's node 0 listens on 29500; pods here share the host's, so each
+        gang (named by its node 0, the master address) gets a free port of its own: one port for
+        the whole node once hid that two jobs on one node clash."""
+        gang = next((e.get("value", "") for e in pod["spec"]["containers"][0].get("env", [])
+                     if e.get("name") == "PRETRAIN_MASTER_ADDR"), pod["metadata"]["name"])  # fmt: skip
+        if gang not in self._ports:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
-                self._port = int(s.getsockname()[1])
-        return self._port
+                self._ports[gang] = int(s.getsockname()[1])
+        return self._ports[gang]
 
     def _secret(self, name: str) -> dict[str, str]:
         data = self.core.read_namespaced_secret(name, self.namespace).data or {}
@@ -331,7 +337,7 @@ class Kubelet:
         c = pod["spec"]["containers"][0]
         argv = [expand(a, env) for a in [*c["command"], *c.get("args", [])]]
         argv = [
-            local(a).replace(f"--master-port={RENDEZVOUS_PORT}", f"--master-port={self._rendezvous_port()}")
+            local(a).replace(f"--master-port={RENDEZVOUS_PORT}", f"--master-port={self._rendezvous_port(pod)}")
             for a in argv
         ]
         log_path = base / "container.log"
@@ -363,7 +369,8 @@ class Kubelet:
         env["PRETRAIN_METRICS_HOST"] = ip
         env.update(self.extra_env)
         argv = [expand(a, env) for a in [*c.get("command", []), *c.get("args", [])]]
-        argv = [a.replace(f"--master-port={RENDEZVOUS_PORT}", f"--master-port={self._rendezvous_port()}") for a in argv]
+        port = self._rendezvous_port(pod)
+        argv = [a.replace(f"--master-port={RENDEZVOUS_PORT}", f"--master-port={port}") for a in argv]
         volumes = containers.volumes(pod, base, self._configmap)
         container = containers.container_name(self.node, name)
         command = containers.podman_run(pod, container, env, argv, volumes)

@@ -164,3 +164,30 @@ def test_kubectl_apply_to_success_through_a_gang_restart_and_an_operator_crash(c
     c.kubectl("delete", "ptj", JOB, timeout=60)
     assert c.api.objects("pretrainjobs", "pretrain.io") == [], "no finalizer left holding the job"
     wait(lambda: not any(c.api.objects(k) for k in ("pods", "services", "configmaps")), 60, "every child gone")
+
+
+def test_two_jobs_side_by_side_on_one_node_each_with_its_own_pod_ip(cluster: Cluster) -> None:
+    """Issue 27: on one shared host network the stand-in node gave every gang the same
+    rendezvous port, which hid that two jobs on one node clash. Each pod has its own IP and each
+    gang its own rendezvous; both jobs bind the same metrics port, each on its pod's IP."""
+    c = cluster
+    c.kubectl("apply", "-f", "-", stdin=secret_yaml(c.s3))
+    port = free_port()
+    for name in ("left", "right"):
+        doc = yaml.safe_load(job_yaml(c.bucket))
+        doc["metadata"]["name"] = name
+        doc["spec"]["resources"].update({"nodes": 1, "procsPerNode": 1})
+        doc["spec"]["training"].update({"maxSteps": 6, "globalBatchSize": 8, "microBatchSize": 8, "evalInterval": 0})
+        doc["spec"]["checkpoint"]["uri"] = f"s3://{c.bucket}/{name}"
+        doc["spec"]["monitoring"] = {"metricsPort": port}
+        c.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(doc))
+
+    def phases() -> dict[str, str]:
+        return {j["metadata"]["name"]: (j.get("status") or {}).get("phase", "") for j in
+                c.api.objects("pretrainjobs", "pretrain.io")}  # fmt: skip
+
+    wait_for(lambda: phases() == {"left": "Succeeded", "right": "Succeeded"}, 420, "both jobs Succeeded",
+             lambda: f"{phases()}\n{c.diagnostics()}")  # fmt: skip
+    ips = {p["metadata"]["name"]: p["status"].get("podIP") for p in c.api.objects("pods")}
+    assert ips["left-a1-n0"] != ips["right-a1-n0"] and all(ips.values()), ips
+    assert all((j.get("status") or {}).get("restarts", 0) == 0 for j in c.api.objects("pretrainjobs", "pretrain.io"))
