@@ -12,6 +12,7 @@ from tests.kubeapi.store_errors import bad_request
 MERGE = "application/merge-patch+json"
 JSON = "application/json-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
+APPLY = "application/apply-patch+yaml"  # server-side apply
 APPLY = "application/apply-patch+yaml"
 
 #: patchMergeKey of the built-in lists a strategic merge patch merges instead of replacing.

@@ -287,6 +287,8 @@ class ApiServer:
         if method == "PUT" and name is not None:
             obj, warnings = self.store.update(res, ns, name, body, subresource=sub, strict=strict)
             return self._respond(obj, warnings)
+        if method == "PATCH" and name is not None and request.content_type == patches.APPLY:
+            return self._apply(res, ns, name, body, sub, strict)
         if method == "PATCH" and name is not None:
             ctype = request.content_type
             current = self.store.get(res, ns, name)
@@ -315,6 +317,23 @@ class ApiServer:
                                     precondition_uid=pre.get("uid"), precondition_rv=pre.get("resourceVersion"))  # fmt: skip
             return web.json_response(obj)
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    def _apply(self, res: Resource, ns: str | None, name: str, body: Obj, sub: str | None,
+               strict: bool) -> web.Response:  # fmt: skip
+        """Server-side apply, in part: the applied configuration creates the object, or is merged
+        into it (RFC 7386). Field ownership (managedFields, conflicts between managers, removal
+        of fields a manager stopped applying) is not kept: nothing here relies on it."""
+        try:
+            current = self.store.get(res, ns, name)
+        except ApiError as e:
+            if e.code != 404 or sub is not None:
+                raise
+            obj, warnings = self.store.create(res, ns, body, strict=strict)
+            return self._respond(obj, warnings, 201)
+        new = patches.merge_patch(current, body)
+        new.setdefault("metadata", {})["resourceVersion"] = current["metadata"]["resourceVersion"]
+        obj, warnings = self.store.update(res, ns, name, new, subresource=sub, strict=strict)
+        return self._respond(obj, warnings)
 
     @staticmethod
     async def _body(request: web.Request) -> Any:
@@ -388,9 +407,14 @@ class ApiServer:
             if gv_path(g, v) != want:
                 continue
             paths: Obj = {}
+            schemas: Obj = {}
             for r in self.store.resources.values():
                 if (r.group, r.version) != (g, v):
                     continue
+                if r.schema is not None:  # a CRD's: what `kubectl explain` reads
+                    name = ".".join([*reversed(g.split(".")), v, r.kind])
+                    gvk = [{"group": g, "kind": r.kind, "version": v}]
+                    schemas[name] = {**r.schema, "x-kubernetes-group-version-kind": gvk}
                 base = f"/{gv_path(g, v)}/" + ("namespaces/{namespace}/" if r.namespaced else "") + r.plural + "/{name}"
                 op = {"x-kubernetes-action": "patch", "parameters": [
                     {"name": "fieldValidation", "in": "query", "schema": {"type": "string", "uniqueItems": True}}],
@@ -398,7 +422,7 @@ class ApiServer:
                     "responses": {"200": {"description": "OK"}}}  # fmt: skip
                 paths[base] = {"patch": op, "put": {**op, "x-kubernetes-action": "put"}}
             return web.json_response({"openapi": "3.0.0", "info": {"title": "Kubernetes", "version": "v1.35.0"},
-                                      "paths": paths, "components": {"schemas": {}}})  # fmt: skip
+                                      "paths": paths, "components": {"schemas": schemas}})  # fmt: skip
         raise ApiError(404, "NotFound", "the server could not find the requested resource")
 
     # ------------------------------------------------------------------ tables

@@ -507,3 +507,16 @@ def test_the_operator_needs_no_more_than_the_charts_rbac(tmp_path: Path, watch: 
         op.stop()
     finally:
         api.stop()
+
+
+def test_kubectl_explain_and_server_side_apply(env: Env) -> None:
+    """Issue 27 item 6: the emulator serves the CRD's OpenAPI v3 schema (`kubectl explain`) and
+    answers server-side apply (create, then merge; field ownership is not kept)."""
+    explained = env.kubectl("explain", "pretrainjob.spec.checkpoint").stdout
+    assert "credentialsSecret\t<string>" in explained and "Checkpoints and resume." in explained
+    name = "ssa"
+    out = env.kubectl("apply", "--server-side", "-f", "-", stdin=manifest(name)).stdout
+    assert f"pretrainjob.pretrain.io/{name} serverside-applied" in out
+    env.kubectl("apply", "--server-side", "-f", "-", stdin=manifest(name, **{"training.maxSteps": 77}))
+    assert env.job(name)["spec"]["training"]["maxSteps"] == 77 and env.job(name)["metadata"]["generation"] == 2
+    env.kubectl("delete", "ptj", name, timeout=60)

@@ -434,6 +434,7 @@ def plan(
     def start_attempt(new_attempt: int, reason: str, message: str) -> None:
         if new_attempt == 1:
             st.events.extend(Event("Warning", "NoCheckpointStorage", w) for w in spec_warnings(job.spec))
+            st.condition("Created", True, "Created", f"the job's first pods were created ({nodes} node(s))")
         st.s["attempt"] = new_attempt
         st.s.setdefault("startTime", rfc3339(now))
         st.s["nodes"] = nodes
