@@ -29,6 +29,7 @@ import numpy as np
 from pretrain.api.spec import DataSourceSpec, DataSpec
 from pretrain.data.encode import BatchEncoder
 from pretrain.data.sources import DataError, SourceFile, iter_documents, resolve_files, source_fingerprint
+from pretrain.data.tokenizer import id_bound
 
 log = logging.getLogger("pretrain.data")
 
@@ -284,11 +285,6 @@ def prepare(
     work.rename(target)
     _stamp(target)  # just written and hashed: the next start need not hash it again
     return target
-
-
-def id_bound(tokenizer: Any) -> int:
-    """One past the largest token id the tokenizer can produce (its length, unless ids skip)."""
-    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
 def _stamp_path(target: Path) -> Path:

@@ -111,8 +111,13 @@ def build_tokenizer(spec: TokenizerSpec, sample: Iterable[str], model_vocab: int
 
     check_tokenizer_path(spec.path, model_vocab)
     tok = load_pretrained(spec.path)
-    check_vocabulary(spec.path, len(tok), max(tok.get_vocab().values(), default=0), model_vocab)
+    check_vocabulary(spec.path, len(tok), id_bound(tok) - 1, model_vocab)
     return tok
+
+
+def id_bound(tokenizer: Any) -> int:
+    """One past the largest token id the tokenizer can produce (its length, unless ids skip)."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
 
 
 def fingerprint(tokenizer: Any) -> str:

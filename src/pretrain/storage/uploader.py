@@ -72,10 +72,6 @@ class UploaderProcess:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
         return self._proc
 
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
     def close(self) -> None:
         with self._lock:
             if self._proc is None:
