@@ -171,3 +171,38 @@ def test_two_replicas_one_acts_and_the_standby_takes_over(api: object, tmp_path:
     finally:
         for o in ops:
             o.stop()
+
+
+def test_a_reconcile_running_when_the_lease_goes_writes_nothing_more() -> None:
+    """Issue 27 item 7: a deposed leader reconciled once more 56 ms after "lost the lease". The
+    gate is checked before each reconcile, but one already running wrote on: here the lease goes
+    while the job is read, and before the fence the reconcile went on to create the job's
+    Service, ConfigMap and pods."""
+    from datetime import datetime
+
+    from pretrain.operator.cluster import InMemoryCluster
+    from pretrain.operator.handlers import Controller
+    from tests.operator.harness import job_body
+
+    cluster = InMemoryCluster()
+    cluster.add_job(job_body(name="fenced"))
+    gate = threading.Event()
+    gate.set()
+    read = cluster.read_job
+
+    def read_and_lose_the_lease(namespace: str, name: str) -> object:
+        job = read(namespace, name)
+        gate.clear()  # the elector's renew deadline passed meanwhile
+        return job
+
+    cluster.read_job = read_and_lose_the_lease  # type: ignore[method-assign]
+    controller = Controller(lambda: cluster, lambda: datetime(2026, 1, 1), 60.0, 60.0, gate)
+    controller.process(("default", "fenced"))
+    writes = [c for c in cluster.calls if c[0] != "get" and c[0] != "list"]
+    assert writes == [] and cluster.objects == {} and cluster.events == [], writes
+    assert len(controller.queue) == 1 and controller.queue.get(threading.Event()) == ("default", "fenced"), "requeued"
+
+    gate.set()  # leading again (this replica won the next election): the same reconcile acts
+    cluster.read_job = read  # type: ignore[method-assign]
+    controller.process(("default", "fenced"))
+    assert any(kind == "Pod" for kind, _, _ in cluster.objects), "the job's pods, once the lease is held"

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -35,6 +35,7 @@ from pretrain.metrics import names as metric_names
 from pretrain.operator import metrics
 from pretrain.operator.cluster import AlreadyExists, Cluster, Conflict, NotFound, api_error
 from pretrain.operator.informer import ChildCache, start_reflectors
+from pretrain.operator.leader import FencedCluster, NotLeading
 from pretrain.operator.planner import Event, Observed, Plan, plan, set_condition
 from pretrain.operator.progress import evaluation_from, progress_from, scrape
 from pretrain.storage.manifest import step_name
@@ -358,7 +359,9 @@ class Controller:
     def __init__(self, cluster: Callable[[], Cluster], clock: Callable[[], datetime], resync: float,
                  progress_every: float, gate: threading.Event | None = None,
                  children: ChildCache | None = None) -> None:  # fmt: skip
-        self.cluster, self.clock = cluster, clock
+        #: Under leader election every write is fenced by the gate (see `FencedCluster`).
+        self.cluster = cluster if gate is None else (lambda: cast(Cluster, FencedCluster(cluster(), gate)))
+        self.clock = clock
         #: Work is done only while the gate is set (the leader lease is held); a standby's watch
         #: events still fill the queue, so a new leader starts with every job queued.
         self.gate = gate
@@ -403,6 +406,10 @@ class Controller:
             done = reconcile(namespace, name, self.cluster(), self.clock(), self.observe)
         except Conflict:
             self.queue.add(key, 0.2)  # someone wrote the job meanwhile: nothing was done; read again
+            return
+        except NotLeading as e:
+            log.info("%s/%s: reconcile stopped: %s", namespace, name, e)
+            self.queue.add(key)  # the next leader's work
             return
         except Exception as e:
             n = self.failures[key] = self.failures.get(key, 0) + 1

@@ -200,3 +200,33 @@ class LeaderElector:
                     log.info("%s released the lease", self.identity)
             except Exception as e:
                 log.warning("could not release the lease: %s", e)
+
+
+class NotLeading(Exception):
+    """A write refused because this replica no longer holds the lease: nothing was written."""
+
+
+class FencedCluster:
+    """A `Cluster` whose writes go through only while `gate` is set (the lease is held).
+
+    The worker checks the gate before each reconcile, but a reconcile already running when the
+    lease goes would write on (a deposed leader once reconciled 56 ms after "lost the lease").
+    Each write checks again, so at most the one write already sent when the gate clears lands,
+    inside the margin client-go keeps between the renew deadline and the lease duration."""
+
+    _WRITES = frozenset({"write_status", "suspend_job", "delete_job", "create", "replace", "delete", "event"})
+
+    def __init__(self, inner: Any, gate: threading.Event) -> None:
+        self._inner, self._gate = inner, gate
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if name not in self._WRITES:
+            return attr
+
+        def fenced(*args: Any, **kwargs: Any) -> Any:
+            if not self._gate.is_set():
+                raise NotLeading(f"{name}: the leader lease is not held; not written")
+            return attr(*args, **kwargs)
+
+        return fenced
