@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
@@ -132,3 +133,38 @@ def test_two_runs_on_one_remote_checkpoint_uri(tmp_path: Path, s3: S3) -> None:
     assert again.proc.returncode == 0, again.output[-3000:]
     assert f"(step {saved[-1]})" in again.output, "the same run takes its own lease over and resumes at once"
     assert not store.exists(LEASE_FILE), "a finished run releases the lease"
+
+
+def test_a_trainer_serves_the_storage_call_it_retries_before_its_first_step(tmp_path: Path) -> None:
+    """Issue 27 item 7: with a checkpoint endpoint that does not answer, a trainer retries for
+    about two minutes before it gives up, and served no metrics meanwhile (its endpoint opened
+    after setup), so the operator saw only pods that run. Now the endpoint is up from the start
+    and says which call is retried, and why; there is no step until setup is done."""
+    from pretrain.operator.progress import parse_metrics, progress_from
+    from tests.trainer_runs import free_port
+
+    port = free_port()
+    env = {**subprocess_env(tmp_path), "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # fmt: skip
+    cmd = command(tmp_path / "run", ["checkpoint.uri=s3://bucket/ck", f"monitoring.metricsPort={port}"], nproc=1)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        import urllib.request
+
+        def retrying() -> dict[str, object] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    samples = parse_metrics(r.read().decode())
+            except OSError:
+                return None
+            assert "pretrain_step" not in samples, "no step before setup is done"
+            return progress_from(samples, datetime.now(UTC))[0].get("storageRetrying")
+
+        deadline = time.monotonic() + 120
+        while (seen := retrying()) is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert seen is not None, "the retried call was never served"
+        assert seen["operation"] == "take the checkpoint lease" and "Could not connect" in str(seen["error"]), seen
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)

@@ -250,6 +250,44 @@ def test_progress_scraped_from_a_metrics_endpoint(metrics_server: tuple[str, int
     assert h.status["evaluation"] == {"accuracy": 0.8125}
 
 
+def test_a_trainer_retrying_its_storage_shows_as_storage_unavailable(
+    metrics_server: tuple[str, int, list[str]],
+) -> None:
+    """Issue 27 item 7: pods that run while their trainer retries an unreachable checkpoint
+    endpoint showed as Running "all 1 pod(s) running" for minutes per attempt. Node 0 serves the
+    call it is retrying from before its first step; the job says StorageUnavailable (with a
+    Warning event) until the call goes through, and a record left by an earlier attempt is not
+    taken for the current one."""
+    host, port, body = metrics_server
+    retrying = (
+        'pretrain_storage_retrying_since_timestamp_seconds{rank="0"} 1.7643e+09\n'
+        'pretrain_storage_retrying_info{error="EndpointConnectionError: Could not connect",'
+        'operation="take the checkpoint lease",rank="0"} 1.0\n'
+    )
+    good = body[0]
+    body[0] = retrying  # still setting up: no step yet
+    h = Harness(job_body({"monitoring.metricsPort": port, "checkpoint.uri": "s3://bucket/ck"}))
+    h.reconcile()
+    h.run_all()
+    h.cluster.objects[("Pod", "default", "tiny-a1-n0")]["status"]["podIP"] = host
+    h.reconcile()
+    assert (h.phase, h.status["reason"]) == ("Running", "Running")
+    h.progress()
+    h.reconcile()  # the status write is a watch event: a reconcile follows
+    assert (h.phase, h.status["reason"]) == ("Running", "StorageUnavailable"), h.status
+    assert "take the checkpoint lease failed (EndpointConnectionError: Could not connect)" in h.status["message"]
+    assert "since 2025-11-28T03:20:00Z:" in h.status["message"] and "step" not in h.status["progress"]
+    assert h.events()[-1] == "StorageUnavailable" and h.cluster.events[-1][1].type == "Warning"
+    body[0] = good  # the call went through; training
+    h.progress()
+    h.reconcile()
+    assert (h.phase, h.status["reason"]) == ("Running", "Running") and h.status["progress"]["step"] == 120
+    assert "storageRetrying" not in h.status["progress"]
+    h.status["progress"]["storageRetrying"] = {"since": "x", "operation": "y", "error": "z", "attempt": 0}
+    h.reconcile()
+    assert h.status["reason"] == "Running", "an earlier attempt's record is not this attempt's"
+
+
 def test_failed_scrape_keeps_old_progress() -> None:
     import socket
 

@@ -13,7 +13,8 @@ def test_the_operator_reads_what_the_trainer_serves() -> None:
     from prometheus_client import generate_latest
 
     m = TrainerMetrics(Labels('job "a"\\b', "ns", 0, 2), port=None)
-    m.total_steps.set(100)
+    assert "pretrain_step" not in parse_metrics(generate_latest(m.registry).decode()), "no step before it is known"
+    m.begin(100, 0)
     m.observe_step(step=40, loss=2.5, lr=1e-3, grad_norm=1.0, tokens=4096, samples=32, seconds=0.5, mfu=None)
     m.observe_step(step=41, loss=2.25, lr=1e-3, grad_norm=1.0, tokens=4096, samples=32, seconds=1.5, mfu=None)
     m.observe_checkpoint(seconds=1.0, nbytes=10, failures=0, step=40, when=1_700_000_000.0)
@@ -33,3 +34,29 @@ def test_the_operator_reads_what_the_trainer_serves() -> None:
 def test_an_exposition_the_parser_refuses_gives_no_samples() -> None:
     assert parse_metrics('pretrain_step{rank="0" 5\n') == {}
     assert parse_metrics("") == {}
+
+
+def test_a_storage_call_being_retried_reaches_the_status_and_clears() -> None:
+    """Issue 27 item 7: an unreachable checkpoint endpoint showed Running "all pods running" for
+    minutes per attempt. The trainer serves the call it is retrying, with its error, from the
+    start (before any step), and nothing once the call is done."""
+    from prometheus_client import generate_latest
+
+    from pretrain.storage.fs import with_retries
+
+    m = TrainerMetrics(Labels("j", "ns", 0, 1), port=None)
+    seen: list[dict[str, object] | None] = []
+
+    def refused() -> None:
+        seen.append(progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]
+                    .get("storageRetrying"))  # fmt: skip
+        if len(seen) < 3:
+            raise ConnectionRefusedError(111, 'Could not connect to the endpoint URL: "http://s3:1/b/lease"')
+
+    with_retries("take the checkpoint lease", refused, base_delay=0.01)
+    assert seen[0] is None, "the first try is not a retry"
+    assert seen[2] == {"since": seen[1]["since"], "operation": "take the checkpoint lease",  # type: ignore[index]
+                       "error": "ConnectionRefusedError: [Errno 111] Could not connect to the endpoint URL: "
+                                '"http://s3:1/b/lease"'}, seen  # fmt: skip
+    after = progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]
+    assert "storageRetrying" not in after and "step" not in after

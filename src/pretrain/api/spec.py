@@ -585,6 +585,15 @@ class Condition(Spec):
     observed_generation: int | None = None
 
 
+class StorageRetrying(Spec):
+    """A storage call node 0 has been retrying (its checkpoints or data do not answer)."""
+
+    since: str | None = None
+    operation: str | None = None
+    error: str | None = None
+    attempt: int | None = Field(None, description="The attempt whose trainer reported it.")
+
+
 class Progress(Spec):
     """Node 0's latest numbers, scraped by the operator (every 60 seconds by default)."""
 
@@ -595,6 +604,9 @@ class Progress(Spec):
     percent: float | None = None
     eta_seconds: float | None = None
     updated_time: str | None = None
+    storage_retrying: StorageRetrying | None = Field(
+        None, description="Set while node 0 retries a call to its storage; the job's reason is then StorageUnavailable."
+    )
 
 
 class CheckpointRef(Spec):

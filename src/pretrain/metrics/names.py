@@ -15,3 +15,8 @@ CHECKPOINT_TIME = "pretrain_checkpoint_last_verified_timestamp_seconds"
 #: One gauge per task metric (accuracy, f1...), told apart by the label EVAL_METRIC_LABEL.
 EVAL_METRIC = "pretrain_eval_metric"
 EVAL_METRIC_LABEL = "metric"
+#: Unix time since which a storage call has been retried (0: none is): the operator then says the
+#: job waits on its storage. The call and its last error are the labels of STORAGE_RETRYING_INFO.
+STORAGE_RETRYING_SINCE = "pretrain_storage_retrying_since_timestamp_seconds"
+STORAGE_RETRYING_INFO = "pretrain_storage_retrying_info"
+STORAGE_RETRYING_LABELS = ("operation", "error")

@@ -52,6 +52,29 @@ class Labels:
                 "attempt": str(self.attempt)}  # fmt: skip
 
 
+class StorageRetryCollector:
+    """The storage call being retried now (`storage.fs.storage_retrying`), read at each scrape."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from pretrain.storage.fs import storage_retrying
+
+        now = storage_retrying()
+        since = GaugeMetricFamily(names.STORAGE_RETRYING_SINCE, "Unix time since which a storage call has been "
+                                  "retried (0: none is).", labels=list(self.labels))  # fmt: skip
+        since.add_metric(list(self.labels.values()), now.since if now else 0.0)
+        yield since
+        info = GaugeMetricFamily(names.STORAGE_RETRYING_INFO, "The storage call being retried and its last error.",
+                                 labels=[*self.labels, *names.STORAGE_RETRYING_LABELS])  # fmt: skip
+        if now is not None:
+            info.add_metric([*self.labels.values(), now.what, now.error], 1.0)
+        yield info
+
+
 class TrainerMetrics:
     """All trainer metrics in one private registry, with an HTTP server when `port` is set."""
 
@@ -73,8 +96,12 @@ class TrainerMetrics:
         self.eval_perplexity = gauge("pretrain_eval_perplexity", "Validation perplexity of the last evaluation.")
         self.lr = gauge("pretrain_learning_rate", "Learning rate of the last optimizer step.")
         self.grad_norm = gauge("pretrain_grad_norm", "Global gradient norm before clipping.")
-        self.step = gauge(names.STEP, "Optimizer steps completed.")
-        self.total_steps = gauge(names.TOTAL_STEPS, "Optimizer steps the run will take.")
+        # No sample until `begin`: before it, the step is not known (a resume reads it from a
+        # checkpoint), and a 0 would be scraped into the job's status as its progress.
+        self._step = Gauge(names.STEP, "Optimizer steps completed.", label_names, registry=self.registry)
+        self._total = Gauge(
+            names.TOTAL_STEPS, "Optimizer steps the run will take.", label_names, registry=self.registry
+        )
         self.tokens = counter("pretrain_tokens_total", "Tokens trained on by the whole job (counted on every rank).")
         self.samples = counter("pretrain_samples_total", "Sequences trained on by the whole job.")
         self.tokens_per_second = gauge(names.TOKENS_PER_SECOND, "Job-wide training throughput over the last step.")
@@ -107,6 +134,7 @@ class TrainerMetrics:
         self._labels = lv
         self.attempt = gauge("pretrain_attempt", "Attempt of this run (1 + gang restarts so far).")
         self.attempt.set(labels.attempt)
+        self.registry.register(StorageRetryCollector(lv))
         self.port: int | None = None
         self._server: Any = None
         if port is not None:
@@ -117,6 +145,12 @@ class TrainerMetrics:
                 self.port = self._server.server_port
             except OSError as e:
                 log.warning("metrics: cannot listen on port %d (%s); metrics are off for this rank", port, e)
+
+    def begin(self, total_steps: int, start: int) -> None:
+        """The run's steps, known once set up: from now on the step is served."""
+        self.step = self._step.labels(**self._labels)
+        self.step.set(start)
+        self._total.labels(**self._labels).set(total_steps)
 
     def observe_step(
         self, *, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int, samples: int,

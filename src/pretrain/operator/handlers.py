@@ -268,13 +268,16 @@ def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | No
     except OSError as e:
         log.debug("progress scrape of %s failed: %s", target.url, e)
         return None
-    if metric_names.STEP not in samples:
-        return None
     prog, ckpt = progress_from(samples, now)
+    if "storageRetrying" in prog:
+        prog["storageRetrying"]["attempt"] = target.status.get("attempt")
+    old = target.status.get("progress") or {}
+    if metric_names.STEP not in samples:  # still setting up: only the storage's state is news
+        if "storageRetrying" in prog or old.get("storageRetrying"):
+            return {"progress": {"storageRetrying": prog.get("storageRetrying"), "updatedTime": prog["updatedTime"]}}
+        return None
     # A merge patch merges into the old progress: fields this scrape lacks are cleared explicitly.
-    patch: dict[str, Any] = {
-        "progress": {**{k: None for k in target.status.get("progress") or {} if k not in prog}, **prog}
-    }
+    patch: dict[str, Any] = {"progress": {**{k: None for k in old if k not in prog}, **prog}}
     evaluation = evaluation_from(samples)
     if evaluation:
         patch["evaluation"] = evaluation
@@ -463,7 +466,8 @@ class Controller:
                     if patch is not None:
                         self.cluster().write_status(key[0], key[1], patch, None)
                         merged = {**target.status, **{k: v for k, v in patch.items() if k != "progress"},
-                                  "progress": {k: v for k, v in patch["progress"].items() if v is not None}}  # fmt: skip
+                                  "progress": {k: v for k, v in {**(target.status.get("progress") or {}),
+                                                                  **patch["progress"]}.items() if v is not None}}  # fmt: skip
                         self.targets[key] = ProgressTarget(target.url, target.checkpoint_uri, merged)
                 except Exception as e:  # a progress write never stops the controller
                     log.debug("%s/%s: progress not written: %s", key[0], key[1], e)

@@ -122,6 +122,9 @@ def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
     return own, others
 
 
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+
+
 @dataclass(frozen=True)
 class Event:
     type: str  # Normal or Warning
@@ -510,8 +513,7 @@ def plan(
             delete_pods(current)
         return _finish(out, st)
     if all(p.phase in ("Running", "Succeeded") for p in current):
-        if phase != Phase.RUNNING.value:
-            st.phase(Phase.RUNNING, "Running", f"all {nodes} pod(s) running (attempt {attempt})")
+        _running(st, nodes, attempt)
         st.condition("Unschedulable", False, "")
         st.condition(CANNOT_START, False, "Started", "every container started")
         return _finish(out, st)
@@ -641,6 +643,18 @@ def _cannot_start(st: _Status, out: Plan, job: PretrainJob, current: list[PodVie
     st.condition(CANNOT_START, True, reason, why)
     st.condition("Unschedulable", False, "Scheduled", "the pods are placed")
     return False
+
+
+def _running(st: _Status, nodes: int, attempt: int) -> None:
+    """Running; with reason StorageUnavailable while this attempt's node 0 retries a call to its
+    storage (scraped into status.progress), so that pods that run but wait on an endpoint that
+    does not answer are not shown as a job that trains."""
+    retrying = (st.s.get("progress") or {}).get("storageRetrying") or {}
+    if retrying.get("attempt") == attempt:
+        st.phase(Phase.RUNNING, STORAGE_UNAVAILABLE, f"node 0 has been retrying since {retrying.get('since')}: "
+                 f"{retrying.get('operation')} failed ({retrying.get('error')})", warning=True)  # fmt: skip
+    elif st.s.get("phase") != Phase.RUNNING.value or st.s.get("reason") == STORAGE_UNAVAILABLE:
+        st.phase(Phase.RUNNING, "Running", f"all {nodes} pod(s) running (attempt {attempt})")
 
 
 def _check_scheduling(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import urllib.request
 from datetime import UTC, datetime
@@ -24,6 +25,8 @@ def parse_metrics(text: str) -> dict[str, float]:
                 name = sample.name
                 if name == names.EVAL_METRIC:
                     name = f"{name}:{sample.labels.get(names.EVAL_METRIC_LABEL, '')}"
+                elif name == names.STORAGE_RETRYING_INFO:
+                    name = f"{name}:{json.dumps([sample.labels.get(k, '') for k in names.STORAGE_RETRYING_LABELS])}"
                 out[name] = float(sample.value)
     except ValueError:
         return {}
@@ -39,6 +42,17 @@ def evaluation_from(samples: dict[str, float]) -> dict[str, float]:
     """status.evaluation: the task metrics of the latest evaluation."""
     prefix = f"{names.EVAL_METRIC}:"
     return {k[len(prefix) :]: round(v, 4) for k, v in samples.items() if k.startswith(prefix) and k != prefix}
+
+
+def storage_retrying_from(samples: dict[str, float]) -> dict[str, Any] | None:
+    """status.progress.storageRetrying: the storage call node 0 has been retrying, or None."""
+    since = samples.get(names.STORAGE_RETRYING_SINCE)
+    prefix = f"{names.STORAGE_RETRYING_INFO}:"
+    labels = next((json.loads(k[len(prefix) :]) for k in samples if k.startswith(prefix)), None)
+    if not since or labels is None:
+        return None
+    operation, error = labels
+    return {"since": rfc3339(datetime.fromtimestamp(since, UTC)), "operation": operation, "error": error}
 
 
 def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -62,6 +76,9 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     count = samples.get(f"{names.STEP_DURATION}_count")
     if seconds and count and total and step is not None:
         progress["etaSeconds"] = round(seconds / count * (total - step), 0)
+    retrying = storage_retrying_from(samples)
+    if retrying is not None:
+        progress["storageRetrying"] = retrying
     ckpt = None
     ck_step = samples.get(names.CHECKPOINT_STEP)
     ck_time = samples.get(names.CHECKPOINT_TIME)

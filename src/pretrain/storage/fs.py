@@ -9,8 +9,10 @@ import functools
 import hashlib
 import logging
 import shutil
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +76,56 @@ def out_of_space(where: Path) -> str | None:
     return f"no space left on the disk holding {where} ({usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB)"
 
 
+@dataclass(frozen=True)
+class Retrying:
+    """A storage call being retried: what, its last error, and since when (unix time)."""
+
+    what: str
+    error: str
+    since: float
+
+
+_retrying: dict[int, Retrying] = {}  # by thread: several may retry at once
+_retrying_lock = threading.Lock()
+
+
+def storage_retrying() -> Retrying | None:
+    """The longest-running storage call now being retried in this process, if any: served as a
+    metric, so the operator can say a job is waiting on its storage rather than training."""
+    with _retrying_lock:
+        return min(_retrying.values(), key=lambda r: r.since, default=None)
+
+
+def _note_retry(what: str, e: BaseException | None) -> None:
+    key = threading.get_ident()
+    with _retrying_lock:
+        if e is None:
+            _retrying.pop(key, None)
+        else:
+            since = _retrying[key].since if key in _retrying else time.time()
+            _retrying[key] = Retrying(what, f"{type(e).__name__}: {e}"[:300], since)
+
+
 def with_retries(
     what: str, fn: Callable[[], Any], *, attempts: int = 8, base_delay: float = 0.5, max_delay: float = 30.0
 ) -> Any:
-    """Call `fn`, retrying transient errors with capped exponential backoff."""
+    """Call `fn`, retrying transient errors with capped exponential backoff (`storage_retrying`
+    says so meanwhile)."""
     delay = base_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as e:
-            if attempt == attempts or not is_transient(e):
-                raise
-            log.warning(
-                "%s failed (%s: %s); retry %d/%d in %.1fs", what, e.__class__.__name__, e, attempt, attempts - 1, delay
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, max_delay)
+    try:
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except Exception as e:
+                if attempt == attempts or not is_transient(e):
+                    raise
+                _note_retry(what, e)
+                log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, e.__class__.__name__, e, attempt,
+                            attempts - 1, delay)  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, max_delay)
+    finally:
+        _note_retry(what, None)
     raise AssertionError("unreachable")
 
 

@@ -101,16 +101,19 @@ class Trainer:
     def run(self) -> int:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.init_distributed()
-        store = open_store(self.job, self.workdir, self.world)
-        self.checkpointer = Checkpointer(self.job, self.workdir, self.world, store)
         # Closed on every path, last opened first. On an error path nothing here waits on the
         # other ranks (they may be gone) or writes beside the checkpoints but the upload in flight.
         with contextlib.ExitStack() as closing:
+            # Served from the start: while the store or the data cannot be reached, the operator
+            # reads that here (the storage call being retried) instead of seeing pods that run.
+            self.metrics = self.open_metrics()
+            closing.callback(self.metrics.close)
+            store = open_store(self.job, self.workdir, self.world)
+            self.checkpointer = Checkpointer(self.job, self.workdir, self.world, store)
             closing.callback(store.release_lease)  # on every exit path this process lives through
             closing.callback(quietly(store.close, "waiting for the checkpoint upload"))
             parts = setup(self.job, self.workdir, self.world, self.checkpointer)
-            self.metrics = self.open_metrics(parts)
-            closing.callback(self.metrics.close)
+            self.metrics.begin(parts.steps, parts.start)
             self.progress = Progress(total=parts.steps, start=parts.start, enabled=self.rank == 0)
             closing.callback(self.progress.close)
             self.history = RunHistory(store.uri, self.workdir, store.options, enabled=self.rank == 0,
@@ -123,17 +126,14 @@ class Trainer:
             self.sync.close()
             return self.stop(step) if stopped else self.finish(parts, step)
 
-    def open_metrics(self, parts: Parts) -> TrainerMetrics:
-        metrics = TrainerMetrics(
+    def open_metrics(self) -> TrainerMetrics:
+        return TrainerMetrics(
             Labels(self.job.metadata.name, self.job.metadata.namespace or "default", self.rank, self.world.attempt),
             self.spec.monitoring.metrics_port + self.world.local_rank,
             # One pod per host in a cluster binds all addresses; tests running several "nodes"
             # on one machine give each its own loopback address.
             addr=os.environ.get("PRETRAIN_METRICS_HOST", "0.0.0.0"),
         )
-        metrics.total_steps.set(parts.steps)
-        metrics.step.set(parts.start)
-        return metrics
 
     def announce(self, parts: Parts) -> None:
         """The run's first history record and log line."""
