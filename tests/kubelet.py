@@ -1,19 +1,21 @@
 """A stand-in node (scheduler and kubelet) that talks to the API server like the real ones.
 
 It watches pods through the API (the `kubernetes` client's watch), binds each new pod to its node
-through the `binding` subresource (the scheduler's call), starts the container's command and args
-(with Kubernetes' `$(VAR)` expansion) as a local process tree, with the pod's env (values, the
-downward-API fields, ConfigMap and Secret references read from the API, `envFrom` Secrets) and its
-ConfigMap volumes written to a folder, and writes the pod status back through `pods/status` as a
-kubelet does: phase, podIP, conditions, containerStatuses with state running or terminated (exit
-code, reason Completed/Error, and the log tail as message when terminationMessagePolicy is
-FallbackToLogsOnError). A pod marked for deletion gets SIGTERM, SIGKILL after its grace period,
-then the kubelet's final delete with a zero grace period.
+through the `binding` subresource (the scheduler's call), reports it ContainerCreating, starts the
+container's command and args (with Kubernetes' `$(VAR)` expansion) as a local process tree, with
+the pod's env (values, the downward-API fields, ConfigMap and Secret references read from the API,
+`envFrom` Secrets) and its ConfigMap volumes written to a folder, and writes the pod status back
+through `pods/status` as a kubelet does: phase, podIP, conditions, containerStatuses with state
+waiting (the kubelet's reasons), running or terminated (exit code, reason Completed/Error, and the
+log tail as message when terminationMessagePolicy is FallbackToLogsOnError). A pod marked for
+deletion gets SIGTERM, SIGKILL after its grace period, then the kubelet's final delete with a zero
+grace period. It registers its Node and serves container logs for `pods/log` (kubelet_logs.py).
 
 What it substitutes, as a real node would differ from this machine: mount paths (to folders of
-its own), each pod's IP (127.0.0.<n>, so that node 0's DNS name resolves to it), the rendezvous
-port (a free one), the compiled-extension cache (shared, like an image layer), and PATH (this
-virtual environment). Never the command, the args' meaning, or the trainer config.
+its own), each pod's IP (127.0.0.<n>; node 0's DNS name is resolved as cluster DNS would, through
+the headless Service, and written into the env once), the rendezvous port (a free one per gang),
+the compiled-extension cache (shared, like an image layer), and PATH (this virtual environment).
+Never the command, the args' meaning, or the trainer config.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 from pretrain.trainer.command import RENDEZVOUS_PORT
 from tests import containers
+from tests.kubelet_logs import LogServer, LogSource
 
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 log = logging.getLogger("tests.kubelet")
@@ -104,6 +107,9 @@ class Kubelet:
     images: set[str] | None = None
     _pull_tries: dict[str, int] = field(default_factory=dict)
     _retry_at: dict[str, float] = field(default_factory=dict)  # a refused start is tried again then
+    #: Seconds a bound pod stays ContainerCreating (an image pull, volume mounts) before it starts.
+    create_seconds: float = 0.0
+    _creating: dict[str, float] = field(default_factory=dict)  # pod uid -> when its container is created
     _next_ip: int = 10
     _ports: dict[str, int] = field(default_factory=dict)  # gang (master address) -> rendezvous port
 
@@ -115,18 +121,39 @@ class Kubelet:
         self.core = kubernetes.client.CoreV1Api(self.client)
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.log_server = LogServer(self._log_source)
         self._threads = [threading.Thread(target=self._watch, daemon=True, name="kubelet-watch"),
                          threading.Thread(target=self._sync_loop, daemon=True, name="kubelet-sync")]  # fmt: skip
 
     # ------------------------------------------------------------------ threads
 
     def start(self) -> Kubelet:
+        self.log_server.start()
+        self._register_node()
         for t in self._threads:
             t.start()
         return self
 
+    def _register_node(self) -> None:
+        """The Node object a kubelet keeps: its address and the port the API server reaches it
+        on for `pods/log` (status.daemonEndpoints.kubeletEndpoint)."""
+        node = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.node, "labels": {
+                    "kubernetes.io/hostname": self.node}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                                         {"type": "Hostname", "address": self.node}],
+                           "daemonEndpoints": {"kubeletEndpoint": {"Port": self.log_server.port}},
+                           "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                                           "lastHeartbeatTime": _now(), "lastTransitionTime": _now()}]}}  # fmt: skip
+        try:
+            self.core.create_node(node)
+        except self.k.client.ApiException as e:
+            if e.status != 409:
+                raise
+        self.core.patch_node_status(self.node, {"status": node["status"]})
+
     def stop(self) -> None:
         self._stop.set()
+        self.log_server.stop()
         for pp in self.processes.values():
             self._signal(pp, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -235,6 +262,51 @@ class Kubelet:
             self._next_ip += 1
         return self.ips[pod_name]
 
+    def _log_source(self, namespace: str, name: str, container: str) -> LogSource | str:
+        """A container's log, or the kubelet's reason it has none yet."""
+        with self._lock:
+            pod = self.pods.get(name)
+        if pod is None or namespace != self.namespace:
+            return f'pod "{name}" not found on node {self.node}'
+        names = [c["name"] for c in pod["spec"]["containers"]]
+        if container not in names:
+            return f"container {container} is not valid for pod {name}"
+        pp = self.processes.get(name)
+        if pp is None:
+            statuses = pod.get("status", {}).get("containerStatuses") or []
+            waiting = next(((cs.get("state") or {}).get("waiting") for cs in statuses), None) or {}
+            reason = waiting.get("reason", "ContainerCreating")
+            return f'container "{container}" in pod "{name}" is waiting to start: {reason}'
+        return LogSource(pp.log, lambda: pp.proc.poll() is None)
+
+    def resolve(self, host: str) -> str:
+        """A pod's DNS name as cluster DNS answers it: `<hostname>.<subdomain>.<namespace>.svc`
+        (optionally `.cluster.local`) names the pod whose spec.hostname and spec.subdomain are
+        those, when a headless Service named <subdomain> in that namespace selects it, and the
+        pod is Ready or the Service publishes not-ready addresses. Anything else is returned as
+        written and will not resolve, as in a cluster without the Service. The answer is the pod's
+        IP here (given before it starts: a real resolver would be asked again until it has one)."""
+        labels = host.removesuffix(".cluster.local").split(".")
+        if len(labels) != 4 or labels[3] != "svc" or labels[2] != self.namespace:
+            return host
+        hostname, subdomain = labels[0], labels[1]
+        try:
+            svc = self.core.read_namespaced_service(subdomain, self.namespace).spec
+        except self.k.client.ApiException:
+            return host
+        with self._lock:
+            pods = list(self.pods.values())
+        for pod in pods:
+            spec, meta = pod["spec"], pod["metadata"]
+            selected = bool(svc.selector) and all((meta.get("labels") or {}).get(k) == v
+                                                  for k, v in svc.selector.items())  # fmt: skip
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                        for c in pod.get("status", {}).get("conditions") or [])  # fmt: skip
+            if (spec.get("hostname"), spec.get("subdomain")) == (hostname, subdomain) and selected \
+                    and svc.cluster_ip == "None" and (ready or svc.publish_not_ready_addresses):  # fmt: skip
+                return self.ip_of(meta["name"])
+        return host
+
     # ------------------------------------------------------------------ pod lifecycle
 
     def _patch_status(self, name: str, status: dict[str, Any]) -> None:
@@ -248,17 +320,21 @@ class Kubelet:
             signal_tree(pp.proc.pid, sig)
 
     def _wait(self, pod: dict[str, Any], reason: str, message: str) -> None:
-        """A container the kubelet cannot start: Pending, waiting with the kubelet's reason
-        (written when it changes), tried again a second later."""
-        c = pod["spec"]["containers"][0]
+        """A container the kubelet cannot start: Pending, waiting with the kubelet's reason,
+        tried again a second later."""
         self._retry_at[pod["metadata"]["name"]] = time.monotonic() + 1.0
+        self._report_waiting(pod, reason, message)
+
+    def _report_waiting(self, pod: dict[str, Any], reason: str, message: str | None) -> None:
+        """Pending, the container waiting for `reason` (written when it changes)."""
+        c = pod["spec"]["containers"][0]
+        waiting = {"reason": reason, **({"message": message} if message is not None else {})}
         now = [(cs.get("state") or {}).get("waiting") for cs in pod.get("status", {}).get("containerStatuses") or []]
-        if now == [{"reason": reason, "message": message}]:
+        if now == [waiting]:
             return
-        with contextlib.suppress(self.k.client.ApiException):
-            self._patch_status(pod["metadata"]["name"], {"phase": "Pending", "containerStatuses": [
-                {"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
-                 "started": False, "state": {"waiting": {"reason": reason, "message": message}}}]})  # fmt: skip
+        self._patch_status(pod["metadata"]["name"], {"phase": "Pending", "containerStatuses": [
+            {"name": c["name"], "image": c["image"], "imageID": "", "ready": False, "restartCount": 0,
+             "started": False, "state": {"waiting": waiting}}]})  # fmt: skip
 
     def _cannot_pull(self, pod: dict[str, Any]) -> bool:
         """ErrImagePull on the first try, ImagePullBackOff after, for an image this node lacks."""
@@ -312,6 +388,7 @@ class Kubelet:
         name = pod["metadata"]["name"]
         ip = self.ip_of(name)
         base = self.root / name
+        base.mkdir(parents=True, exist_ok=True)
         mounts = self._mounts(pod, base)
 
         # Mount paths at the start of a value, or after "=" or ":", in one pass.
@@ -319,11 +396,13 @@ class Kubelet:
         pattern = re.compile(rf"(^|[=:])({alternatives})(?=/|$|:)")
 
         def local(value: str) -> str:
+            if not mounts:
+                return value
             return pattern.sub(lambda m: m.group(1) + str(mounts[m.group(2)]), value)
 
         env = {k: local(v) for k, v in self._resolve_env(pod, ip).items()}
-        if env.get("PRETRAIN_MASTER_ADDR"):  # node 0's DNS name resolves to node 0's pod IP
-            env["PRETRAIN_MASTER_ADDR"] = self.ip_of(env["PRETRAIN_MASTER_ADDR"].split(".", 1)[0])
+        if env.get("PRETRAIN_MASTER_ADDR"):  # node 0's DNS name, resolved as cluster DNS would
+            env["PRETRAIN_MASTER_ADDR"] = self.resolve(env["PRETRAIN_MASTER_ADDR"])
         env["PRETRAIN_METRICS_HOST"] = ip
         env["TORCH_EXTENSIONS_DIR"] = str(Path(os.environ.get("TORCH_EXTENSIONS_DIR", self.root / "ext")))
         env["PATH"] = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
@@ -364,8 +443,8 @@ class Kubelet:
                                                              "message": refusal}}}]})  # fmt: skip
             return None
         env = self._resolve_env(pod, ip)
-        if env.get("PRETRAIN_MASTER_ADDR"):  # node 0's DNS name resolves to node 0's pod IP
-            env["PRETRAIN_MASTER_ADDR"] = self.ip_of(env["PRETRAIN_MASTER_ADDR"].split(".", 1)[0])
+        if env.get("PRETRAIN_MASTER_ADDR"):  # node 0's DNS name, resolved as cluster DNS would
+            env["PRETRAIN_MASTER_ADDR"] = self.resolve(env["PRETRAIN_MASTER_ADDR"])
         env["PRETRAIN_METRICS_HOST"] = ip
         env.update(self.extra_env)
         argv = [expand(a, env) for a in [*c.get("command", []), *c.get("args", [])]]
@@ -433,7 +512,11 @@ class Kubelet:
                 continue
             pp = self.processes.get(name)
             if pp is None and not deleting and pod["status"].get("phase") == "Pending" and name not in self.refused:
-                if time.monotonic() >= self._retry_at.get(name, 0.0):
+                uid = pod["metadata"]["uid"]  # a job applied again reuses the names of its pods
+                if uid not in self._creating:  # a kubelet's first word on a pod it took
+                    self._creating[uid] = time.monotonic() + self.create_seconds
+                    self._report_waiting(pod, "ContainerCreating", None)
+                elif time.monotonic() >= max(self._retry_at.get(name, 0.0), self._creating[uid]):
                     self._start(pod)
                 continue
             if pp is None:

@@ -119,6 +119,9 @@ def test_kubectl_apply_to_success_through_a_gang_restart_and_an_operator_crash(c
     row = wait(lambda: (lambda r: r if r["STEP"] not in ("", "0") else None)(c.table()), 120, "Step in kubectl get ptj")
     assert row["PHASE"] == "Running" and int(row["STEP"]) > 0 and float(row["LOSS"]) > 0 and float(row["TOKENS/S"]) > 0
     assert row["RESTARTS"] == "0"
+    # kubectl logs reaches the node's kubelet through the API (pods/log): rank 0's own lines
+    logs = c.kubectl("logs", f"{JOB}-a1-n0").stdout
+    assert f"job {JOB}: gpt2" in logs and "[rank 0]" in logs, logs[-2000:]
 
     # SIGKILL one pod after the first checkpoint: the whole gang restarts and resumes from it
     wait(lambda: f"{JOB}/step-00000010/manifest.json" in c.keys(f"{JOB}/step-"), 240, "the first checkpoint")

@@ -30,7 +30,9 @@ T = TypeVar("T")
 BUILTIN = [
     Resource("", "v1", "namespaces", "Namespace", namespaced=False, singular="namespace", short_names=["ns"]),
     Resource("", "v1", "pods", "Pod", singular="pod", short_names=["po"], categories=["all"],
-             subresources=["status", "binding"], has_generation=True),
+             subresources=["status", "binding", "log"], has_generation=True),
+    Resource("", "v1", "nodes", "Node", namespaced=False, singular="node", short_names=["no"],
+             subresources=["status"]),
     Resource("", "v1", "services", "Service", singular="service", short_names=["svc"], categories=["all"],
              subresources=["status"]),
     Resource("", "v1", "configmaps", "ConfigMap", singular="configmap", short_names=["cm"]),
@@ -267,6 +269,9 @@ class ApiServer:
                 return web.json_response(self._table(res, items, rv, q.get("includeObject", "Metadata")))
             return web.json_response({"kind": f"{res.kind}List", "apiVersion": res.api_version,
                                       "metadata": {"resourceVersion": rv}, "items": items})  # fmt: skip
+        if method == "GET" and sub == "log":
+            assert name is not None and ns is not None
+            return await self._pod_log(request, ns, name)
         if method == "GET":
             assert name is not None
             obj = self.store.get(res, ns, name)
@@ -317,6 +322,37 @@ class ApiServer:
                                     precondition_uid=pre.get("uid"), precondition_rv=pre.get("resourceVersion"))  # fmt: skip
             return web.json_response(obj)
         raise ApiError(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")
+
+    async def _pod_log(self, request: web.Request, ns: str, name: str) -> web.StreamResponse:
+        """`pods/log` as the API server serves it: the pod's node found, and the request passed
+        on to that node's kubelet (its Node's InternalIP and kubeletEndpoint port), streamed."""
+        import aiohttp
+
+        pod = self.store.get(self.store.resources[("", "pods")], ns, name)
+        names = [c["name"] for c in pod["spec"]["containers"]]
+        container = request.query.get("container") or (names[0] if len(names) == 1 else None)
+        if container is None:
+            raise ApiError(400, "BadRequest", f"a container name must be specified for pod {name}, "
+                           f"choose one of: [{' '.join(names)}]")  # fmt: skip
+        if container not in names:
+            raise ApiError(400, "BadRequest", f"container {container} is not valid for pod {name}")
+        node_name = pod["spec"].get("nodeName")
+        if not node_name:
+            raise ApiError(400, "BadRequest", f"pod {name} does not have a host assigned")
+        node = self.store.get(self.store.resources[("", "nodes")], None, node_name)
+        ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+        port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        query = {k: v for k, v in request.query.items() if k in ("follow", "tailLines", "limitBytes", "previous")}
+        url = f"http://{ip}:{port}/containerLogs/{ns}/{name}/{container}"
+        async with aiohttp.ClientSession() as session, session.get(url, params=query) as upstream:
+            if upstream.status != 200:
+                raise ApiError(upstream.status, "BadRequest", (await upstream.text()).strip())
+            resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            return resp
 
     def _apply(self, res: Resource, ns: str | None, name: str, body: Obj, sub: str | None,
                strict: bool) -> web.Response:  # fmt: skip
@@ -379,9 +415,10 @@ class ApiServer:
             resources.append({"name": r.plural, "singularName": r.singular, "namespaced": r.namespaced, "kind": r.kind,
                               "verbs": VERBS, "shortNames": r.short_names, "categories": r.categories})  # fmt: skip
             for sub in r.subresources:
-                verbs = ["create"] if sub == "binding" else ["get", "patch", "update"]
+                verbs = {"binding": ["create"], "log": ["get"]}.get(sub, ["get", "patch", "update"])
+                kind = {"binding": "Binding", "log": "Pod"}.get(sub, r.kind)
                 resources.append({"name": f"{r.plural}/{sub}", "singularName": "", "namespaced": r.namespaced,
-                                  "kind": "Binding" if sub == "binding" else r.kind, "verbs": verbs})  # fmt: skip
+                                  "kind": kind, "verbs": verbs})  # fmt: skip
         if not resources:
             raise ApiError(404, "NotFound", "the server could not find the requested resource")
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}".strip("/"),

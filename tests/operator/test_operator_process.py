@@ -398,12 +398,18 @@ def test_a_recreated_job_waits_for_the_old_pods_and_never_touches_pods_it_does_n
     old = env.wait(lambda: next((p for p in env.api.objects("pods") if p["metadata"]["name"] == f"{name}-a1-n0"), None),
                    "the first job's pod")  # fmt: skip
     env.api.call(lambda s: s.bind("default", f"{name}-a1-n0", "node-a"))
-    env.kubectl("delete", "ptj", name, "--wait=false")
-    env.wait(lambda: env.job(name) == {}, "the first job gone")
-    env.wait(lambda: all(p["metadata"].get("deletionTimestamp") for p in env.api.objects("pods")
-                         if p["metadata"]["name"] == f"{name}-a1-n0"), "the old pod terminating")  # fmt: skip
-    env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"runPolicy.maxRestarts": 0}))
-    env.wait(lambda: env.job(name).get("status", {}).get("reason") == "WaitingForPreviousJob", "waiting shown")
+    env.api.store.GC_DELAY = 3.0  # a cluster's collector is slower than the emulator's 50 ms
+    try:
+        env.kubectl("delete", "ptj", name, "--wait=false")
+        env.wait(lambda: env.job(name) == {}, "the first job gone")
+        # applied again before the collector has even marked the old pod for deletion
+        env.kubectl("apply", "-f", "-", stdin=manifest(name, **{"runPolicy.maxRestarts": 0}))
+        old_pod = lambda: [p for p in env.api.objects("pods") if p["metadata"]["name"] == f"{name}-a1-n0"]  # noqa: E731
+        assert old_pod() and not old_pod()[0]["metadata"].get("deletionTimestamp"), "the old pod, not yet collected"
+        env.wait(lambda: env.job(name).get("status", {}).get("reason") == "WaitingForPreviousJob", "waiting shown")
+        env.wait(lambda: all(p["metadata"].get("deletionTimestamp") for p in old_pod()), "the old pod terminating")
+    finally:
+        env.api.store.GC_DELAY = type(env.api.store).GC_DELAY
     time.sleep(2)  # reconciles go on (the old pod's watch events queue the job): it keeps waiting
     status = env.job(name)["status"]
     assert status["phase"] == "Pending" and status.get("restarts", 0) == 0, status
