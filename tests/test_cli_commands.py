@@ -30,6 +30,38 @@ def test_data_prepare_then_reuse(tmp_path: Path) -> None:
     assert r3.exit_code == 0 and len(list(out.glob("*/manifest.json"))) == 2
 
 
+def test_data_prepare_in_parts_on_several_machines_then_commit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 28 item 1: `--index k --count n` on n machines (here, n runs into one shared folder),
+    then `--commit`: the same dataset as one `pretrain data prepare --workers 2`."""
+    from pretrain.data import units
+
+    monkeypatch.setattr(units, "UNIT_BYTES", 20_000)  # units of 20 kB, not 64 MiB
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * (1 + i % 9)}) + "\n" for i in range(3000)))
+    sets = ["--set", f"data.sources.0.uri={corpus}", "--set", "tokenizer.type=bytes"]
+    shared = tmp_path / "shared"
+    n_units = -(-corpus.stat().st_size // 20_000)
+    for k in (1, 0, 2):
+        r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(shared), "--index", str(k),
+                                      "--count", "3", *sets])  # fmt: skip
+        assert r.exit_code == 0 and f"part {k} of 3: {len(range(k, n_units, 3))} units" in r.stdout, r.output
+    early = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path / "x"), "--commit",
+                                      "--count", "3", *sets])  # fmt: skip
+    assert early.exit_code == 1 and "part-00000-of-00003.json: this part is missing" in early.stderr
+    r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(shared), "--commit", "--count", "3", *sets])
+    assert r.exit_code == 0, r.output
+    parted = json.loads(next(shared.glob("*/manifest.json")).read_text())
+    assert parted["units"] == n_units > 10 and parted["parts"] == 3
+    at_once = tmp_path / "at-once"
+    r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(at_once), "--workers", "2", *sets])
+    assert r.exit_code == 0, r.output
+    assert json.loads(next(at_once.glob("*/manifest.json")).read_text()) == {**parted, "parts": 2}
+    bad = CliRunner().invoke(main, ["data", "prepare", TINY, "--index", "0", *sets])
+    assert (
+        bad.exit_code == 1 and bad.stderr.strip() == "error: --index and --commit need --count (the number of workers)"
+    )
+
+
 def test_data_prepare_bad_source_one_line(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path), "--set",
                                   f"data.sources.0.uri={tmp_path}/nothing-*.txt"])  # fmt: skip

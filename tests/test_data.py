@@ -64,11 +64,14 @@ def test_prepare_layout_and_reuse(prepared: Path, corpus: Path) -> None:
     manifest = json.loads((prepared / "manifest.json").read_text())
     train, val = PackedSplit(prepared, "train"), PackedSplit(prepared, "val")
     total_bytes = sum(p.stat().st_size for p in corpus.glob("*.txt"))
-    # every byte of the corpus plus one EOS per chunk, cut into whole rows of 16
-    assert (len(train) + len(val)) * 16 == pytest.approx(total_bytes + 3, abs=16)
+    # every byte of the corpus plus one EOS per chunk, cut into whole rows of 16 in each of the
+    # 3 files (units of work: each drops its last partial row)
+    assert manifest["units"] == 3
+    assert (len(train) + len(val)) * 16 == pytest.approx(total_bytes + 3 - 3 * 8, abs=3 * 8)
     assert len(train.shards) > 1, "shard_rows=100 must split the training rows"
     assert manifest["splits"]["train"]["rows"] == len(train)
-    assert len(val) == int(np.ceil((len(train) + len(val)) * 0.1))
+    per_file = [len(p.read_bytes()) + 1 for p in sorted(corpus.glob("*.txt"))]  # bytes and one EOS
+    assert len(val) == sum(int(np.ceil(n // 16 * 0.1)) for n in per_file), "each unit's last tenth"
     tok = bytes_tokenizer()
     assert manifest["tokenizer_fingerprint"] == fingerprint(tok)
     again = prepare(data_spec(str(corpus / "*.txt"), validation_split=0.1), tok, fingerprint(tok), prepared.parent)
@@ -199,16 +202,16 @@ def test_truncated_shard_is_named(prepared: Path, tmp_path: Path) -> None:
 
     broken = tmp_path / "broken"
     shutil.copytree(prepared, broken)
-    shard = broken / "train-000001.bin"
+    shard = broken / "u000000-train-000001.bin"
     shard.write_bytes(shard.read_bytes()[:-7])
-    with pytest.raises(DataError, match=r"shard .*train-000001.bin: .*truncated or corrupt"):
+    with pytest.raises(DataError, match=r"shard .*u000000-train-000001.bin: .*truncated or corrupt"):
         PackedSplit(broken, "train")
     flipped = tmp_path / "flipped"
     shutil.copytree(prepared, flipped)
-    data = bytearray((flipped / "train-000000.bin").read_bytes())
+    data = bytearray((flipped / "u000000-train-000000.bin").read_bytes())
     data[10] ^= 0xFF
-    (flipped / "train-000000.bin").write_bytes(bytes(data))
-    with pytest.raises(DataError, match=r"train-000000.bin: checksum mismatch"):
+    (flipped / "u000000-train-000000.bin").write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"u000000-train-000000.bin: checksum mismatch"):
         PackedSplit(flipped, "train").verify()
 
 
@@ -316,7 +319,7 @@ def test_shards_round_trip_through_s3(corpus: Path, tmp_path: Path, s3: Any, mon
     monkeypatch.undo()
     assert uploads[-1] == "upload manifest.json" and len(uploads) > 2, "the manifest goes up last"
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
-    assert f"cache/{first.name}/manifest.json" in keys and any(k.endswith("train-000000.bin") for k in keys)
+    assert f"cache/{first.name}/manifest.json" in keys and any(k.endswith("-train-000000.bin") for k in keys)
     second = prepare_cached(spec, tok, fingerprint(tok), tmp_path / "node1", spec.cache_uri, publish=False)
     assert second.name == first.name and second.parent == tmp_path / "node1"
     a, b = PackedSplit(first, "train"), PackedSplit(second, "train")

@@ -53,7 +53,7 @@ def test_a_truncated_shard_is_rebuilt(tmp_path: Path, corpus: list[str], caplog:
     assert "expected" in (check_prepared(folder) or "")
     code, again, _ = prepare(tmp_path, corpus)
     assert code == 0, again
-    assert "is damaged (shard train-000000.bin is" in caplog.text and "preparing it again" in caplog.text
+    assert "is damaged (shard u000000-train-000000.bin is" in caplog.text and "preparing it again" in caplog.text
     assert shard.read_bytes() == whole and check_prepared(folder) is None
     assert again.split(" in ")[0] == first.split(" in ")[0], "the same counts"
 
@@ -65,7 +65,7 @@ def test_a_shard_rewritten_at_the_same_size_is_caught(tmp_path: Path, corpus: li
     shard, entry = first_train_shard(folder)
     whole = shard.read_bytes()
     shard.write_bytes(b"\xff" * len(whole))  # id 65535 everywhere, beyond the example's character vocabulary
-    assert check_prepared(folder) == "shard train-000000.bin fails its sha256 check"
+    assert check_prepared(folder) == "shard u000000-train-000000.bin fails its sha256 check"
     # A forged manifest (its checksum made to match) still never reaches the model: reading refuses.
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["splits"]["train"]["shards"][0]["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
@@ -92,7 +92,7 @@ def test_a_damaged_shard_in_the_shared_cache_fails_in_one_line(tmp_path: Path, c
     r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path / "second"), *corpus, *cache])
     lines = r.output.strip().splitlines()
     assert r.exit_code == 1 and len(lines) == 1, r.output
-    assert lines[0] == (f"error: data.cacheUri file://{published}: shard train-000000.bin fails its sha256 check; "
+    assert lines[0] == (f"error: data.cacheUri file://{published}: shard u000000-train-000000.bin fails its sha256 check; "
                         f"never trained on: delete file://{published} to prepare it again")  # fmt: skip
     assert not list((tmp_path / "second").glob("*/manifest.json")), "nothing damaged was kept"
     shutil.rmtree(published)

@@ -150,7 +150,7 @@ def test_prepare_with_workers_writes_the_same_shards(tmp_path: Path, monkeypatch
     corpus.write_text("\n".join(json.dumps({"text": "".join(lines[i : i + 20])}) for i in range(0, len(lines), 20)))
     tok = train_bpe([SAMPLE], 600)
     spec = DataSpec(sources=[DataSourceSpec(uri=str(corpus))], sequence_length=64, validation_split=0.1)
-    monkeypatch.setattr("pretrain.data.prepare.ENCODE_BATCH", 16)
+    monkeypatch.setattr("pretrain.data.parts.ENCODE_BATCH", 16)
     alone = prepare(spec, tok, fingerprint(tok), tmp_path / "alone")
     monkeypatch.setattr(encode, "PARALLEL_AFTER_CHARS", 1)
     monkeypatch.setattr(encode, "usable_cores", lambda: 2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -58,28 +59,72 @@ def data() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Local cache folder (default ./runs/<name>/work/data).")  # fmt: skip
+@click.option("--workers", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Processes on this machine, each preparing a share of the units of work.")  # fmt: skip
+@click.option("--index", type=click.IntRange(min=0), default=None,
+              help="Prepare only this worker's share, of --count (an Indexed Job's $JOB_COMPLETION_INDEX).")  # fmt: skip
+@click.option("--count", type=click.IntRange(1, 100000), default=None,
+              help="Workers sharing the preparation, with --index or --commit.")  # fmt: skip
+@click.option("--commit", is_flag=True, help="Join the --count parts in the output folder into the dataset.")
 @set_option
 @friendly_errors
-def data_prepare(file: Path, output: Path | None, overrides: tuple[str, ...]) -> None:
-    """Tokenize and pack FILE's corpus into shards (reused when inputs are unchanged)."""
-    from pretrain.data.prepare import prepare_cached, text_sample
-    from pretrain.data.tokenizer import build_tokenizer, fingerprint
+def data_prepare(file: Path, output: Path | None, workers: int, index: int | None, count: int | None, commit: bool,
+                 overrides: tuple[str, ...]) -> None:  # fmt: skip
+    """Tokenize and pack FILE's corpus into shards (reused when inputs are unchanged): at once,
+    or one worker's part at a time (--index k --count n on n machines, then --commit --count n)."""
+    from pretrain.data.tokenizer import fingerprint
 
+    if (index is not None or commit) and count is None:
+        raise UserError("--index and --commit need --count (the number of workers)")
+    if index is not None and commit:
+        raise UserError("--index prepares one part and --commit joins them: give one")
     job = load_job(file, overrides)
     cache = output or Path("runs") / job.metadata.name / "work" / "data"
     t0 = time.perf_counter()
     try:
-        tok = build_tokenizer(
-            job.spec.tokenizer, text_sample(job.spec.data, job.spec.tokenizer.sample_bytes), job.spec.model.vocab_size
-        )
-        path = prepare_cached(job.spec.data, tok, fingerprint(tok), cache, job.spec.data.cache_uri, publish=True)
+        tok = _job_tokenizer(job)
+        if index is not None and count is not None:
+            return _prepare_one_part(job, tok, cache, index, count, t0)
+        if commit and count is not None:
+            from pretrain.data.prepare import commit_parts
+            from pretrain.data.units import resolve_inputs
+
+            path = commit_parts(job.spec.data, resolve_inputs(job.spec.data, fingerprint(tok)), cache, count,
+                                fingerprint(tok))  # fmt: skip
+        else:
+            from pretrain.data.prepare import prepare_cached
+
+            path = prepare_cached(job.spec.data, tok, fingerprint(tok), cache, job.spec.data.cache_uri, publish=True,
+                                  workers=workers)  # fmt: skip
     except DataError as e:
         raise UserError(str(e)) from None
-    seconds = time.perf_counter() - t0
     m = json.loads((path / "manifest.json").read_text())
     train, val = m["splits"]["train"], m["splits"]["val"]
     click.echo(
         f"{path}: {train['rows']} training and {val['rows']} validation sequences of {m['sequence_length']} tokens "
         f"({train['tokens'] + val['tokens']:,} tokens, {len(train['shards']) + len(val['shards'])} shards, "
-        f"tokenizer {m['tokenizer_fingerprint']}) in {seconds:.1f}s"
+        f"{m['units']} units, tokenizer {m['tokenizer_fingerprint']}) in {time.perf_counter() - t0:.1f}s"
     )
+    return None
+
+
+def _job_tokenizer(job: Any) -> Any:
+    from pretrain.data.prepare import text_sample
+    from pretrain.data.tokenizer import build_tokenizer
+
+    spec = job.spec
+    return build_tokenizer(spec.tokenizer, text_sample(spec.data, spec.tokenizer.sample_bytes), spec.model.vocab_size)
+
+
+def _prepare_one_part(job: Any, tok: Any, cache: Path, index: int, count: int, t0: float) -> None:
+    from pretrain.data.parts import prepare_part
+    from pretrain.data.prepare import parts_folder
+    from pretrain.data.tokenizer import fingerprint
+    from pretrain.data.units import resolve_inputs
+
+    inputs = resolve_inputs(job.spec.data, fingerprint(tok))
+    path = prepare_part(job.spec.data, tok, inputs, parts_folder(cache, inputs.fingerprint), index, count)
+    part = json.loads(path.read_text())
+    rows = sum(u["rows"] for u in part["units"])
+    click.echo(f"{path}: part {index} of {count}: {len(part['units'])} units, {rows} sequences "
+               f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip

@@ -126,7 +126,7 @@ def source_fingerprint(src: DataSourceSpec, files: list[SourceFile]) -> str:
     return h.hexdigest()[:16]
 
 
-def _format(src: DataSourceSpec, uri: str) -> str:
+def data_format(src: DataSourceSpec, uri: str) -> str:
     if src.format != "auto":
         return src.format
     name = uri.lower().removesuffix(".gz").removesuffix(".zst")
@@ -154,7 +154,7 @@ def reading(uri: str) -> Iterator[None]:
 
 def iter_documents(src: DataSourceSpec, file: SourceFile) -> Iterator[str]:
     """Documents of one file (text in line-aligned chunks, else the text field of each row)."""
-    if (file.uri.startswith("hf://") and file.version == "hf") or _format(src, file.uri) != "text":
+    if (file.uri.startswith("hf://") and file.version == "hf") or data_format(src, file.uri) != "text":
         for where, row in iter_rows(src, file):
             value = _field(row, src.text_field, where)
             if value:
@@ -177,7 +177,7 @@ def iter_rows(src: DataSourceSpec, file: SourceFile) -> Iterator[tuple[str, dict
     if file.uri.startswith("hf://") and file.version == "hf":
         yield from _iter_hf(src)
         return
-    fmt = _format(src, file.uri)
+    fmt = data_format(src, file.uri)
     import fsspec
 
     with reading(file.uri):
@@ -195,18 +195,30 @@ def iter_rows(src: DataSourceSpec, file: SourceFile) -> Iterator[tuple[str, dict
                     raise DataError(f"{file.uri}: not readable as CSV ({e})") from None
                 return
             for lineno, line in enumerate(iter(lambda: f.readline(MAX_RECORD_CHARS + 1), ""), 1):
-                if len(line) > MAX_RECORD_CHARS:
-                    raise DataError(f"{file.uri}:{lineno}: a record longer than {MAX_RECORD_CHARS} characters "
-                                    "(is this JSONL?)")  # fmt: skip
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{file.uri}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{file.uri}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                yield f"{file.uri}:{lineno}", row
+                record = jsonl_record(line, f"{file.uri}:{lineno}")
+                if record is not None:
+                    yield f"{file.uri}:{lineno}", record
+
+
+def jsonl_record(line: str, where: str) -> dict[str, Any] | None:
+    """One JSONL line as a JSON object (None for a blank line), or a DataError naming `where`."""
+    if len(line) > MAX_RECORD_CHARS:
+        raise DataError(f"{where}: a record longer than {MAX_RECORD_CHARS} characters (is this JSONL?)")
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def row_text(src: DataSourceSpec, line: str, where: str) -> str:
+    """The text field of one JSONL line ("" for a blank line)."""
+    row = jsonl_record(line, where)
+    return "" if row is None else _field(row, src.text_field, where)
 
 
 def _field(row: Any, field: str, where: str) -> str:
