@@ -158,8 +158,12 @@ class Kubelet:
             self._signal(pp, signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 pp.proc.wait(10)
-        for t in self._threads:
-            t.join(10)
+        sync = self._threads[1]
+        sync.join(10)
+        # The watch thread only updates the pod view, and sits in a stream for up to 5 s: not
+        # waited for (a daemon thread), so that each node's stop does not cost those seconds.
+        self._threads[0].join(0.5)
+        assert not sync.is_alive(), "the kubelet's sync thread did not stop"
 
     def _watch(self) -> None:
         """List, then watch from the list's resourceVersion (re-list on 410 Gone), as informers do."""
