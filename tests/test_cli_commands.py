@@ -62,6 +62,49 @@ def test_data_prepare_in_parts_on_several_machines_then_commit(tmp_path: Path, m
     )
 
 
+def test_data_prepare_in_parts_into_a_bucket(s3: S3, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With data.cacheUri, each machine writes its part straight into the bucket (shards, then its
+    part manifest), `--commit` writes the dataset manifest last, and any later prepare (or the
+    trainer) takes the dataset from there, verified."""
+    from pretrain.data import units
+
+    monkeypatch.setattr(units, "UNIT_BYTES", 20_000)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"line {i} " * (1 + i % 7)}) + "\n" for i in range(2500)))
+    bucket = s3.bucket(f"parts-{os.urandom(3).hex()}")
+    sets = ["--set", f"data.sources.0.uri={corpus}", "--set", "tokenizer.type=bytes",
+            "--set", f"data.cacheUri=s3://{bucket}/cache"]  # fmt: skip
+
+    def prepare(machine: str, *args: str) -> str:
+        r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path / machine), *args, *sets])
+        assert r.exit_code == 0, r.output
+        return str(r.stdout)
+
+    for k in (2, 0):
+        assert f"part {k} of 3:" in prepare(f"m{k}", "--index", str(k), "--count", "3")
+    early = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path / "c"), "--commit",
+                                      "--count", "3", *sets])  # fmt: skip
+    assert early.exit_code == 1 and "/parts/part-00001-of-00003.json: this part is missing" in early.stderr, (
+        early.output
+    )
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]  # type: ignore[attr-defined]
+    assert not [k for k in keys if k.endswith("/manifest.json")], "no dataset before the commit"
+    assert "(already there: kept)" not in prepare("m1", "--index", "1", "--count", "3")
+    # the worker retried (a pod restarted): its part is kept, not made again
+    assert "(already there: kept)" in prepare("m1b", "--index", "1", "--count", "3")
+    committed = prepare("c", "--commit", "--count", "3")
+    assert f"{bucket}/cache/" in committed and "training and" in committed
+    fresh = prepare("fresh")  # a new machine: the dataset comes from the bucket, verified
+    local = json.loads(next((tmp_path / "fresh").glob("*/manifest.json")).read_text())
+    assert local["parts"] == 3 and local["units"] == -(-corpus.stat().st_size // 20_000)
+    assert list((tmp_path / "fresh").glob("*/u000000-train-000000.bin")), fresh
+    at_once = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path / "once"),
+                                        *sets[:4]])  # fmt: skip
+    assert at_once.exit_code == 0, at_once.output
+    once = json.loads(next((tmp_path / "once").glob("*/manifest.json")).read_text())
+    assert once["splits"] == local["splits"], "the same rows however they were made"
+
+
 def test_data_prepare_bad_source_one_line(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path), "--set",
                                   f"data.sources.0.uri={tmp_path}/nothing-*.txt"])  # fmt: skip

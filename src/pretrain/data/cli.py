@@ -72,7 +72,6 @@ def data_prepare(file: Path, output: Path | None, workers: int, index: int | Non
                  overrides: tuple[str, ...]) -> None:  # fmt: skip
     """Tokenize and pack FILE's corpus into shards (reused when inputs are unchanged): at once,
     or one worker's part at a time (--index k --count n on n machines, then --commit --count n)."""
-    from pretrain.data.tokenizer import fingerprint
 
     if (index is not None or commit) and count is None:
         raise UserError("--index and --commit need --count (the number of workers)")
@@ -85,27 +84,41 @@ def data_prepare(file: Path, output: Path | None, workers: int, index: int | Non
         tok = _job_tokenizer(job)
         if index is not None and count is not None:
             return _prepare_one_part(job, tok, cache, index, count, t0)
-        if commit and count is not None:
-            from pretrain.data.prepare import commit_parts
-            from pretrain.data.units import resolve_inputs
-
-            path = commit_parts(job.spec.data, resolve_inputs(job.spec.data, fingerprint(tok)), cache, count,
-                                fingerprint(tok))  # fmt: skip
-        else:
-            from pretrain.data.prepare import prepare_cached
-
-            path = prepare_cached(job.spec.data, tok, fingerprint(tok), cache, job.spec.data.cache_uri, publish=True,
-                                  workers=workers)  # fmt: skip
+        where, m = (
+            _commit(job, tok, cache, count) if commit and count is not None else _prepare(job, tok, cache, workers)
+        )
     except DataError as e:
         raise UserError(str(e)) from None
-    m = json.loads((path / "manifest.json").read_text())
     train, val = m["splits"]["train"], m["splits"]["val"]
     click.echo(
-        f"{path}: {train['rows']} training and {val['rows']} validation sequences of {m['sequence_length']} tokens "
+        f"{where}: {train['rows']} training and {val['rows']} validation sequences of {m['sequence_length']} tokens "
         f"({train['tokens'] + val['tokens']:,} tokens, {len(train['shards']) + len(val['shards'])} shards, "
         f"{m['units']} units, tokenizer {m['tokenizer_fingerprint']}) in {time.perf_counter() - t0:.1f}s"
     )
     return None
+
+
+def _prepare(job: Any, tok: Any, cache: Path, workers: int) -> tuple[str, dict[str, Any]]:
+    from pretrain.data.prepare import prepare_cached
+    from pretrain.data.tokenizer import fingerprint
+
+    path = prepare_cached(job.spec.data, tok, fingerprint(tok), cache, job.spec.data.cache_uri, publish=True,
+                          workers=workers)  # fmt: skip
+    return str(path), json.loads((path / "manifest.json").read_text())
+
+
+def _commit(job: Any, tok: Any, cache: Path, count: int) -> tuple[str, dict[str, Any]]:
+    """The parts joined where they are: data.cacheUri when set, else the output folder."""
+    from pretrain.data.prepare import commit_parts, commit_remote
+    from pretrain.data.tokenizer import fingerprint
+    from pretrain.data.units import resolve_inputs
+
+    data = job.spec.data
+    inputs = resolve_inputs(data, fingerprint(tok))
+    if data.cache_uri:
+        return commit_remote(data, inputs, data.cache_uri, count, fingerprint(tok), cache)
+    path = commit_parts(data, inputs, cache, count, fingerprint(tok))
+    return str(path), json.loads((path / "manifest.json").read_text())
 
 
 def _job_tokenizer(job: Any) -> Any:
@@ -117,14 +130,19 @@ def _job_tokenizer(job: Any) -> Any:
 
 
 def _prepare_one_part(job: Any, tok: Any, cache: Path, index: int, count: int, t0: float) -> None:
+    """One worker's part: into data.cacheUri when set (any machine), else the output folder."""
     from pretrain.data.parts import prepare_part
-    from pretrain.data.prepare import parts_folder
+    from pretrain.data.prepare import parts_folder, prepare_remote_part
     from pretrain.data.tokenizer import fingerprint
-    from pretrain.data.units import resolve_inputs
+    from pretrain.data.units import plan_units, resolve_inputs, units_of
 
-    inputs = resolve_inputs(job.spec.data, fingerprint(tok))
-    path = prepare_part(job.spec.data, tok, inputs, parts_folder(cache, inputs.fingerprint), index, count)
-    part = json.loads(path.read_text())
-    rows = sum(u["rows"] for u in part["units"])
-    click.echo(f"{path}: part {index} of {count}: {len(part['units'])} units, {rows} sequences "
-               f"in {time.perf_counter() - t0:.1f}s")  # fmt: skip
+    data = job.spec.data
+    inputs = resolve_inputs(data, fingerprint(tok))
+    made = True
+    if data.cache_uri:
+        where, made = prepare_remote_part(data, tok, inputs, data.cache_uri, index, count, cache)
+    else:
+        where = str(prepare_part(data, tok, inputs, parts_folder(cache, inputs.fingerprint), index, count))
+    n = len(units_of(count, index, len(plan_units(data, inputs))))
+    kept = "" if made else " (already there: kept)"
+    click.echo(f"{where}: part {index} of {count}: {n} units{kept} in {time.perf_counter() - t0:.1f}s")

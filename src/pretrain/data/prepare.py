@@ -14,6 +14,7 @@ the collator's business, so one prepared set serves CLM and MLM alike.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.api.spec import DataSourceSpec, DataSpec
-from pretrain.data.parts import DEFAULT_SHARD_ROWS, commit, part_name, prepare_parts
+from pretrain.data.parts import DEFAULT_SHARD_ROWS, commit, part_name, prepare_part, prepare_parts
 from pretrain.data.sources import DataError, SourceFile, iter_documents, resolve_files
 from pretrain.data.units import Inputs, resolve_inputs
 
@@ -225,3 +226,73 @@ def prepare_cached(
     if publish:
         upload_dir(path, remote, last="manifest.json")  # shards first: readers wait for the manifest
     return path
+
+
+def _dataset_uri(remote_cache: str, fingerprint: str) -> str:
+    return f"{remote_cache.rstrip('/')}/{fingerprint}"
+
+
+def prepare_remote_part(
+    spec: DataSpec, tokenizer: Any, inputs: Inputs, remote_cache: str, index: int, count: int, scratch: Path
+) -> tuple[str, bool]:
+    """(where, whether made now): one worker's part of a dataset in object storage: its shards go straight into the
+    dataset's folder `<cacheUri>/<fingerprint>/` (no reader trusts that folder before its
+    manifest), then its part manifest to `parts/`, last. A part already there is kept."""
+    import fsspec
+
+    from pretrain.storage.fs import with_retries
+
+    fs, root = fsspec.core.url_to_fs(_dataset_uri(remote_cache, inputs.fingerprint))
+    name = part_name(index, count)
+    local = scratch / f".{inputs.fingerprint}.part-{index}-of-{count}-{os.getpid()}"
+    if with_retries(f"read parts/{name}", lambda: fs.exists(f"{root}/parts/{name}")):
+        local.mkdir(parents=True, exist_ok=True)
+        with_retries(f"read parts/{name}", lambda: fs.get_file(f"{root}/parts/{name}", str(local / name)))
+        try:
+            existing = json.loads((local / name).read_text())
+        except ValueError:
+            existing = {}  # torn: made again
+        if existing.get("fingerprint") == inputs.fingerprint:
+            shutil.rmtree(local, ignore_errors=True)
+            return f"{root}/parts/{name}", False
+    shutil.rmtree(local, ignore_errors=True)
+    try:
+        path = prepare_part(spec, tokenizer, inputs, local, index, count)
+        shards = [s["file"] for u in json.loads(path.read_text())["units"] for split in ("train", "val")
+                  for s in u[split]]  # fmt: skip
+        fs.makedirs(f"{root}/parts", exist_ok=True)  # a local or mounted cacheUri needs its folders
+        for shard in shards:
+            with_retries(f"upload {shard}", functools.partial(fs.put_file, str(local / shard), f"{root}/{shard}"))
+        with_retries(f"upload parts/{name}", lambda: fs.put_file(str(path), f"{root}/parts/{name}"))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return f"{root}/parts/{name}", True
+
+
+def commit_remote(
+    spec: DataSpec, inputs: Inputs, remote_cache: str, count: int, tokenizer_fingerprint: str, scratch: Path
+) -> tuple[str, dict[str, Any]]:
+    """Join the `count` parts in `<cacheUri>/<fingerprint>/parts/`: the dataset manifest, last."""
+    import fsspec
+
+    from pretrain.storage.fs import with_retries
+
+    uri = _dataset_uri(remote_cache, inputs.fingerprint)
+    fs, root = fsspec.core.url_to_fs(uri)
+    local = scratch / f".{inputs.fingerprint}.commit-{os.getpid()}"
+    local.mkdir(parents=True, exist_ok=True)
+    try:
+        for k in range(count):
+            name = part_name(k, count)
+            there = f"{root}/parts/{name}"
+            if with_retries(f"read parts/{name}", functools.partial(fs.exists, there)):
+                with_retries(f"read parts/{name}", functools.partial(fs.get_file, there, str(local / name)))
+        try:
+            manifest = commit(spec, inputs, local, count, tokenizer_fingerprint)
+        except DataError as e:
+            raise DataError(str(e).replace(str(local), f"{uri}/parts")) from None
+        (local / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        with_retries("upload manifest.json", lambda: fs.put_file(str(local / "manifest.json"), f"{root}/manifest.json"))
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    return uri, manifest
