@@ -223,7 +223,6 @@ class Kubelet:
 
     def _resolve_env(self, pod: dict[str, Any], ip: str) -> dict[str, str]:
         c = pod["spec"]["containers"][0]
-        meta = pod["metadata"]
         env: dict[str, str] = {}
         for ref in c.get("envFrom", []):
             env.update(self._secret(ref["secretRef"]["name"]))
@@ -233,9 +232,7 @@ class Kubelet:
                 continue
             src = e["valueFrom"]
             if "fieldRef" in src:
-                path = src["fieldRef"]["fieldPath"]
-                env[e["name"]] = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-                                  "status.podIP": ip, "spec.nodeName": self.node}[path]  # fmt: skip
+                env[e["name"]] = self._field(pod, src["fieldRef"]["fieldPath"], ip)
             elif "configMapKeyRef" in src:
                 ref = src["configMapKeyRef"]
                 env[e["name"]] = self._configmap(ref["name"])[ref["key"]]
@@ -244,11 +241,20 @@ class Kubelet:
                 env[e["name"]] = self._secret(ref["name"])[ref["key"]]
         return env
 
+    def _field(self, pod: dict[str, Any], path: str, ip: str) -> str:
+        """A downward-API field: the pod's name, namespace, IP, node, or one label or annotation."""
+        meta = pod["metadata"]
+        m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+        if m:
+            return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+        return {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"], "status.podIP": ip,
+                "spec.nodeName": self.node}[path]  # fmt: skip
+
     def _mounts(self, pod: dict[str, Any], base: Path) -> dict[str, Path]:
         """mountPath -> local folder, with ConfigMap volumes written out."""
-        volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes") or []}
         out: dict[str, Path] = {}
-        for m in pod["spec"]["containers"][0]["volumeMounts"]:
+        for m in pod["spec"]["containers"][0].get("volumeMounts") or []:
             if m["mountPath"] == "/dev/shm":
                 continue  # this machine's /dev/shm serves
             local = base / m["name"]

@@ -40,6 +40,8 @@ BUILTIN = [
     Resource("", "v1", "events", "Event", singular="event", short_names=["ev"]),
     Resource("", "v1", "serviceaccounts", "ServiceAccount", singular="serviceaccount", short_names=["sa"]),
     Resource("coordination.k8s.io", "v1", "leases", "Lease", singular="lease"),
+    Resource("batch", "v1", "jobs", "Job", singular="job", categories=["all"], subresources=["status"],
+             status_subresource=True, has_generation=True, default_propagation="Orphan"),
     Resource("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition",
              namespaced=False, singular="customresourcedefinition", short_names=["crd", "crds"],
              subresources=["status"], has_generation=True, validate_builtin=True),

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tests.kubeapi import batch
 from tests.kubeapi import schema as crd_schema
 from tests.kubeapi.selectors import FieldSelector, LabelSelector
 
@@ -75,6 +76,8 @@ class Resource:
     printer_columns: list[Obj] = field(default_factory=list)
     has_generation: bool = False
     validate_builtin: bool = True  # against the official schemas (kubernetes-validate)
+    #: What a DELETE without a propagationPolicy does to the object's dependents.
+    default_propagation: str = "Background"
 
     @property
     def api_version(self) -> str:
@@ -321,6 +324,11 @@ class Store:
         elif res.validate_builtin:
             import kubernetes_validate as kv
 
+            if res.kind == "Job":
+                batch.default_job(new)
+                if errs := batch.job_errors(new, old):
+                    raise self._invalid(res, name, errs)
+
             try:
                 kv.validate(new, "1.35", strict=True)
             except kv.ValidationError as e:
@@ -529,7 +537,7 @@ class Store:
                     meta["resourceVersion"] = self._next_rv()
                     self._emit(res, "MODIFIED", obj, old)
                 return copy.deepcopy(obj)
-        policy = propagation or "Background"
+        policy = propagation or res.default_propagation
         finalizers = list(meta.get("finalizers") or [])
         if policy == "Foreground" and "foregroundDeletion" not in finalizers and not meta.get("deletionTimestamp"):
             finalizers.append("foregroundDeletion")
