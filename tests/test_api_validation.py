@@ -42,6 +42,8 @@ DELETE = object()
 BAD_SPECS: list[tuple[str, str, str]] = [
     ("empty-file", "", "empty"),
     ("only-comments", "# nothing here\n", "empty"),
+    ("prepare-without-cache", mutate("spec.data.prepare", {"workers": 4}), "spec.data.prepare: needs spec.data.cacheUri"),
+    ("prepare-zero-workers", mutate("spec.data.prepare", {"workers": 0}), "spec.data.prepare.workers"),
     ("not-a-mapping-list", "- a\n- b\n", "expected a mapping"),
     ("not-a-mapping-scalar", "just a string\n", "expected a mapping"),
     ("yaml-syntax", "spec: {model: [\n", "not valid YAML"),

@@ -89,7 +89,7 @@ def test_deployment_hardening_and_values() -> None:
 RESOURCE = {"Pod": ("", "pods"), "Service": ("", "services"), "ConfigMap": ("", "configmaps"),
             "Event": ("", "events"), "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
             "PretrainJob": ("pretrain.io", "pretrainjobs"), "PretrainJob/status": ("pretrain.io", "pretrainjobs/status"),
-            }  # fmt: skip
+            "Job": ("batch", "jobs")}  # fmt: skip
 #: What Kopf itself does (watch the jobs), what the children's caches do (list and watch pods,
 #: services and configmaps), and the permission blockOwnerDeletion needs; cluster-wide, Kopf
 #: also discovers namespaces and CRDs.
@@ -125,8 +125,12 @@ def calls_made_by_the_operator() -> dict[tuple[str, str], set[str]]:
     stuck.reconcile()
     stuck.advance(2)
     stuck.reconcile()  # sets spec.runPolicy.suspend
+    prepared = Harness(job_body({"data.prepare": {"workers": 2}, "data.cacheUri": "s3://b/cache"}))
+    prepared.reconcile()  # creates the preparation Job
+    prepared.cluster.set_job_status("tiny-prepare", complete=True, succeeded=2)
+    prepared.reconcile()  # reads it, deletes it, starts the gang
     rules: dict[tuple[str, str], set[str]] = {}
-    for verb, kind in h.cluster.calls + stuck.cluster.calls:
+    for verb, kind in h.cluster.calls + stuck.cluster.calls + prepared.cluster.calls:
         rules.setdefault(RESOURCE[kind], set()).add(verb)
     return rules
 

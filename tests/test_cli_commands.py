@@ -80,8 +80,10 @@ def test_data_prepare_in_parts_into_a_bucket(s3: S3, tmp_path: Path, monkeypatch
         assert r.exit_code == 0, r.output
         return str(r.stdout)
 
-    for k in (2, 0):
-        assert f"part {k} of 3:" in prepare(f"m{k}", "--index", str(k), "--count", "3")
+    for k, present in ((2, 1), (0, 2)):
+        out = prepare(f"m{k}", "--index", str(k), "--count", "3")
+        assert f"part {k} of 3:" in out and f"{present} of 3 parts written; the last worker" in out, out
+    assert "(already there: kept)" in prepare("m2b", "--index", "2", "--count", "3"), "a retried worker redoes nothing"
     early = CliRunner().invoke(main, ["data", "prepare", TINY, "--output", str(tmp_path / "c"), "--commit",
                                       "--count", "3", *sets])  # fmt: skip
     assert early.exit_code == 1 and "/parts/part-00001-of-00003.json: this part is missing" in early.stderr, (
@@ -89,10 +91,11 @@ def test_data_prepare_in_parts_into_a_bucket(s3: S3, tmp_path: Path, monkeypatch
     )
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]  # type: ignore[attr-defined]
     assert not [k for k in keys if k.endswith("/manifest.json")], "no dataset before the commit"
-    assert "(already there: kept)" not in prepare("m1", "--index", "1", "--count", "3")
-    # the worker retried (a pod restarted): its part is kept, not made again
-    assert "(already there: kept)" in prepare("m1b", "--index", "1", "--count", "3")
-    committed = prepare("c", "--commit", "--count", "3")
+    last = prepare("m1", "--index", "1", "--count", "3")
+    assert "(already there: kept)" not in last and "committed, " in last, "the last worker to finish commits"
+    # a worker retried (a pod restarted) once the dataset is there: nothing to do
+    assert "already prepared, nothing to do" in prepare("m1b", "--index", "1", "--count", "3")
+    committed = prepare("c", "--commit", "--count", "3")  # an explicit commit writes the same manifest
     assert f"{bucket}/cache/" in committed and "training and" in committed
     fresh = prepare("fresh")  # a new machine: the dataset comes from the bucket, verified
     local = json.loads(next((tmp_path / "fresh").glob("*/manifest.json")).read_text())

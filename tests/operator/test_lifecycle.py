@@ -471,7 +471,7 @@ def test_a_pod_killed_by_a_signal_says_so_not_its_last_log_line() -> None:
 def test_deadline_counts_running_time_only() -> None:
     h = running(Harness(job_body(two_nodes(**{"runPolicy.activeDeadlineSeconds": 600}))))
     h.advance(300)
-    h.body["spec"]["runPolicy"]["suspend"] = True
+    h.body["spec"].setdefault("runPolicy", {})["suspend"] = True
     h.reconcile()
     h.cluster.settle()
     h.advance(7200)  # two hours suspended
@@ -489,7 +489,7 @@ def test_deadline_counts_running_time_only() -> None:
 
 def test_resume_waiting_for_old_pods_does_not_count_the_wait_twice() -> None:
     h = running(Harness(job_body(two_nodes(**{"runPolicy.activeDeadlineSeconds": 600}))))
-    h.body["spec"]["runPolicy"]["suspend"] = True
+    h.body["spec"].setdefault("runPolicy", {})["suspend"] = True
     h.reconcile()
     h.advance(1000)
     h.body["spec"]["runPolicy"]["suspend"] = False
@@ -587,3 +587,52 @@ def test_a_job_without_checkpoint_storage_is_warned_and_says_a_restart_starts_ov
     with_storage = Harness(job_body(two_nodes()))
     with_storage.reconcile()
     assert "NoCheckpointStorage" not in with_storage.events()
+
+
+def test_the_data_is_prepared_by_a_job_before_the_first_gang() -> None:
+    """Issue 28 item 1: with data.prepare, an Indexed Job the PretrainJob owns runs first (phase
+    Preparing, workers done in status.preparation); only once it completed is the gang created,
+    and the Job deleted."""
+    h = Harness(job_body({"data.prepare": {"workers": 3, "backoffLimitPerIndex": 2}, "data.cacheUri": "s3://b/cache"}))
+    h.reconcile()
+    assert (h.phase, h.status["reason"]) == ("Preparing", "Preparing") and h.pod_names() == []
+    prep = h.cluster.objects[("Job", "default", "tiny-prepare")]
+    assert prep["spec"]["completionMode"] == "Indexed" and prep["spec"]["completions"] == 3
+    assert prep["spec"]["backoffLimitPerIndex"] == 2 and prep["metadata"]["ownerReferences"][0]["uid"] == "uid-tiny"
+    c = prep["spec"]["template"]["spec"]["containers"][0]
+    assert c["command"] == ["pretrain", "data", "prepare", "/etc/pretrain/job.json", "--index=$(JOB_COMPLETION_INDEX)",
+                            "--count=3", "--output=/tmp/data"]  # fmt: skip
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["resources"]["requests"]["cpu"] == "1"
+    h.cluster.set_job_status("tiny-prepare", succeeded=2)
+    h.reconcile()
+    assert h.status["preparation"] == {"workers": 3, "completed": 2} and "2 of 3 worker(s) done" in h.status["message"]
+    assert h.pod_names() == []
+    h.cluster.set_job_status("tiny-prepare", complete=True, succeeded=3)
+    h.reconcile()
+    assert h.status["preparation"]["done"] is True and h.phase == "Pending" and h.pod_names() == ["tiny-a1-n0"]
+    assert ("Job", "default", "tiny-prepare") not in h.cluster.objects, "the completed Job is deleted"
+    assert "Prepared" in h.events()
+    h.run_all()
+    h.reconcile()
+    assert h.phase == "Running"
+
+
+def test_a_failed_preparation_fails_the_job_with_the_workers_named() -> None:
+    h = Harness(job_body({"data.prepare": {"workers": 3}, "data.cacheUri": "s3://b/cache"}))
+    h.reconcile()
+    h.cluster.set_job_status("tiny-prepare", failed=True, succeeded=2, failed_indexes="1")
+    h.reconcile()
+    assert (h.phase, h.status["reason"]) == ("Failed", "PreparationFailed") and h.pod_names() == []
+    assert "failed workers 1" in h.status["message"] and "kubectl logs -l job-name=tiny-prepare" in h.status["message"]
+    assert h.status["preparation"]["failedIndexes"] == "1"
+
+
+def test_suspending_while_preparing_deletes_the_job_and_resuming_makes_it_again() -> None:
+    h = Harness(job_body({"data.prepare": {"workers": 2}, "data.cacheUri": "s3://b/cache"}))
+    h.reconcile()
+    h.body["spec"].setdefault("runPolicy", {})["suspend"] = True
+    h.reconcile()
+    assert h.phase == "Suspended" and ("Job", "default", "tiny-prepare") not in h.cluster.objects
+    h.body["spec"]["runPolicy"]["suspend"] = False
+    h.reconcile()
+    assert h.phase == "Preparing" and ("Job", "default", "tiny-prepare") in h.cluster.objects

@@ -62,4 +62,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
   verbs: ["create", "get"]
+# the data preparation stage (data.prepare): an Indexed Job per PretrainJob, deleted once done
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "delete", "get", "list", "watch"]
 {{- end -}}

@@ -188,6 +188,25 @@ class DataSourceSpec(Spec):
     text_field: str = Field("text", min_length=1, max_length=256, description="Column holding the text.")
 
 
+class ResourceList(Spec):
+    """CPU and memory of one pod (Kubernetes quantities)."""
+
+    cpu: Quantity | None = Field(None, description="CPU quantity, e.g. 8 or 500m.")
+    memory: Quantity | None = Field(None, description="Memory quantity, e.g. 64Gi.")
+
+
+class DataPrepareSpec(Spec):
+    """The preparation stage: `workers` pods, each tokenizing and packing its share of the units of
+    work (files, and 64 MiB ranges of large files) into data.cacheUri; the last to finish commits."""
+
+    workers: int = Field(..., ge=1, le=10_000, description="Pods of the stage (the Indexed Job's completions).")
+    parallelism: int | None = Field(None, ge=1, le=10_000, description="Pods at once; default: workers.")
+    backoff_limit_per_index: int = Field(3, ge=0, le=100, description="Retries of one worker before the job fails.")
+    requests: ResourceList = Field(default_factory=lambda: ResourceList(cpu="1", memory="2Gi"),
+                                   description="Per-pod requests.")  # fmt: skip
+    limits: ResourceList = Field(default_factory=ResourceList, description="Per-pod limits.")
+
+
 class DataSpec(Spec):
     """The corpus and how it is cut into training sequences."""
 
@@ -203,7 +222,13 @@ class DataSpec(Spec):
     cache_uri: str | None = Field(
         None,
         max_length=2048,
-        description="Where prepared shards go; default <checkpoint.uri>/data.",
+        description="Where prepared shards go, shared by every node and later jobs (object storage); unset: each "
+        "node's rank 0 prepares its own copy.",
+    )
+    prepare: DataPrepareSpec | None = Field(
+        None,
+        description="Prepare the data first in a parallel stage on the cluster (an Indexed Job owned by this job, "
+        "writing to cacheUri), then train; unset: rank 0 prepares while the other ranks wait.",
     )
 
 
@@ -321,13 +346,6 @@ class CheckpointSpec(Spec):
 
 
 # --------------------------------------------------------------------------- resources
-
-
-class ResourceList(Spec):
-    """CPU and memory of one pod (Kubernetes quantities)."""
-
-    cpu: Quantity | None = Field(None, description="CPU quantity, e.g. 8 or 500m.")
-    memory: Quantity | None = Field(None, description="Memory quantity, e.g. 64Gi.")
 
 
 class EnvVar(Spec):
@@ -567,6 +585,7 @@ class PretrainJobSpec(Spec):
 
 class Phase(StrEnum):
     PENDING = "Pending"
+    PREPARING = "Preparing"
     RUNNING = "Running"
     RESTARTING = "Restarting"
     SUCCEEDED = "Succeeded"
@@ -628,6 +647,15 @@ class Resize(Spec):
     count: int | None = Field(None, description="Resizes so far.")
 
 
+class PreparationStatus(Spec):
+    """The data preparation stage (data.prepare), as its Indexed Job reports it."""
+
+    workers: int | None = None
+    completed: int | None = Field(None, description="Workers done.")
+    failed_indexes: str | None = Field(None, description='Workers over their retry limit ("0-2,4").')
+    done: bool | None = Field(None, description="Every part written and committed: training may start.")
+
+
 class PretrainJobStatus(Spec):
     """Observed state of a PretrainJob, written only by the operator."""
 
@@ -649,6 +677,7 @@ class PretrainJobStatus(Spec):
         None, description="Time spent suspended, which activeDeadlineSeconds does not count."
     )
     progress: Progress | None = None
+    preparation: PreparationStatus | None = None
     evaluation: dict[str, float] | None = Field(
         None, description="Latest task metrics (accuracy, macro_f1, f1, exact_match...) of a fine-tuning job."
     )

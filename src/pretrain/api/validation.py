@@ -384,6 +384,15 @@ def _check_data(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecErr
                                     f"lies in {where}, the machine's own files; a data source reads a corpus")  # fmt: skip
     if spec.data.cache_uri:
         yield from _check_uri("spec.data.cacheUri", spec.data.cache_uri, CHECKPOINT_SCHEMES, check_backends)
+    prep = spec.data.prepare
+    if prep is not None and (spec.data.cache_uri is None or _scheme(spec.data.cache_uri) in {"", "file", "memory"}):
+        yield SpecError("spec.data.prepare", "needs spec.data.cacheUri in object storage (s3://, gs://, ...): "
+                        "the workers' pods write their parts there, and the trainer's pods read the dataset from it")  # fmt: skip
+    if prep is not None and spec.objective.fine_tuning:
+        yield SpecError("spec.data.prepare", f"packs text for pre-training; {spec.objective.type} reads labelled rows, "
+                        "which need no preparation stage")  # fmt: skip
+    if prep is not None and prep.parallelism is not None and prep.parallelism > prep.workers:
+        yield SpecError("spec.data.prepare.parallelism", f"{prep.parallelism} is more than workers ({prep.workers})")
 
 
 def _check_checkpoint(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecError]:

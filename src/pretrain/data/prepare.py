@@ -296,3 +296,19 @@ def commit_remote(
     finally:
         shutil.rmtree(local, ignore_errors=True)
     return uri, manifest
+
+
+def remote_state(remote_cache: str, fingerprint: str, count: int) -> tuple[bool, int]:
+    """(whether the dataset is committed, how many of the `count` parts are there): one listing."""
+    import fsspec
+
+    from pretrain.storage.fs import with_retries
+
+    fs, root = fsspec.core.url_to_fs(_dataset_uri(remote_cache, fingerprint))
+    committed = bool(with_retries("read manifest.json", lambda: fs.exists(f"{root}/manifest.json")))
+    try:
+        listed = with_retries("list parts/", lambda: fs.ls(f"{root}/parts", detail=False))
+    except FileNotFoundError:
+        listed = []
+    names = {str(p).rstrip("/").rsplit("/", 1)[-1] for p in listed}
+    return committed, sum(1 for k in range(count) if part_name(k, count) in names)

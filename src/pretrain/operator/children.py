@@ -7,6 +7,7 @@ always find, adopt or delete what it made, whatever it remembers.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from pretrain.api.spec import API_VERSION, KIND, PretrainJob
@@ -28,6 +29,12 @@ COMMON_LABELS = {"app.kubernetes.io/name": "pretrain", "app.kubernetes.io/manage
 
 #: The trainer image's non-root user.
 RUN_AS_USER = 1000
+#: Every pod the operator makes runs as that user, with no privileges and a read-only root
+#: filesystem (what it writes goes to its volumes).
+POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER,
+                                "fsGroup": RUN_AS_USER, "seccompProfile": {"type": "RuntimeDefault"}}  # fmt: skip
+CONTAINER_SECURITY: dict[str, Any] = {"allowPrivilegeEscalation": False, "runAsNonRoot": True,
+                                      "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]}}  # fmt: skip
 CONFIG_KEY = "job.json"
 #: "standby": a placeholder pod of an elastic job running below maxNodes. It holds a node's
 #: worth of resources and tells the operator, by running, that the node is back.
@@ -206,13 +213,8 @@ def build_pod(
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
         ],
         "resources": _resources(job),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "runAsNonRoot": True,
-            # Everything the trainer writes goes to its volumes: /workspace, /tmp, /dev/shm.
-            "readOnlyRootFilesystem": True,
-            "capabilities": {"drop": ["ALL"]},
-        },
+        # Everything the trainer writes goes to its volumes: /workspace, /tmp, /dev/shm.
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
         "volumeMounts": [
             {"name": "config", "mountPath": POD_CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
             {"name": "shm", "mountPath": "/dev/shm"},
@@ -229,13 +231,7 @@ def build_pod(
         # Time the trainer gets after SIGTERM to finish its step and save a checkpoint.
         "terminationGracePeriodSeconds": grace,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS_USER,
-            "runAsGroup": RUN_AS_USER,
-            "fsGroup": RUN_AS_USER,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": copy.deepcopy(POD_SECURITY),
         "containers": [container],
         "volumes": [
             {"name": "config", "configMap": {"name": configmap_name(name)}},

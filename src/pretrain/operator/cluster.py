@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from pretrain.api.spec import GROUP, PLURAL, VERSION
 from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, controller_uid, service_name
 from pretrain.operator.planner import Event, Observed, pod_view
+from pretrain.operator.preparation import PrepareView, prepare_job_name, prepare_view
 from pretrain.timestamps import rfc3339
 
 #: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
@@ -30,6 +31,8 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
     ("", "configmaps", ["create", "get", "update"]),
     ("", "events", ["create"]),
     ("monitoring.coreos.com", "podmonitors", ["create", "get"]),
+    # the data preparation stage (data.prepare): created, read, deleted once it completed
+    ("batch", "jobs", ["create", "delete", "get"]),
 ]
 
 
@@ -38,7 +41,7 @@ class Cluster(Protocol):
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None: ...
     def suspend_job(self, namespace: str, name: str) -> None: ...
     def delete_job(self, namespace: str, name: str, uid: str) -> None: ...
-    def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed: ...
+    def observe(self, namespace: str, job: str, pod_monitor: bool = True, prepare: bool = False) -> Observed: ...
     def pod_monitor_exists(self, namespace: str, job: str) -> bool: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def replace(self, obj: dict[str, Any]) -> None: ...
@@ -100,11 +103,14 @@ class InMemoryCluster:
         for key in [k for k, o in self.objects.items() if k[1] == namespace and controller_uid(o["metadata"]) == uid]:
             del self.objects[key]
 
-    def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed:
+    def observe(self, namespace: str, job: str, pod_monitor: bool = True, prepare: bool = False) -> Observed:
         # the same reads as KubeCluster.observe
         self.calls += [("list", "Pod"), ("get", "Service"), ("get", "ConfigMap")]
         if pod_monitor:
             self.calls.append(("get", "PodMonitor"))
+        if prepare:
+            self.calls.append(("get", "Job"))
+        prep = self.objects.get(("Job", namespace, prepare_job_name(job))) if prepare else None
         pods = [
             pod_view(o) for (kind, ns, _), o in sorted(self.objects.items())
             if kind == "Pod" and ns == namespace and o["metadata"]["labels"].get(LABEL_JOB) == job
@@ -119,6 +125,7 @@ class InMemoryCluster:
             config=(cm or {}).get("data", {}).get(CONFIG_KEY),
             service_owner=controller_uid(svc["metadata"]) if svc else None,
             configmap_owner=controller_uid(cm["metadata"]) if cm else None,
+            prepare_job=prepare_view(prep) if prep else None,
         )
 
     def pod_monitor_exists(self, namespace: str, job: str) -> bool:
@@ -162,6 +169,15 @@ class InMemoryCluster:
         self.events.append((job, event))
 
     # ---- test controls
+    def set_job_status(self, name: str, *, complete: bool = False, failed: bool = False, succeeded: int = 0,
+                       failed_indexes: str = "", namespace: str = "default") -> None:  # fmt: skip
+        """What the Job controller writes on a preparation Job."""
+        conds = [{"type": t, "status": "True", "reason": r, "message": m} for t, r, m, on in (
+            ("Complete", "CompletionsReached", "Reached expected number of succeeded pods", complete),
+            ("Failed", "FailedIndexes", "Job has failed indexes", failed)) if on]  # fmt: skip
+        self.objects[("Job", namespace, name)]["status"] = {
+            "succeeded": succeeded, "failedIndexes": failed_indexes or None, "conditions": conds}  # fmt: skip
+
     def pods(self, namespace: str = "default") -> list[dict[str, Any]]:
         return [o for (k, ns, _), o in sorted(self.objects.items()) if k == "Pod" and ns == namespace]
 
@@ -276,6 +292,7 @@ class KubeCluster:
         self.api = api_client
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.batch = kubernetes.client.BatchV1Api(api_client)
 
     def _read(self, read: Any, *args: Any, **kwargs: Any) -> Any:
         """The object, or None when the API says 404 (403 too for a PodMonitor: its CRD absent
@@ -315,7 +332,7 @@ class KubeCluster:
                 raise NotFound(f"PretrainJob {name} not found") from e
             raise
 
-    def observe(self, namespace: str, job: str, pod_monitor: bool = True) -> Observed:
+    def observe(self, namespace: str, job: str, pod_monitor: bool = True, prepare: bool = False) -> Observed:
         # Raw JSON (`_preload_content=False`): building the client's typed models of every pod
         # only to turn them back into dicts cost more than the request itself.
         raw: Any = self.core.list_namespaced_pod(namespace, label_selector=f"{LABEL_JOB}={job}", _preload_content=False)
@@ -332,7 +349,12 @@ class KubeCluster:
             config=(cm_obj.get("data") or {}).get(CONFIG_KEY) if cm_obj else None,
             service_owner=controller_uid(svc_obj["metadata"]) if svc_obj else None,
             configmap_owner=controller_uid(cm_obj["metadata"]) if cm_obj else None,
+            prepare_job=self._prepare_job(namespace, job) if prepare else None,
         )
+
+    def _prepare_job(self, namespace: str, job: str) -> PrepareView | None:
+        found = self._read(self.batch.read_namespaced_job, prepare_job_name(job), namespace, _preload_content=False)
+        return prepare_view(json.loads(found.data)) if found is not None else None
 
     def delete_job(self, namespace: str, name: str, uid: str) -> None:
         """Delete the job itself, only the incarnation planned for (uid precondition); its
@@ -379,6 +401,8 @@ class KubeCluster:
                 self.core.create_namespaced_config_map(ns, body)
             elif kind == "PodMonitor":
                 self.custom.create_namespaced_custom_object("monitoring.coreos.com", "v1", ns, "podmonitors", obj)
+            elif kind == "Job":
+                self.batch.create_namespaced_job(ns, body)
             else:
                 raise ValueError(f"the operator does not create {kind}")
         except self.k.client.ApiException as e:
@@ -401,6 +425,8 @@ class KubeCluster:
                 self.custom.delete_namespaced_custom_object(
                     "monitoring.coreos.com", "v1", namespace, "podmonitors", name, body=body
                 )
+            elif kind == "Job":  # Background: through the API a Job's pods are orphaned by default
+                self.batch.delete_namespaced_job(name, namespace, body=body)
             else:
                 raise ValueError(f"the operator does not delete {kind}")
         except self.k.client.ApiException as e:

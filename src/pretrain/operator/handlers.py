@@ -114,7 +114,9 @@ def observe_for(cluster: Cluster, body: Mapping[str, Any], job: PretrainJob | No
     asked for (or the spec is unreadable)."""
     meta = body["metadata"]
     wants_monitor = job is None or job.spec.monitoring.pod_monitor
-    return cluster.observe(meta.get("namespace") or "default", meta["name"], pod_monitor=wants_monitor)
+    wants_prepare = job is None or job.spec.data.prepare is not None
+    return cluster.observe(meta.get("namespace") or "default", meta["name"], pod_monitor=wants_monitor,
+                           prepare=wants_prepare)  # fmt: skip
 
 
 def cached_observer(cache: ChildCache) -> Observer:

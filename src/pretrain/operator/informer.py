@@ -1,4 +1,4 @@
-"""Watch-fed caches of the jobs' children (client-go's reflector and indexer, for three kinds).
+"""Watch-fed caches of the jobs' children (client-go's reflector and indexer, for four kinds).
 
 A reconcile used to list the job's pods and read its Service and ConfigMap: four requests per
 reconcile, and a list with a label selector makes the API server scan every pod of the namespace.
@@ -25,6 +25,7 @@ from typing import Any
 
 from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, controller_uid, service_name
 from pretrain.operator.planner import Observed, PodView, pod_view
+from pretrain.operator.preparation import PrepareView, prepare_job_name, prepare_view
 
 log = logging.getLogger("pretrain.operator.informer")
 
@@ -33,12 +34,13 @@ WATCHED: list[tuple[str, str, list[str]]] = [
     ("", "pods", ["list", "watch"]),
     ("", "services", ["list", "watch"]),
     ("", "configmaps", ["list", "watch"]),
+    ("batch", "jobs", ["list", "watch"]),
 ]
 #: Seconds a watch request lasts before it is renewed from the last resourceVersion seen.
 WATCH_TIMEOUT = 300
 
 Key = tuple[str, str]  # (namespace, name)
-KINDS = ("pods", "services", "configmaps")
+KINDS = ("pods", "services", "configmaps", "jobs")
 
 
 class Gone(Exception):
@@ -47,7 +49,8 @@ class Gone(Exception):
 
 @dataclass
 class ChildCache:
-    """The jobs' pods (as PodViews, by job), Services and ConfigMaps (by name), in memory."""
+    """The jobs' pods (as PodViews, by job), Services and ConfigMaps (by name) and preparation
+    Jobs (by PretrainJob), in memory."""
 
     notify: Callable[[str, str], None] = lambda namespace, job: None  # a child of (namespace, job) changed
     #: The (kind, namespace) lists that must have arrived before `synced` (namespace None: all).
@@ -55,6 +58,7 @@ class ChildCache:
     pods: dict[Key, dict[str, PodView]] = field(default_factory=dict)  # (ns, job) -> name -> view
     services: dict[Key, str | None] = field(default_factory=dict)  # (ns, name) -> controller uid
     configmaps: dict[Key, tuple[str | None, str | None]] = field(default_factory=dict)  # -> (job.json, uid)
+    jobs: dict[Key, PrepareView] = field(default_factory=dict)  # (ns, PretrainJob) -> its preparation Job
     lock: threading.Lock = field(default_factory=threading.Lock)
     _listed: set[tuple[str, str | None]] = field(default_factory=set)
     _owner: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (kind, ns, name) -> job
@@ -77,6 +81,7 @@ class ChildCache:
                 config=config,
                 service_owner=self.services.get(service_key),
                 configmap_owner=config_owner,
+                prepare_job=self.jobs.get((namespace, job)),
             )
 
     # ---- updates (from the reflectors)
@@ -109,6 +114,8 @@ class ChildCache:
             self.services.pop((ns, name), None)
         elif kind == "configmaps":
             self.configmaps.pop((ns, name), None)
+        elif kind == "jobs" and job is not None:
+            self.jobs.pop((ns, job), None)
         return job
 
     def _apply(self, kind: str, type_: str, obj: dict[str, Any]) -> set[Key]:
@@ -123,6 +130,11 @@ class ChildCache:
                 self.pods.setdefault((ns, job), {})[name] = pod_view(obj)
             elif kind == "services":
                 self.services[(ns, name)] = controller_uid(meta)
+            elif kind == "jobs":
+                if name != prepare_job_name(job):
+                    self._owner.pop((kind, ns, name), None)
+                    return {(ns, j) for j in (old,) if j}  # a Job with the label that is not the stage's
+                self.jobs[(ns, job)] = prepare_view(obj)
             else:
                 self.configmaps[(ns, name)] = ((obj.get("data") or {}).get(CONFIG_KEY), controller_uid(meta))
         return {(ns, j) for j in (old, job) if j}
@@ -210,10 +222,12 @@ def start_reflectors(
     import kubernetes
 
     core = kubernetes.client.CoreV1Api(api_client)
+    batch = kubernetes.client.BatchV1Api(api_client)
     calls = {
         "pods": (core.list_namespaced_pod, core.list_pod_for_all_namespaces),
         "services": (core.list_namespaced_service, core.list_service_for_all_namespaces),
         "configmaps": (core.list_namespaced_config_map, core.list_config_map_for_all_namespaces),
+        "jobs": (batch.list_namespaced_job, batch.list_job_for_all_namespaces),
     }
     scopes: list[str | None] = list(namespaces) if namespaces else [None]
     cache.expected = {(kind, ns) for kind in KINDS for ns in scopes}

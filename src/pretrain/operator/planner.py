@@ -38,6 +38,7 @@ from pretrain.operator.children import (
 )
 from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import POD_DELETED, FailedPod, Verdict, decide, decide_start_failure, first_failed
+from pretrain.operator.preparation import PREPARATION_FAILED, PrepareView, build_prepare_job, prepare_job_name
 from pretrain.storage.manifest import step_name
 from pretrain.timestamps import parse_time, rfc3339
 from pretrain.trainer.termination import parse_done
@@ -96,6 +97,8 @@ class Observed:
     #: Controller uids of the Service and ConfigMap of the job's name (None: not ours, or absent).
     service_owner: str | None = None
     configmap_owner: str | None = None
+    #: The data preparation stage's Job (data.prepare), whoever controls it.
+    prepare_job: PrepareView | None = None
 
 
 def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
@@ -110,6 +113,9 @@ def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
         others.append("its Service")
     if observed.configmap and observed.configmap_owner != uid:
         others.append("its ConfigMap")
+    prep = observed.prepare_job
+    if prep is not None and prep.owner != uid:
+        others.append("its preparation Job")
     own = Observed(
         pods=pods,
         service=observed.service and observed.service_owner == uid,
@@ -118,6 +124,7 @@ def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
         config=observed.config if observed.configmap_owner == uid else None,
         service_owner=uid if observed.service_owner == uid else None,
         configmap_owner=uid if observed.configmap_owner == uid else None,
+        prepare_job=prep if prep is not None and prep.owner == uid else None,
     )
     return own, others
 
@@ -390,6 +397,8 @@ def plan(
     # ---- suspend
     if rp.suspend:
         delete_pods(live)
+        if observed.prepare_job is not None and not observed.prepare_job.deleting:
+            out.delete.append(("Job", prepare_job_name(name)))  # its parts stay: a resume redoes none
         if phase != Phase.SUSPENDED.value:
             st.phase(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is set: pods deleted")
         return _finish(out, st)
@@ -448,7 +457,7 @@ def plan(
         st.phase(Phase.PENDING, reason, message)
         st.condition("Unschedulable", False, "")
 
-    if phase == Phase.SUSPENDED.value or (phase in (None, Phase.PENDING.value) and attempt == 0):
+    if phase == Phase.SUSPENDED.value or (phase in (None, Phase.PENDING.value, Phase.PREPARING.value) and attempt == 0):
         if others and attempt == 0:
             shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
             st.phase(Phase.PENDING, "WaitingForPreviousJob",
@@ -456,6 +465,8 @@ def plan(
             return _finish(out, st)
         if lingering:
             return _finish(out, st)  # wait for old pods to go before a fresh attempt
+        if attempt == 0 and _preparing(st, out, job, namespace, uid, observed.prepare_job):
+            return _finish(out, st)
         start_attempt(
             attempt + 1,
             "Resumed" if phase == Phase.SUSPENDED.value else "Created",
@@ -643,6 +654,33 @@ def _cannot_start(st: _Status, out: Plan, job: PretrainJob, current: list[PodVie
     st.condition(CANNOT_START, True, reason, why)
     st.condition("Unschedulable", False, "Scheduled", "the pods are placed")
     return False
+
+
+def _preparing(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: str, view: PrepareView | None) -> bool:
+    """The data preparation stage before the first attempt (data.prepare): True while it runs
+    (or failed), False once the data is prepared (or there is no stage)."""
+    prep = job.spec.data.prepare
+    if prep is None or (st.s.get("preparation") or {}).get("done"):
+        return False
+    name = prepare_job_name(job.metadata.name)
+    state: dict[str, Any] = {"workers": prep.workers, "completed": view.completed if view else 0}
+    if view is not None and view.failed_indexes:
+        state["failedIndexes"] = view.failed_indexes
+    st.s["preparation"] = state
+    if view is None:
+        out.create.append(build_prepare_job(job, namespace, uid))
+        st.phase(Phase.PREPARING, "Preparing", f"preparing the data: Job {name} with {prep.workers} worker(s)")
+    elif view.failed:
+        st.phase(Phase.FAILED, PREPARATION_FAILED, f"data preparation failed: Job {name}: {view.message} (failed "
+                 f"workers {view.failed_indexes or '?'}: kubectl logs -l job-name={name})", warning=True)  # fmt: skip
+    elif view.complete:
+        state["done"] = True
+        out.delete.append(("Job", name))
+        st.events.append(Event("Normal", "Prepared", f"the data is prepared ({prep.workers} worker(s), Job {name})"))
+        return False
+    else:
+        st.phase(Phase.PREPARING, "Preparing", f"preparing the data: {view.completed} of {prep.workers} worker(s) done")
+    return True
 
 
 def _running(st: _Status, nodes: int, attempt: int) -> None:

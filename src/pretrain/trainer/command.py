@@ -38,3 +38,8 @@ def trainer_command(
         f"--config={config}",
         f"--workdir={workdir}",
     ]
+
+
+def prepare_command(*, index: str, count: int, config: str = POD_CONFIG_PATH, output: str = "/tmp/data") -> list[str]:
+    """One worker of the data preparation stage (`index` may be ``$(JOB_COMPLETION_INDEX)``)."""
+    return ["pretrain", "data", "prepare", config, f"--index={index}", f"--count={count}", f"--output={output}"]

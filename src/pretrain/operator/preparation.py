@@ -1,0 +1,97 @@
+"""The data preparation stage (spec.data.prepare): before the first gang, an Indexed Job that the
+PretrainJob owns runs `workers` pods of `pretrain data prepare --index k --count n`, each writing
+its share of the units of work into data.cacheUri; the last worker to finish commits the dataset
+(its manifest, last). The trainer's pods then read the dataset from there, verified.
+
+The Job is Kubernetes' own engine for this: a failed worker is retried alone (its index, up to
+`backoffLimitPerIndex`), and the parts already written stay. The operator reads the Job's status
+for the job's (`status.preparation`: workers done, failed indexes); a Job that completes lets the
+first attempt start, and is deleted (with its pods, propagationPolicy Background); a failed one
+fails the job with reason PreparationFailed.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from pretrain.api.spec import PretrainJob
+from pretrain.operator.children import CONTAINER_SECURITY, POD_SECURITY, _meta, configmap_name, controller_uid
+from pretrain.trainer.command import POD_CONFIG_PATH, prepare_command
+
+PREPARATION_FAILED = "PreparationFailed"
+
+
+def prepare_job_name(job: str) -> str:
+    return f"{job}-prepare"
+
+
+@dataclass(frozen=True)
+class PrepareView:
+    """What the planner reads of the stage's Job."""
+
+    owner: str | None  # the controlling PretrainJob's uid
+    completed: int
+    failed_indexes: str
+    complete: bool
+    failed: bool
+    message: str = ""
+    deleting: bool = False
+
+
+def prepare_view(obj: dict[str, Any]) -> PrepareView:
+    status = obj.get("status") or {}
+    true = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    failed = true.get("Failed") or {}
+    return PrepareView(
+        owner=controller_uid(obj["metadata"]),
+        completed=int(status.get("succeeded") or 0),
+        failed_indexes=str(status.get("failedIndexes") or ""),
+        complete="Complete" in true,
+        failed="Failed" in true,
+        message=str(failed.get("message") or ""),
+        deleting=bool(obj["metadata"].get("deletionTimestamp")),
+    )
+
+
+def build_prepare_job(job: PretrainJob, namespace: str, uid: str) -> dict[str, Any]:
+    """The stage's Indexed Job: CPU pods of the trainer image, reading the job's ConfigMap."""
+    spec, prep = job.spec, job.spec.data.prepare
+    assert prep is not None
+    name = prepare_job_name(job.metadata.name)
+    resources = {k: {n: v for n, v in getattr(prep, k).model_dump().items() if v is not None}
+                 for k in ("requests", "limits")}  # fmt: skip
+    container: dict[str, Any] = {
+        "name": "prepare",
+        "image": spec.resources.image,
+        "imagePullPolicy": spec.resources.image_pull_policy,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "command": prepare_command(index="$(JOB_COMPLETION_INDEX)", count=prep.workers),
+        "env": [{"name": "HOME", "value": "/tmp"}, *({"name": e.name, "value": e.value} for e in spec.resources.env)],
+        "resources": {k: v for k, v in resources.items() if v},
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY),
+        "volumeMounts": [
+            {"name": "config", "mountPath": POD_CONFIG_PATH.rsplit("/", 1)[0], "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    if spec.checkpoint.credentials_secret:
+        container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.credentials_secret}}]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "containers": [container],
+        "volumes": [
+            {"name": "config", "configMap": {"name": configmap_name(job.metadata.name)}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    if spec.resources.service_account_name:  # the identity that reads the corpus and writes the cache
+        pod_spec["serviceAccountName"] = spec.resources.service_account_name
+    meta = _meta(job, name, namespace, uid)
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
+        "completionMode": "Indexed", "completions": prep.workers, "parallelism": prep.parallelism or prep.workers,
+        "backoffLimitPerIndex": prep.backoff_limit_per_index,
+        "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec}}}  # fmt: skip
