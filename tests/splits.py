@@ -24,3 +24,6 @@ class IndexSplit:
 
     def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
         return {0: np.arange(self.n)}
+
+    def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return np.zeros(len(index), dtype=np.int64)

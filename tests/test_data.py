@@ -229,6 +229,43 @@ def test_weighted_sources_mix_by_weight(corpus: Path, tmp_path: Path) -> None:
     assert share == pytest.approx(0.75, abs=0.01)
 
 
+def test_the_tokens_of_each_source_are_counted_at_any_world_size_and_survive_resume(
+    corpus: Path, tmp_path: Path
+) -> None:
+    """Issue 28 item 3: the weights come out in tokens over the run, counted by source; the count
+    is the job's (every rank the same), kept in the loader's state, and recounted for a state
+    from before it was kept."""
+    tok = bytes_tokenizer()
+    spec = DataSpec(
+        sources=[DataSourceSpec(uri=str(corpus / "part-0.txt"), weight=1.0), DataSourceSpec(uri=str(corpus / "part-1.txt"), weight=3.0)],
+        sequence_length=16, validation_split=0.0,
+    )  # fmt: skip
+    split = PackedSplit(prepare(spec, tok, fingerprint(tok), tmp_path), "train")
+
+    def loader(rank: int, world: int) -> DistributedLoader:
+        return DistributedLoader(split, rank=rank, world_size=world, micro_batch=4 // world, accumulation=2, seed=5,
+                                 weights=[1.0, 3.0])  # fmt: skip
+
+    one, ranks = loader(0, 1), [loader(r, 2) for r in range(2)]
+    steps = 3 * len(split) // one.global_batch  # three epochs
+    for _ in range(steps):
+        one.next_step()
+        for r in ranks:
+            r.next_step()
+    assert one.source_rows == ranks[0].source_rows == ranks[1].source_rows
+    assert sum(one.source_rows.values()) == steps * one.global_batch
+    assert one.source_rows[1] / sum(one.source_rows.values()) == pytest.approx(0.75, abs=0.01), "weights, in tokens"
+    state = one.state_dict()
+    resumed = loader(0, 2)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as the checkpoint stores it
+    legacy = loader(0, 1)
+    legacy.load_state_dict({k: v for k, v in state.items() if k != "source_rows"})
+    assert resumed.source_rows == legacy.source_rows == one.source_rows
+    for other in (one, resumed):
+        other.next_step()
+    assert resumed.source_rows == one.source_rows
+
+
 @pytest.mark.parametrize(
     ("uri", "message"),
     [

@@ -40,8 +40,13 @@ def test_a_torn_last_line_is_skipped_and_the_next_record_starts_a_line(tmp_path:
 
 
 def test_history_survives_kill_9_of_its_writer(tmp_path: Path) -> None:
-    for delay in (0.3, 0.55, 0.8):
+    history = tmp_path / "metrics.jsonl"
+    for delay in (0.0, 0.05, 0.1):
+        before = history.stat().st_size if history.exists() else 0
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], env=subprocess_env(tmp_path))
+        deadline = time.monotonic() + 60  # the writer has started writing (an import is slow on a busy machine)
+        while (history.stat().st_size if history.exists() else 0) < before + 20_000 and time.monotonic() < deadline:
+            time.sleep(0.01)
         time.sleep(delay)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -92,6 +97,9 @@ def test_report_plots_what_the_runs_logged(tmp_path: Path) -> None:
     for label, run in (("tiny-cpu (first)", first), ("tiny-cpu (second)", second)):
         want = run.losses()
         assert len(want) == 12
+        batch = 8 if run is first else 2
+        sources = curves["sources"][f"{label}: builtin://tinyshakespeare"]  # tokens by data source, logged
+        assert sources["y"] == [s * batch * 32 for s in sources["x"]] and sources["x"][-1] == 12.0
         line = curves["loss"][f"{label}: train"]  # runs of one job are told apart by their folder
         assert line["x"] == [float(s) for s in sorted(want)]
         assert line["y"] == pytest.approx([want[s] for s in sorted(want)], rel=1e-6)

@@ -94,6 +94,8 @@ def test_values_match_the_trainer_log(live: LiveRun) -> None:
             continue
         assert s["pretrain_tokens_total"] == step * entry["tokens"]
         assert s["pretrain_samples_total"] * 32 == s["pretrain_tokens_total"]  # sequence length 32
+        # one source: every token the job trained on came from it (the loader's count, per source)
+        assert s["pretrain_data_source_tokens:builtin://tinyshakespeare"] == s["pretrain_tokens_total"]
         assert s["pretrain_learning_rate"] == entry["lr"]
         assert s["pretrain_total_steps"] == 100000
         assert s["pretrain_mfu_ratio"] > 0

@@ -52,8 +52,9 @@ class Run:
         """(steps, values) of one key, one value per step (the last logged wins)."""
         points: dict[int, float] = {}
         for r in self.records:
-            if r.get("event") is None and isinstance(r.get(key), int | float) and "step" in r:
-                points[int(r["step"])] = float(r[key])
+            value = _value(r, key)
+            if r.get("event") is None and isinstance(value, int | float) and "step" in r:
+                points[int(r["step"])] = float(value)
         steps = sorted(points)
         return steps, [points[s] for s in steps]
 
@@ -115,6 +116,26 @@ def load_run(arg: str) -> Run:
     return Run(name=name, location=location, records=records, final=final, checkpoints=checkpoints)
 
 
+SOURCE_PREFIX = "source_tokens:"
+
+
+def _value(record: dict[str, Any], key: str) -> Any:
+    """A record's value for `key`; `source_tokens:<uri>` reads one source of its token count."""
+    if key.startswith(SOURCE_PREFIX):
+        by_source = record.get("source_tokens")
+        return by_source.get(key.removeprefix(SOURCE_PREFIX)) if isinstance(by_source, dict) else None
+    return record.get(key)
+
+
+def figures(runs: list[Run]) -> list[tuple[str, str, str, list[tuple[str, str]], bool]]:
+    """FIGURES, and the tokens each data source gave (one line per source) where logged."""
+    uris = sorted({str(u) for run in runs for r in run.records if isinstance(r.get("source_tokens"), dict)
+                   for u in r["source_tokens"]})  # fmt: skip
+    if not uris:
+        return FIGURES
+    return [*FIGURES, ("sources", "Tokens by data source", "tokens", [(SOURCE_PREFIX + u, u) for u in uris], False)]
+
+
 def plot(runs: list[Run], out: Path) -> dict[str, dict[str, dict[str, list[float]]]]:
     """One PNG per figure with data; returns what was drawn: figure -> line label -> {x, y}."""
     import matplotlib
@@ -124,7 +145,7 @@ def plot(runs: list[Run], out: Path) -> dict[str, dict[str, dict[str, list[float
 
     drawn: dict[str, dict[str, dict[str, list[float]]]] = {}
     several = len(runs) > 1
-    for stem, title, ylabel, keys, logy in FIGURES:
+    for stem, title, ylabel, keys, logy in figures(runs):
         fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
         for run in runs:
             for key, label in keys:

@@ -19,12 +19,14 @@ def test_the_operator_reads_what_the_trainer_serves() -> None:
     m.observe_step(step=41, loss=2.25, lr=1e-3, grad_norm=1.0, tokens=4096, samples=32, seconds=1.5, mfu=None)
     m.observe_checkpoint(seconds=1.0, nbytes=10, failures=0, step=40, when=1_700_000_000.0)
     m.observe_eval({"accuracy": 0.75, "macro_f1": 0.5, "loss": 1.0})
+    m.observe_sources({"s3://b/web/*.jsonl": 3072, 'gs://b/code "x"': 1024})
     samples = parse_metrics(generate_latest(m.registry).decode())
     progress, checkpoint = progress_from(samples, datetime(2026, 1, 1))
     assert progress["step"] == 41 and progress["totalSteps"] == 100 and progress["percent"] == 41.0
     assert progress["loss"] == 2.25 and progress["etaSeconds"] == 59.0, "mean step 1 s x 59 steps left"
     assert checkpoint == {"step": 40, "time": "2023-11-14T22:13:20Z"}
     assert evaluation_from(samples) == {"accuracy": 0.75, "macro_f1": 0.5}
+    assert progress["sourceTokens"] == {"s3://b/web/*.jsonl": 3072, 'gs://b/code "x"': 1024}
     for failures in (2, 2, 3):  # the store's running count: the counter follows it, never double-counts
         m.observe_checkpoint(seconds=1.0, nbytes=10, failures=failures, step=40, when=1_700_000_000.0)
     assert parse_metrics(generate_latest(m.registry).decode())["pretrain_checkpoint_failures_total"] == 3

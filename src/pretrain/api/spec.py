@@ -623,6 +623,9 @@ class Progress(Spec):
     percent: float | None = None
     eta_seconds: float | None = None
     updated_time: str | None = None
+    source_tokens: dict[str, int] | None = Field(
+        None, description="Tokens trained on from each data source (by URI) since the run began."
+    )
     storage_retrying: StorageRetrying | None = Field(
         None, description="Set while node 0 retries a call to its storage; the job's reason is then StorageUnavailable."
     )

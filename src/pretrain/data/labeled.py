@@ -37,6 +37,9 @@ class LabeledSplit:
     def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
         return {0: np.arange(len(self))}
 
+    def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        return np.zeros(len(index), dtype=np.int64)
+
 
 def read_rows(sources: list[DataSourceSpec]) -> list[tuple[str, dict[str, Any]]]:
     out: list[tuple[str, dict[str, Any]]] = []

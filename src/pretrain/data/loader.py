@@ -28,6 +28,7 @@ class Split(Protocol):
     def __len__(self) -> int: ...
     def rows(self, index: np.ndarray[Any, Any]) -> Any: ...
     def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]: ...
+    def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]: ...
 
 
 class PackedSplit:
@@ -81,6 +82,10 @@ class PackedSplit:
             raise DataError(f"shard {self.directory / self.shards[int(shard_of[k])]['file']}: token id {int(out[k].max())} "
                             f"is not below the vocabulary ({self.id_bound}): corrupt")  # fmt: skip
         return out
+
+    def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The source of each row at global indices `index` (one search over the shards)."""
+        return self.sources[np.searchsorted(self.offsets, index, side="right") - 1]
 
     def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
         """Global row indices of each source."""
@@ -143,6 +148,9 @@ class DistributedLoader:
         self.global_batch = micro_batch * accumulation * world_size
         self.consumed = 0
         self._orders: dict[int, np.ndarray[Any, Any]] = {}
+        #: Rows the whole job has trained on, by source, since the run began (every rank counts
+        #: the same global window; kept in the checkpoint's loader state).
+        self.source_rows: dict[int, int] = {}
 
     def _order(self, epoch: int) -> np.ndarray[Any, Any]:
         if epoch not in self._orders:
@@ -166,12 +174,19 @@ class DistributedLoader:
 
     def next_step(self) -> list[Any]:
         """This rank's `accumulation` micro-batches (int64 arrays micro x seq_len) for one step."""
+        window = self.stream(self.consumed, self.global_batch)
         batches = []
         for m in range(self.accum):
-            start = self.consumed + (m * self.world + self.rank) * self.micro
-            batches.append(self.split.rows(self.stream(start, self.micro)))
+            start = (m * self.world + self.rank) * self.micro
+            batches.append(self.split.rows(window[start : start + self.micro]))
+        self._count_sources(window)
         self.consumed += self.global_batch
         return batches
+
+    def _count_sources(self, index: np.ndarray[Any, Any]) -> None:
+        sources, counts = np.unique(self.split.source_of(index), return_counts=True)
+        for src, n in zip(sources.tolist(), counts.tolist(), strict=True):
+            self.source_rows[int(src)] = self.source_rows.get(int(src), 0) + int(n)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +194,7 @@ class DistributedLoader:
             "seed": self.seed,
             "rows": len(self.split),
             "global_batch": self.global_batch,
+            "source_rows": {str(k): v for k, v in sorted(self.source_rows.items())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -188,6 +204,12 @@ class DistributedLoader:
                 f"({state['rows']} rows, seed {state['seed']}; this one has {len(self.split)}, seed {self.seed})"
             )
         self.consumed = int(state["consumed"])
+        if "source_rows" in state:
+            self.source_rows = {int(k): int(v) for k, v in state["source_rows"].items()}
+            return
+        self.source_rows = {}  # a checkpoint from before the count: recount the stream, in chunks
+        for start in range(0, self.consumed, 1 << 20):
+            self._count_sources(self.stream(start, min(1 << 20, self.consumed - start)))
 
 
 def eval_batches(

@@ -20,3 +20,7 @@ EVAL_METRIC_LABEL = "metric"
 STORAGE_RETRYING_SINCE = "pretrain_storage_retrying_since_timestamp_seconds"
 STORAGE_RETRYING_INFO = "pretrain_storage_retrying_info"
 STORAGE_RETRYING_LABELS = ("operation", "error")
+#: Tokens the whole job trained on from each data source since the run began (label SOURCE_LABEL: the
+#: source's URI): how the mixture's weights came out, in tokens.
+SOURCE_TOKENS = "pretrain_data_source_tokens"
+SOURCE_LABEL = "source"

@@ -131,6 +131,10 @@ class TrainerMetrics:
             names.EVAL_METRIC, "Task metrics of the last evaluation (accuracy, f1, exact_match...).",
             [*label_names, names.EVAL_METRIC_LABEL], registry=self.registry,
         )  # fmt: skip
+        self._source_tokens = Gauge(
+            names.SOURCE_TOKENS, "Tokens the whole job trained on from each data source since the run began.",
+            [*label_names, names.SOURCE_LABEL], registry=self.registry,
+        )  # fmt: skip
         self._labels = lv
         self.attempt = gauge("pretrain_attempt", "Attempt of this run (1 + gang restarts so far).")
         self.attempt.set(labels.attempt)
@@ -172,6 +176,10 @@ class TrainerMetrics:
         for name, value in scores.items():
             if name != "loss":
                 self._eval_metric.labels(**self._labels, **{names.EVAL_METRIC_LABEL: name}).set(value)
+
+    def observe_sources(self, tokens: dict[str, int]) -> None:
+        for source, n in tokens.items():
+            self._source_tokens.labels(**self._labels, **{names.SOURCE_LABEL: source}).set(n)
 
     def observe_memory(self, allocated: int, reserved: int) -> None:
         self.mem_allocated.set(allocated)

@@ -25,6 +25,8 @@ def parse_metrics(text: str) -> dict[str, float]:
                 name = sample.name
                 if name == names.EVAL_METRIC:
                     name = f"{name}:{sample.labels.get(names.EVAL_METRIC_LABEL, '')}"
+                elif name == names.SOURCE_TOKENS:
+                    name = f"{name}:{sample.labels.get(names.SOURCE_LABEL, '')}"
                 elif name == names.STORAGE_RETRYING_INFO:
                     name = f"{name}:{json.dumps([sample.labels.get(k, '') for k in names.STORAGE_RETRYING_LABELS])}"
                 out[name] = float(sample.value)
@@ -76,6 +78,10 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     count = samples.get(f"{names.STEP_DURATION}_count")
     if seconds and count and total and step is not None:
         progress["etaSeconds"] = round(seconds / count * (total - step), 0)
+    prefix = f"{names.SOURCE_TOKENS}:"
+    by_source = {k[len(prefix) :]: int(v) for k, v in samples.items() if k.startswith(prefix) and k != prefix}
+    if by_source:
+        progress["sourceTokens"] = by_source
     retrying = storage_retrying_from(samples)
     if retrying is not None:
         progress["storageRetrying"] = retrying

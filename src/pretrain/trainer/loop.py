@@ -172,7 +172,7 @@ class Trainer:
             if step == parts.start + 1 and compile_enabled(self.spec) and self.rank == 0:
                 log.info("compiled the model in its first step: %.1fs", seconds)
             self.sync.add(StepResult(step, loss, parts.engine.get_lr()[0], parts.engine.get_global_grad_norm(),
-                                     seconds, parts.loader.epoch))  # fmt: skip
+                                     seconds, parts.loader.epoch, dict(parts.loader.source_rows)))  # fmt: skip
             evaluate = bool(t.eval_interval) and step % t.eval_interval == 0 and step < parts.steps
             save = step % ckpt.interval_steps == 0 or stop
             if sync or stop or evaluate or save or step % t.log_interval == 0 or step == parts.steps:
@@ -197,14 +197,22 @@ class Trainer:
             mfu = parts.flops_per_token * tokens / self.world.size / seconds / peak if peak else None
             self.metrics.observe_step(step=step, loss=row["loss"], lr=row["lr"], grad_norm=row["grad_norm"],
                                       tokens=tokens, samples=parts.plan.global_batch, seconds=seconds, mfu=mfu)  # fmt: skip
+            by_source = self.source_tokens(row.pop("source_rows", None))
+            self.metrics.observe_sources(by_source)
             self.progress.update(step, loss=row["loss"], tokens_per_second=tokens / seconds, lr=row["lr"])
             self.record({**row, "tokens": tokens})
             if self.rank == 0 and (step % t.log_interval == 0 or step == parts.steps or step == parts.start + 1):
                 self.progress.log(step, loss=row["loss"], lr=row["lr"], grad_norm=row["grad_norm"],
                                   tokens_per_second=tokens / seconds)  # fmt: skip
                 self.history.log({"step": step, "loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
-                                  "tokens_per_second": tokens / seconds, "mfu": mfu})  # fmt: skip
+                                  "tokens_per_second": tokens / seconds, "mfu": mfu,
+                                  **({"source_tokens": by_source} if by_source else {})})  # fmt: skip
         self.observe_memory()
+
+    def source_tokens(self, rows: dict[int, int] | None) -> dict[str, int]:
+        """Tokens trained on by source URI (training sources only), from the loader's row count."""
+        sources, seq = self.spec.data.sources, self.spec.data.sequence_length
+        return {sources[i].uri: n * seq for i, n in sorted((rows or {}).items()) if i < len(sources)}
 
     def observe_memory(self) -> None:
         if self.world.gpu:

@@ -51,6 +51,8 @@ class StepResult:
     grad_norm: Any
     seconds: float
     epoch: int
+    #: Rows trained on by source since the run began, as of this step (the loader's count).
+    source_rows: dict[int, int] | None = None
 
 
 class StepSync:
@@ -82,7 +84,7 @@ class StepSync:
         values = (self.world.all_reduce(losses) / self.world.size).tolist()
         rows = [
             {"step": r.step, "loss": loss, "lr": r.lr, "grad_norm": None if r.grad_norm is None else float(r.grad_norm),
-             "seconds": r.seconds, "epoch": r.epoch}
+             "seconds": r.seconds, "epoch": r.epoch, "source_rows": r.source_rows}
             for r, loss in zip(self.pending, values, strict=True)
         ]  # fmt: skip
         self.pending = []
