@@ -266,6 +266,42 @@ def test_the_tokens_of_each_source_are_counted_at_any_world_size_and_survive_res
     assert resumed.source_rows == one.source_rows
 
 
+def test_mixture_stages_switch_at_their_token_boundary_at_any_world_size(corpus: Path, tmp_path: Path) -> None:
+    """Issue 28 item 3: data.stages, weights that change at a token boundary (an anneal on one
+    source), by stream position: the same rows at world sizes 1 and 2, and after a resume."""
+    tok = bytes_tokenizer()
+    spec = DataSpec(
+        sources=[DataSourceSpec(uri=str(corpus / "part-0.txt")), DataSourceSpec(uri=str(corpus / "part-1.txt"))],
+        sequence_length=16, validation_split=0.0,
+    )  # fmt: skip
+    split = PackedSplit(prepare(spec, tok, fingerprint(tok), tmp_path), "train")
+    boundary = 100  # rows: until 1600 tokens source 0 alone, then source 1 alone
+    stages: list[tuple[int | None, list[float]]] = [(boundary, [1.0, 0.0]), (None, [0.0, 1.0])]
+
+    def loader(world: int, rank: int = 0) -> DistributedLoader:
+        return DistributedLoader(split, rank=rank, world_size=world, micro_batch=4 // world, accumulation=1, seed=3,
+                                 stages=stages)  # fmt: skip
+
+    one = loader(1)
+    order = one.stream(0, 2 * len(split) + boundary)  # past the boundary, over more than an epoch of stage 2
+    sources = split.source_of(order)
+    assert set(sources[:boundary].tolist()) == {0} and set(sources[boundary:].tolist()) == {1}
+    assert np.array_equal(order[:boundary], loader(2).stream(0, boundary)), "world-size independent"
+    steps = 60  # 240 rows: across the boundary
+    for _ in range(steps):
+        one.next_step()
+    resumed = loader(2)
+    resumed.load_state_dict(one.state_dict())
+    assert resumed.source_rows == {0: boundary, 1: steps * 4 - boundary}
+    ranks = [loader(2, r) for r in range(2)]
+    for r in ranks:
+        r.load_state_dict(one.state_dict())
+    got = np.concatenate([b for r in ranks for b in r.next_step()])  # rank 0's two rows, then rank 1's
+    window = one.stream(one.consumed, 4)
+    assert np.array_equal(got, split.rows(window)), "resumed at world size 2: the rows one process would take"
+    assert set(split.source_of(window).tolist()) == {1}
+
+
 @pytest.mark.parametrize(
     ("uri", "message"),
     [

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.metrics.history import RunHistory, current_records, parse_history
-from tests.conftest import subprocess_env
+from tests.conftest import ROOT, subprocess_env
 from tests.trainer_runs import run_job
 
 WRITER = """
@@ -73,8 +73,15 @@ def test_report_plots_what_the_runs_logged(tmp_path: Path) -> None:
     common = ["training.logInterval=1", "training.evalInterval=4", "training.schedule.warmupSteps=4"]
     first = run_job(tmp_path / "first", [*common, "monitoring.tensorboard=true"])
     assert first.proc.returncode == 0, first.output[-3000:]
-    # --nproc 1 with a batch only one process can split: validated at the world size that runs
-    second = run_job(tmp_path / "second", [*common, "training.globalBatchSize=2", "training.microBatchSize=2"], nproc=1)
+    # --nproc 1 with a batch only one process can split: validated at the world size that runs;
+    # two sources in two mixture stages: only `a` for the first 6 steps (6 x 2 x 32 tokens), then only `b`
+    text = (ROOT / "src" / "pretrain" / "corpora" / "tinyshakespeare.txt").read_text()
+    (tmp_path / "a.txt").write_text(text[: len(text) // 2])
+    (tmp_path / "b.txt").write_text(text[len(text) // 2 :])
+    mixture = [f"data.sources=[{{uri: {tmp_path / 'a.txt'}}}, {{uri: {tmp_path / 'b.txt'}}}]",
+               "data.stages=[{untilTokens: 384, weights: [1, 0]}, {weights: [0, 1]}]"]  # fmt: skip
+    second = run_job(tmp_path / "second", [*common, "training.globalBatchSize=2", "training.microBatchSize=2", *mixture],
+                     nproc=1)  # fmt: skip
     assert second.proc.returncode == 0, second.output[-3000:]
 
     history = current_records(parse_history((tmp_path / "first" / "checkpoints" / "metrics.jsonl").read_text()))
@@ -97,9 +104,13 @@ def test_report_plots_what_the_runs_logged(tmp_path: Path) -> None:
     for label, run in (("tiny-cpu (first)", first), ("tiny-cpu (second)", second)):
         want = run.losses()
         assert len(want) == 12
-        batch = 8 if run is first else 2
-        sources = curves["sources"][f"{label}: builtin://tinyshakespeare"]  # tokens by data source, logged
-        assert sources["y"] == [s * batch * 32 for s in sources["x"]] and sources["x"][-1] == 12.0
+        if run is first:
+            sources = curves["sources"][f"{label}: builtin://tinyshakespeare"]  # tokens by data source, logged
+            assert sources["y"] == [s * 8 * 32 for s in sources["x"]] and sources["x"][-1] == 12.0
+        else:  # the stages: a's count stops at the boundary, b's starts there
+            a, b = (curves["sources"][f"{label}: {tmp_path / n}"] for n in ("a.txt", "b.txt"))
+            assert a["y"] == [min(s, 6) * 64 for s in a["x"]] and a["x"][-1] == 12.0
+            assert b["y"] == [(s - 6) * 64 for s in b["x"]] and b["x"][0] == 7.0
         line = curves["loss"][f"{label}: train"]  # runs of one job are told apart by their folder
         assert line["x"] == [float(s) for s in sorted(want)]
         assert line["y"] == pytest.approx([want[s] for s in sorted(want)], rel=1e-6)

@@ -207,6 +207,19 @@ class DataPrepareSpec(Spec):
     limits: ResourceList = Field(default_factory=ResourceList, description="Per-pod limits.")
 
 
+class DataStageSpec(Spec):
+    """One stage of the data mixture: the sources' weights until a number of tokens trained on."""
+
+    until_tokens: PositiveInt | None = Field(
+        None,
+        le=2**62,
+        description="Tokens (the whole job's, from the run's start) at which the next stage begins; "
+        "the last stage lasts to the end whatever it says.",
+    )
+    weights: list[float] = Field(..., min_length=1, max_length=64,
+                                 description="One weight per source (in sources' order), 0 to leave one out.")  # fmt: skip
+
+
 class DataSpec(Spec):
     """The corpus and how it is cut into training sequences."""
 
@@ -219,6 +232,11 @@ class DataSpec(Spec):
         description="Held-out corpora; when set, validationSplit is ignored.",
     )
     shuffle_seed: NonNegativeInt = Field(1234, le=INT32_MAX, description="Seed of the sequence order (below 2^31).")
+    stages: list[DataStageSpec] = Field(
+        default_factory=list, max_length=32,
+        description="Mixtures that change at token boundaries (a late anneal on high-quality data); unset: the "
+        "sources' weights throughout. Deterministic by position, so they survive resume and resize.",
+    )  # fmt: skip
     cache_uri: str | None = Field(
         None,
         max_length=2048,

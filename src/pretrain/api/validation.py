@@ -7,6 +7,7 @@ user wrote them in YAML.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -384,6 +385,7 @@ def _check_data(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecErr
                                     f"lies in {where}, the machine's own files; a data source reads a corpus")  # fmt: skip
     if spec.data.cache_uri:
         yield from _check_uri("spec.data.cacheUri", spec.data.cache_uri, CHECKPOINT_SCHEMES, check_backends)
+    yield from _check_stages(spec)
     prep = spec.data.prepare
     if prep is not None and (spec.data.cache_uri is None or _scheme(spec.data.cache_uri) in {"", "file", "memory"}):
         yield SpecError("spec.data.prepare", "needs spec.data.cacheUri in object storage (s3://, gs://, ...): "
@@ -393,6 +395,29 @@ def _check_data(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecErr
                         "which need no preparation stage")  # fmt: skip
     if prep is not None and prep.parallelism is not None and prep.parallelism > prep.workers:
         yield SpecError("spec.data.prepare.parallelism", f"{prep.parallelism} is more than workers ({prep.workers})")
+
+
+def _check_stages(spec: PretrainJobSpec) -> Iterator[SpecError]:
+    """Stages, and the sources they weigh: each corpus once (its URI names it in the token counts)."""
+    seen: dict[str, int] = {}
+    for i, src in enumerate(spec.data.sources):
+        if src.uri in seen:
+            yield SpecError(f"spec.data.sources[{i}].uri", f"the same as sources[{seen[src.uri]}]: name each corpus "
+                            "once (its weight says how much of it)")  # fmt: skip
+        seen.setdefault(src.uri, i)
+    stages, n = spec.data.stages, len(spec.data.sources)
+    last = 0
+    for i, stage in enumerate(stages):
+        where = f"spec.data.stages[{i}]"
+        if len(stage.weights) != n:
+            yield SpecError(f"{where}.weights", f"{len(stage.weights)} weight(s) for {n} source(s)")
+        elif any(not math.isfinite(w) or w < 0 for w in stage.weights) or not any(w > 0 for w in stage.weights):
+            yield SpecError(f"{where}.weights", "must be finite, not negative, and not all 0")
+        if stage.until_tokens is None and i != len(stages) - 1:
+            yield SpecError(f"{where}.untilTokens", "required on every stage but the last")
+        elif stage.until_tokens is not None and stage.until_tokens <= last:
+            yield SpecError(f"{where}.untilTokens", f"{stage.until_tokens} is not after the previous stage's {last}")
+        last = stage.until_tokens or last
 
 
 def _check_checkpoint(spec: PretrainJobSpec, check_backends: bool) -> Iterator[SpecError]:

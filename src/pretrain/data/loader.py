@@ -107,16 +107,18 @@ class PackedSplit:
                 raise DataError(f"shard {self.directory / s['file']}: checksum mismatch (corrupt)")
 
 
-def epoch_order(split: Split, weights: list[float], seed: int, epoch: int) -> np.ndarray[Any, Any]:
-    """The rows of one epoch in training order: a seeded shuffle, mixing sources by weight."""
-    rng = np.random.default_rng([seed, epoch])
+def epoch_order(split: Split, weights: list[float], seed: int, epoch: int, stage: int = 0) -> np.ndarray[Any, Any]:
+    """The rows of one epoch (of one mixture stage) in training order: a seeded shuffle, mixing
+    sources by weight (a source of weight 0 gives none)."""
+    rng = np.random.default_rng([seed, epoch] if stage == 0 else [seed, epoch, stage])
     ranges = split.source_ranges()
     if len(ranges) <= 1:
         return rng.permutation(len(split)).astype(np.int64)
     total = len(split)
     w = np.array([weights[s] if s < len(weights) else 1.0 for s in ranges], dtype=np.float64)
     counts = np.floor(w / w.sum() * total).astype(np.int64)
-    counts[: total - counts.sum()] += 1  # hand the rounding remainder out
+    weighted = np.flatnonzero(w > 0)
+    counts[weighted[: total - counts.sum()]] += 1  # hand the rounding remainder out, to weighted sources
     picks = []
     for (_, rows), n in zip(ranges.items(), counts, strict=True):
         reps = -(-int(n) // len(rows))
@@ -139,33 +141,47 @@ class DistributedLoader:
         accumulation: int,
         seed: int,
         weights: list[float] | None = None,
+        stages: list[tuple[int | None, list[float]]] | None = None,
     ) -> None:
         if len(split) == 0:
             raise DataError(f"{split.directory}: the training split is empty")
         self.split = split
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world_size, micro_batch, accumulation, seed
         self.weights = weights or []
+        #: (stream position where the stage ends, or None, weights): the mixture by position.
+        self.stages: list[tuple[int | None, list[float]]] = list(stages or [(None, self.weights)])
+        self.stages[-1] = (None, self.stages[-1][1])  # the last stage lasts to the end
         self.global_batch = micro_batch * accumulation * world_size
         self.consumed = 0
-        self._orders: dict[int, np.ndarray[Any, Any]] = {}
+        self._orders: dict[tuple[int, int], np.ndarray[Any, Any]] = {}
         #: Rows the whole job has trained on, by source, since the run began (every rank counts
         #: the same global window; kept in the checkpoint's loader state).
         self.source_rows: dict[int, int] = {}
 
-    def _order(self, epoch: int) -> np.ndarray[Any, Any]:
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}
-            self._orders[epoch] = epoch_order(self.split, self.weights, self.seed, epoch)
-        return self._orders[epoch]
+    def _order(self, stage: int, epoch: int) -> np.ndarray[Any, Any]:
+        key = (stage, epoch)
+        if key not in self._orders:
+            self._orders = {k: o for k, o in self._orders.items() if k >= (stage, epoch - 1)}
+            self._orders[key] = epoch_order(self.split, self.stages[stage][1], self.seed, epoch, stage)
+        return self._orders[key]
 
     def stream(self, start: int, count: int) -> np.ndarray[Any, Any]:
-        """Global row indices at stream positions [start, start+count)."""
+        """Global row indices at stream positions [start, start+count): within each mixture
+        stage, its epochs one after another (positions counted from the stage's start)."""
         n = len(self.split)
         pos = np.arange(start, start + count, dtype=np.int64)
         out = np.empty(count, dtype=np.int64)
-        for epoch in np.unique(pos // n):
-            sel = pos // n == epoch
-            out[sel] = self._order(int(epoch))[pos[sel] % n]
+        begin = 0
+        for stage, (end, _) in enumerate(self.stages):
+            in_stage = (pos >= begin) & (pos < end) if end is not None else pos >= begin
+            local = pos[in_stage] - begin
+            for epoch in np.unique(local // n):
+                sel = local // n == epoch
+                idx = np.flatnonzero(in_stage)[sel]
+                out[idx] = self._order(stage, int(epoch))[local[sel] % n]
+            if end is None:
+                break
+            begin = end
         return out
 
     @property

@@ -158,6 +158,8 @@ def build_data(
     loader = DistributedLoader(
         train, rank=world.rank, world_size=world.size, micro_batch=plan.micro_batch, accumulation=plan.accumulation,
         seed=spec.data.shuffle_seed, weights=[s.weight for s in spec.data.sources],
+        stages=[(None if s.until_tokens is None else s.until_tokens // spec.data.sequence_length, s.weights)
+                for s in spec.data.stages],
     )  # fmt: skip
     collate = Collator(
         objective=spec.objective_type, vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id,
