@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pretrain.trainer.command import RENDEZVOUS_PORT
+from pretrain.contract import RENDEZVOUS_PORT
 from tests import containers
 from tests.kubelet_logs import LogServer, LogSource
 

@@ -16,7 +16,7 @@ import click
 from pretrain import tasks
 from pretrain.api.validation import load_job, parse_job
 from pretrain.clitools import UserError, friendly_errors, set_option, shown
-from pretrain.trainer.command import trainer_command
+from pretrain.contract import ENV_TERMINATION_LOG, trainer_command
 
 
 def free_port() -> int:
@@ -86,7 +86,7 @@ def run(file: Path, nproc: int | None, output: Path | None, verbose: bool, overr
     reason_file = out / "work" / "termination.log"  # the trainer's one-line reason, if it fails
     reason_file.parent.mkdir(parents=True, exist_ok=True)
     reason_file.unlink(missing_ok=True)
-    env["PRETRAIN_TERMINATION_LOG"] = str(reason_file)
+    env[ENV_TERMINATION_LOG] = str(reason_file)
     click.echo(f"run folder: {shown(out)}", err=True)
     click.echo(f"checkpoints: {shown(job.spec.checkpoint.uri or '')}", err=True)
     click.echo(f"metrics: http://127.0.0.1:{job.spec.monitoring.metrics_port}/metrics (rank 0)", err=True)

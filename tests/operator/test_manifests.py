@@ -21,17 +21,20 @@ KUBE_VERSIONS = ["1.30", "1.31", "1.32", "1.33", "1.34", "1.35"]
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
-def rendered(path: Path) -> list[dict[str, Any]]:
+def rendered(path: Path, *, prepared: bool = True) -> list[dict[str, Any]]:
+    """What the first reconcile creates; with `prepared`, past a data preparation stage (or the
+    stage's Job, where the example has one, without)."""
     job = load_job(path, check_backends=False)
+    status = {"preparation": {"done": True}} if prepared else {}
     p = plan(job, name=job.metadata.name, namespace=job.metadata.namespace or "default", uid="0b0e0c0a-1111-2222-3333-444455556666",
-             generation=1, status={}, observed=Observed(), now=datetime(2026, 1, 1))  # fmt: skip
+             generation=1, status=status, observed=Observed(), now=datetime(2026, 1, 1))  # fmt: skip
     return p.create
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_rendered_objects_validate(path: Path, version: str) -> None:
-    for obj in rendered(path):
+    for obj in rendered(path) + [o for o in rendered(path, prepared=False) if o["kind"] == "Job"]:
         if obj["kind"] == "PodMonitor":
             continue  # a Prometheus Operator CRD: not in the core schemas (checked below)
         assert kv.validate(obj, version, strict=True) == version, obj["kind"]
@@ -95,7 +98,7 @@ def test_placement_passes_through() -> None:
         namespace="research",
         uid="u",
         generation=1,
-        status={},
+        status={"preparation": {"done": True}},
         observed=Observed(),
         now=datetime(2026, 1, 1),
     )

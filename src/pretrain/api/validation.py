@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from pretrain.api.presets import MissingDimension, resolve_dims
 from pretrain.api.quantity import quantity
 from pretrain.api.spec import PretrainJob, PretrainJobSpec
+from pretrain.contract import POD_ENV
 from pretrain.storage.paths import system_path
 
 #: Token ids a built-in byte tokenizer uses: 256 bytes and 4 special tokens.
@@ -29,13 +30,8 @@ BYTE_VOCAB_SIZE = 260
 DATA_SCHEMES = {"", "file", "builtin", "hf", "s3", "gs", "gcs", "az", "abfs", "http", "https", "memory"}
 CHECKPOINT_SCHEMES = {"", "file", "s3", "gs", "gcs", "az", "abfs", "memory"}
 
-#: Environment variables the launcher sets; a user value would break rendezvous.
-RESERVED_ENV = {
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "NODE_RANK", "PRETRAIN_JOB_NAME", "PRETRAIN_ATTEMPT", "PRETRAIN_CONFIG",
-    # set from resources.terminationGracePeriodSeconds
-    "PRETRAIN_TERMINATION_GRACE_SECONDS", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
-}  # fmt: skip
+#: Environment variables the launcher and the operator set; a user value would break rendezvous.
+RESERVED_ENV = {"RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", *POD_ENV}
 
 _CREDENTIAL_WORDS = re.compile(
     r"secret|password|passwd|token|credential|access_?key|api_?key|^key$|account_?key|connection_?string"

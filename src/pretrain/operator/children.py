@@ -11,8 +11,21 @@ import copy
 from typing import Any
 
 from pretrain.api.spec import API_VERSION, KIND, PretrainJob
+from pretrain.contract import (
+    ENV_ATTEMPT,
+    ENV_ELASTIC_SHUTDOWN,
+    ENV_JOB_NAME,
+    ENV_JOB_UID,
+    ENV_MASTER_ADDR,
+    ENV_NODE_RANK,
+    ENV_TERMINATION_GRACE,
+    ENV_WORKDIR,
+    POD_CONFIG_PATH,
+    POD_WORKDIR,
+    RENDEZVOUS_PORT,
+    trainer_command,
+)
 from pretrain.operator.elastic import termination_grace_seconds
-from pretrain.trainer.command import POD_CONFIG_PATH, POD_WORKDIR, RENDEZVOUS_PORT, trainer_command
 
 LABEL_JOB = "pretrain.io/job-name"
 LABEL_ATTEMPT = "pretrain.io/attempt"
@@ -173,23 +186,23 @@ def build_pod(
     meta = _meta(job, pod, namespace, uid, labels)
     meta["annotations"] = annotations
     args = trainer_command(
-        nnodes=nodes, nproc_per_node=r.procs_per_node, node_rank="$(NODE_RANK)", master_addr="$(PRETRAIN_MASTER_ADDR)",
+        nnodes=nodes, nproc_per_node=r.procs_per_node, node_rank=f"$({ENV_NODE_RANK})", master_addr=f"$({ENV_MASTER_ADDR})",
         config=POD_CONFIG_PATH, workdir=POD_WORKDIR,
     )  # fmt: skip
     env: list[dict[str, Any]] = [
-        {"name": "NODE_RANK", "value": str(rank)},
-        {"name": "PRETRAIN_MASTER_ADDR", "value": master_addr(name, namespace, attempt)},
-        {"name": "PRETRAIN_JOB_NAME", "value": name},
+        {"name": ENV_NODE_RANK, "value": str(rank)},
+        {"name": ENV_MASTER_ADDR, "value": master_addr(name, namespace, attempt)},
+        {"name": ENV_JOB_NAME, "value": name},
         # The job's identity for the checkpoint lease: every attempt of this job may take it over.
-        {"name": "PRETRAIN_JOB_UID", "value": uid},
-        {"name": "PRETRAIN_ATTEMPT", "value": str(attempt)},
+        {"name": ENV_JOB_UID, "value": uid},
+        {"name": ENV_ATTEMPT, "value": str(attempt)},
         # The trainer warns when its checkpoint on SIGTERM came close to the pod's grace period.
-        {"name": "PRETRAIN_TERMINATION_GRACE_SECONDS", "value": str(grace)},
+        {"name": ENV_TERMINATION_GRACE, "value": str(grace)},
         # torchrun (the container's PID 1, the one process SIGTERM reaches) gives its workers 30 s
         # by default before SIGKILL: they get the pod's grace period instead, less a little for
         # torchrun's own exit.
-        {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(max(grace - 5, 1))},
-        {"name": "PRETRAIN_WORKDIR", "value": POD_WORKDIR},
+        {"name": ENV_ELASTIC_SHUTDOWN, "value": str(max(grace - 5, 1))},
+        {"name": ENV_WORKDIR, "value": POD_WORKDIR},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "HF_HOME", "value": f"{POD_WORKDIR}/hf"},

@@ -18,16 +18,21 @@ from pretrain.operator.leader import LeaderElector, Timing
 @set_option
 @friendly_errors
 def render(file: Path, namespace: str | None, overrides: tuple[str, ...]) -> None:
-    """Print the manifests the operator creates for a new job (Service, ConfigMap, pods)."""
+    """Print the manifests the operator creates for a new job (Service, ConfigMap, the data
+    preparation Job when data.prepare is set, then the first attempt's pods)."""
     import yaml
 
     from pretrain.operator.planner import Observed, plan
 
     job = load_job(file, overrides, check_backends=False)
     ns = namespace or job.metadata.namespace or "default"
-    p = plan(job, name=job.metadata.name, namespace=ns, uid="<uid of the PretrainJob>", generation=1, status={},
-             observed=Observed(), now=datetime.utcnow())  # fmt: skip
-    click.echo(yaml.safe_dump_all(p.create, sort_keys=False, width=120), nl=False)
+    objects: dict[tuple[str, str], dict[str, object]] = {}
+    stages = [{}, {"preparation": {"done": True}}] if job.spec.data.prepare else [{}]
+    for status in stages:  # before the preparation stage, and after it
+        p = plan(job, name=job.metadata.name, namespace=ns, uid="<uid of the PretrainJob>", generation=1,
+                 status=status, observed=Observed(), now=datetime.utcnow())  # fmt: skip
+        objects.update({(o["kind"], o["metadata"]["name"]): o for o in p.create})
+    click.echo(yaml.safe_dump_all(list(objects.values()), sort_keys=False, width=120), nl=False)
 
 
 @click.command()

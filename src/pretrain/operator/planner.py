@@ -21,6 +21,7 @@ from typing import Any
 
 from pretrain.api.spec import DISRUPTION_REASONS, INT32_MAX, Phase, PretrainJob
 from pretrain.api.validation import spec_warnings
+from pretrain.contract import parse_done
 from pretrain.operator.children import (
     CONFIG_KEY,
     LABEL_ATTEMPT,
@@ -41,7 +42,6 @@ from pretrain.operator.failures import POD_DELETED, FailedPod, Verdict, decide, 
 from pretrain.operator.preparation import PREPARATION_FAILED, PrepareView, build_prepare_job, prepare_job_name
 from pretrain.storage.manifest import step_name
 from pretrain.timestamps import parse_time, rfc3339
-from pretrain.trainer.termination import parse_done
 
 TERMINAL = {Phase.SUCCEEDED.value, Phase.FAILED.value}
 #: Pod conditions that mark a pod being taken away (eviction, preemption, node drain, Kueue).

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pretrain.api.spec import PretrainJob
+from pretrain.contract import POD_CONFIG_PATH, prepare_command
 from pretrain.operator.children import CONTAINER_SECURITY, POD_SECURITY, _meta, configmap_name, controller_uid
-from pretrain.trainer.command import POD_CONFIG_PATH, prepare_command
 
 PREPARATION_FAILED = "PreparationFailed"
 

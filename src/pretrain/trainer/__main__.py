@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pretrain.api.spec import PretrainJob
 from pretrain.api.validation import SpecError, parse_job
+from pretrain.contract import ENV_WORKDIR
 from pretrain.data.sources import DataError
 from pretrain.proc import die_with_parent
 from pretrain.storage.fs import StorageError, is_local, local_path, out_of_space
@@ -31,7 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="The job as JSON or YAML (a whole PretrainJob document).")
     p.add_argument(
         "--workdir",
-        default=os.environ.get("PRETRAIN_WORKDIR", "pretrain-work"),
+        default=os.environ.get(ENV_WORKDIR, "pretrain-work"),
         help="Node-local scratch: prepared data, tokenizer, checkpoint staging (default $PRETRAIN_WORKDIR).",
     )
     return p.parse_args(argv)

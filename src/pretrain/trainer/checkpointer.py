@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.api.spec import PretrainJob
+from pretrain.contract import ENV_JOB_UID
 from pretrain.data.loader import DistributedLoader
 from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import TrainerMetrics
@@ -104,7 +105,7 @@ class Checkpointer:
     def lease_holder(self) -> str:
         """Who this run is, for the checkpoint lease: the same for every restart of one job (so a
         restarted job takes its own lease over at once) and different for any other run."""
-        uid = os.environ.get("PRETRAIN_JOB_UID")
+        uid = os.environ.get(ENV_JOB_UID)
         if uid:
             namespace = os.environ.get("POD_NAMESPACE", self.job.metadata.namespace or "default")
             return f"job {namespace}/{self.job.metadata.name} (uid {uid})"

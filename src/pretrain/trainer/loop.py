@@ -26,6 +26,7 @@ import numpy as np
 
 from pretrain.api.spec import PretrainJob
 from pretrain.clitools import shown
+from pretrain.contract import ENV_METRICS_HOST, ENV_TERMINATION_GRACE
 from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import Labels, TrainerMetrics
 from pretrain.storage.manifest import step_name
@@ -132,7 +133,7 @@ class Trainer:
             self.spec.monitoring.metrics_port + self.world.local_rank,
             # One pod per host in a cluster binds all addresses; tests running several "nodes"
             # on one machine give each its own loopback address.
-            addr=os.environ.get("PRETRAIN_METRICS_HOST", "0.0.0.0"),
+            addr=os.environ.get(ENV_METRICS_HOST, "0.0.0.0"),
         )
 
     def announce(self, parts: Parts) -> None:
@@ -276,7 +277,7 @@ class Trainer:
         self.checkpointer.report(self.metrics)
         self.progress.close()
         seconds = time.monotonic() - self.signalled_at if self.signalled_at is not None else None
-        grace = float(os.environ.get("PRETRAIN_TERMINATION_GRACE_SECONDS") or 0) or None
+        grace = float(os.environ.get(ENV_TERMINATION_GRACE) or 0) or None
         if seconds is not None:
             self.metrics.stop_save.set(seconds)
             self.history.log({"event": "stop", "step": step, "seconds": seconds, "grace_seconds": grace})

@@ -14,12 +14,13 @@ import json
 import os
 from typing import Any
 
+from pretrain.contract import DONE_KEY, ENV_TERMINATION_LOG, parse_done
+
 TERMINATION_LOG = "/dev/termination-log"
-DONE_KEY = "pretrainDone"
 
 
 def _path() -> str | None:
-    path = os.environ.get("PRETRAIN_TERMINATION_LOG")
+    path = os.environ.get(ENV_TERMINATION_LOG)
     if path:
         return path
     return TERMINATION_LOG if os.path.exists(TERMINATION_LOG) else None  # not in a pod: nothing under /dev
@@ -55,14 +56,4 @@ def write_done(summary: dict[str, Any]) -> None:
         pass  # a summary that is not JSON (NaN) is not written: the operator keeps the scraped values
 
 
-def parse_done(message: str) -> dict[str, Any] | None:
-    """The summary in a termination message, or None (a failure's reason, garbage, too long)."""
-    text = message.strip()
-    if not text.startswith("{") or len(text) > 4096:
-        return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return None
-    done = doc.get(DONE_KEY) if isinstance(doc, dict) else None
-    return done if isinstance(done, dict) else None
+__all__ = ["DONE_KEY", "TERMINATION_LOG", "parse_done", "write_done", "write_reason"]

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.contract import ENV_ATTEMPT
+
 
 def distributed() -> bool:
     import torch.distributed as dist
@@ -36,7 +38,7 @@ class World:
         return cls(
             rank=int(env.get("RANK", "0")), local_rank=int(env.get("LOCAL_RANK", "0")),
             size=int(env.get("WORLD_SIZE", "1")), local_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
-            attempt=int(env.get("PRETRAIN_ATTEMPT", "1")), gpu=gpu,
+            attempt=int(env.get(ENV_ATTEMPT, "1")), gpu=gpu,
         )  # fmt: skip
 
     @property
