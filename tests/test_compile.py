@@ -6,7 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.trainer_runs import run_job
+
+pytestmark = pytest.mark.slow  # torchrun: not in `make test-fast`
 
 ONE_LAYER = ["model.layers=1", "training.maxSteps=6", "training.zero.stage=1", "checkpoint.intervalSteps=3"]
 

@@ -18,6 +18,8 @@ import pytest
 from tests.conftest import subprocess_env
 from tests.trainer_runs import command
 
+pytestmark = pytest.mark.slow  # torchrun: not in `make test-fast`
+
 SCRIPT = """
 set -u
 mount -t tmpfs -o size=1900k tmpfs "$CKPT" || exit 99

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
+import pytest
 
 from pretrain.storage.checkpoint import CheckpointStore
 from pretrain.storage.lease import LEASE_FILE
@@ -21,6 +22,8 @@ from tests.conftest import subprocess_env
 from tests.s3server import S3
 from tests.test_trainer import _wait_for_step
 from tests.trainer_runs import command, run_job
+
+pytestmark = pytest.mark.slow  # torchrun: not in `make test-fast`
 
 SLOW = ["model.hidden=128", "model.heads=4", "model.intermediate=256", "model.maxPositions=256",
         "data.sequenceLength=256", "training.maxSteps=400", "checkpoint.intervalSteps=2"]  # fmt: skip

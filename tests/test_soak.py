@@ -14,10 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from pretrain.storage.checkpoint import CheckpointStore
 from tests.conftest import subprocess_env
 from tests.test_run_guards import processes_of
 from tests.trainer_runs import command, run_job
+
+pytestmark = pytest.mark.slow  # torchrun: not in `make test-fast`
 
 KILLS = 20
 INTERVAL = 2

@@ -118,7 +118,7 @@ def stop_outcome(job: Any, out: Path) -> str:
     import json
     import tempfile
 
-    from pretrain.storage.checkpoint import CheckpointStore
+    from pretrain.storage.checkpoint import INTERACTIVE_ATTEMPTS, CheckpointStore
     from pretrain.storage.manifest import step_name
 
     last = None
@@ -129,7 +129,9 @@ def stop_outcome(job: Any, out: Path) -> str:
     c = job.spec.checkpoint
     try:
         with tempfile.TemporaryDirectory(prefix="pretrain-stop-") as tmp:
-            store = CheckpointStore(c.uri, workdir=Path(tmp), storage_options=dict(c.storage_options), retry_attempts=3)
+            store = CheckpointStore(
+                c.uri, workdir=Path(tmp), storage_options=dict(c.storage_options), retry_attempts=INTERACTIVE_ATTEMPTS
+            )
             complete = store.complete_steps()
     except Exception as e:
         return f"the checkpoints in {shown(c.uri)} could not be read ({e.__class__.__name__}: {e})"

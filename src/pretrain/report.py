@@ -102,9 +102,10 @@ def load_run(arg: str) -> Run:
         raise UserError(f"{location}/{METRICS_FILE}: no records")
     final_raw = _read(location, "final/metrics.json", 2**20)
     final = json.loads(final_raw) if final_raw else {}
-    from pretrain.storage.checkpoint import CheckpointStore
+    from pretrain.storage.checkpoint import INTERACTIVE_ATTEMPTS, CheckpointStore
 
-    store = CheckpointStore(location, workdir=Path(tempfile.mkdtemp(prefix="pretrain-report-")))
+    store = CheckpointStore(location, workdir=Path(tempfile.mkdtemp(prefix="pretrain-report-")),
+                            retry_attempts=INTERACTIVE_ATTEMPTS)  # fmt: skip
     checkpoints = []
     for s in store.steps():
         m = store.manifest(s)

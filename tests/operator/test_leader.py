@@ -132,6 +132,7 @@ def leader_gauge(op: OperatorProcess) -> float | None:
     return float(m.group(1)) if m else None
 
 
+@pytest.mark.slow  # operator processes
 def test_two_replicas_one_acts_and_the_standby_takes_over(api: object, tmp_path: Path) -> None:
     from tests.kubeapi.server import ApiServer
 

@@ -17,6 +17,8 @@ import yaml
 from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver, wait_for
 from tests.operator.harness import job_manifest
 
+pytestmark = pytest.mark.slow  # operator processes: not in `make test-fast`
+
 
 class Env:
     def __init__(self, root: Path) -> None:

@@ -91,6 +91,11 @@ class SaveStats:
     errors: list[str] = field(default_factory=list)
 
 
+#: Tries of one storage call by an interactive command (`checkpoints list|verify`, `report`, the
+#: pre-flight of `pretrain run`): a user waits about 1.5 s, not the minute a training run rides out.
+INTERACTIVE_ATTEMPTS = 3
+
+
 class CheckpointStore:
     """One job's checkpoints. Every method is called on every rank unless it says otherwise."""
 

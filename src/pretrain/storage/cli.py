@@ -9,12 +9,14 @@ from pathlib import Path
 import click
 
 from pretrain.clitools import friendly_errors
-from pretrain.storage.checkpoint import CheckpointStore
+from pretrain.storage.checkpoint import INTERACTIVE_ATTEMPTS, CheckpointStore
 from pretrain.storage.manifest import step_name, total_bytes
 
 
 def _store(uri: str) -> CheckpointStore:
-    return CheckpointStore(uri, workdir=Path(tempfile.mkdtemp(prefix="pretrain-ckpt-")))
+    return CheckpointStore(
+        uri, workdir=Path(tempfile.mkdtemp(prefix="pretrain-ckpt-")), retry_attempts=INTERACTIVE_ATTEMPTS
+    )
 
 
 @click.group()
