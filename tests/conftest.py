@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.kubeapi.server import ApiServer
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -30,6 +35,16 @@ def subprocess_env(tmp: Path) -> dict[str, str]:
         }
     )
     return env
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[ApiServer]:
+    """The API emulator (tests/kubeapi) with the PretrainJob CRD installed, for one test."""
+    from tests.kubeapi.harness import start_apiserver
+
+    server = start_apiserver(tmp_path / "api")
+    yield server
+    server.stop()
 
 
 from tests.images import images  # noqa: E402,F401  (fixture)

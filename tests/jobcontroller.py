@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.kubeapi.batch import COMPLETION_INDEX, INDEX_FAILURE_COUNT, TRACKING_FINALIZER
+from tests.loops import sync_until
 
 log = logging.getLogger("tests.jobcontroller")
 Obj = dict[str, Any]
@@ -95,14 +96,7 @@ class JobController:
         self._thread.join(10)
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sync()
-            except Exception as e:
-                if not self._stop.is_set():
-                    self.errors.append(repr(e))
-                    log.warning("job controller sync failed: %r", e)
-            self._stop.wait(0.3)
+        sync_until(self._stop, self.sync, self.errors, "job controller")
 
     def _plain(self, obj: Any) -> Obj:
         return dict(self.client.sanitize_for_serialization(obj))

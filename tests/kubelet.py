@@ -39,6 +39,7 @@ from typing import Any
 from pretrain.contract import RENDEZVOUS_PORT
 from tests import containers
 from tests.kubelet_logs import LogServer, LogSource
+from tests.loops import sync_until
 
 VAR = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
 log = logging.getLogger("tests.kubelet")
@@ -190,14 +191,7 @@ class Kubelet:
                     time.sleep(0.2)
 
     def _sync_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.sync()
-            except Exception as e:
-                if not self._stop.is_set():
-                    self.errors.append(repr(e))
-                    log.warning("kubelet sync failed: %r", e)
-            self._stop.wait(0.3)
+        sync_until(self._stop, self.sync, self.errors, "kubelet")
 
     # ------------------------------------------------------------------ env and volumes
 

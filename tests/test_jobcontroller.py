@@ -5,24 +5,16 @@ node, as strict as the real ones where the preparation stage will rely on them."
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.jobcontroller import JobController, intervals, parse_intervals
-from tests.kubeapi.harness import start_apiserver, wait_for
+from tests.kubeapi.harness import wait_for
 from tests.kubeapi.server import ApiServer
 from tests.kubeapi.store import ApiError
 from tests.kubelet import Kubelet
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[ApiServer]:
-    server = start_apiserver(tmp_path / "api", crds=False)
-    yield server
-    server.stop()
 
 
 def job(name: str, script: str, **spec: Any) -> dict[str, Any]:

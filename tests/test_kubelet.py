@@ -8,22 +8,12 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.kubeapi.harness import Kubectl, start_apiserver, wait_for
+from tests.kubeapi.harness import Kubectl, wait_for
 from tests.kubeapi.server import ApiServer
 from tests.kubelet import Kubelet
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[ApiServer]:
-    server = start_apiserver(tmp_path / "api", crds=False)
-    yield server
-    server.stop()
 
 
 def pod(name: str, script: str, **spec: Any) -> dict[str, Any]:

@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import random
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import kubernetes
@@ -16,17 +14,10 @@ import pytest
 
 from pretrain.operator.cluster import AlreadyExists, KubeCluster
 from pretrain.operator.informer import ChildCache, Gone, Reflector, start_reflectors
-from tests.kubeapi.harness import start_apiserver, wait_for
+from tests.kubeapi.harness import wait_for
 from tests.kubeapi.server import ApiServer
 
 JOBS = ["alpha", "beta", "gamma"]
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[ApiServer]:
-    server = start_apiserver(tmp_path / "api")
-    yield server
-    server.stop()
 
 
 def client(api: ApiServer) -> Any:

@@ -8,7 +8,6 @@ import re
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import yaml
 
 from pretrain.operator.cluster import AlreadyExists, Conflict
 from pretrain.operator.leader import LeaderElector, LeaseRecord, Timing, next_record
-from tests.kubeapi.harness import Kubectl, OperatorProcess, start_apiserver, wait_for
+from tests.kubeapi.harness import Kubectl, OperatorProcess, wait_for
 from tests.operator.harness import job_manifest
 
 FAST = Timing(lease_duration=1.5, renew_deadline=1.0, retry_period=0.2)
@@ -110,13 +109,6 @@ def test_a_leader_that_cannot_renew_stops_leading() -> None:
 
 
 # --------------------------------------------------------------------------- two real replicas
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Iterator[object]:
-    server = start_apiserver(tmp_path / "api")
-    yield server
-    server.stop()
 
 
 _port = itertools.count()
