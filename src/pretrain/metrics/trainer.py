@@ -79,66 +79,19 @@ class TrainerMetrics:
     """All trainer metrics in one private registry, with an HTTP server when `port` is set."""
 
     def __init__(self, labels: Labels, port: int | None, addr: str = "0.0.0.0") -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
         self.registry = CollectorRegistry(auto_describe=True)
-        label_names = list(labels.values())
-        lv = labels.values()
-
-        def gauge(name: str, doc: str) -> Any:
-            return Gauge(name, doc, label_names, registry=self.registry).labels(**lv)
-
-        def counter(name: str, doc: str) -> Any:
-            return Counter(name, doc, label_names, registry=self.registry).labels(**lv)
-
-        self.loss = gauge(names.TRAIN_LOSS, "Training loss of the last optimizer step (mean over ranks).")
-        self.eval_loss = gauge("pretrain_eval_loss", "Validation loss of the last evaluation.")
-        self.eval_perplexity = gauge("pretrain_eval_perplexity", "Validation perplexity of the last evaluation.")
-        self.lr = gauge("pretrain_learning_rate", "Learning rate of the last optimizer step.")
-        self.grad_norm = gauge("pretrain_grad_norm", "Global gradient norm before clipping.")
-        # No sample until `begin`: before it, the step is not known (a resume reads it from a
-        # checkpoint), and a 0 would be scraped into the job's status as its progress.
-        self._step = Gauge(names.STEP, "Optimizer steps completed.", label_names, registry=self.registry)
-        self._total = Gauge(
-            names.TOTAL_STEPS, "Optimizer steps the run will take.", label_names, registry=self.registry
-        )
-        self.tokens = counter("pretrain_tokens_total", "Tokens trained on by the whole job (counted on every rank).")
-        self.samples = counter("pretrain_samples_total", "Sequences trained on by the whole job.")
-        self.tokens_per_second = gauge(names.TOKENS_PER_SECOND, "Job-wide training throughput over the last step.")
-        self.step_time = Histogram(
-            names.STEP_DURATION, "Wall time of one optimizer step.", label_names,
-            buckets=STEP_BUCKETS, registry=self.registry,
-        ).labels(**lv)  # fmt: skip
-        self.mfu = gauge("pretrain_mfu_ratio", "Model FLOPs utilisation of this rank's device (0-1).")
-        self.mem_allocated = gauge("pretrain_accelerator_memory_allocated_bytes", "Accelerator memory allocated.")
-        self.mem_reserved = gauge("pretrain_accelerator_memory_reserved_bytes", "Accelerator memory reserved.")
-        self.data_wait = counter("pretrain_dataloader_wait_seconds_total", "Time spent waiting for batches.")
-        self.ckpt_duration = gauge("pretrain_checkpoint_save_duration_seconds", "Duration of the last checkpoint save.")
-        self.ckpt_bytes = gauge("pretrain_checkpoint_size_bytes", "Bytes this node wrote in the last checkpoint.")
-        self.ckpt_failures = counter("pretrain_checkpoint_failures_total", "Checkpoint saves that failed.")
-        self._failures_counted = 0
-        self.ckpt_step = gauge(names.CHECKPOINT_STEP, "Step of the newest verified checkpoint.")
-        self.ckpt_time = gauge(
-            names.CHECKPOINT_TIME,
-            "Unix time of the newest verified checkpoint (age: time() - this).",
-        )
-        self.stop_save = gauge(
-            "pretrain_stop_checkpoint_seconds",
-            "From SIGTERM (preemption, eviction, a resize) to the last checkpoint committed: must fit the pod's "
-            "terminationGracePeriodSeconds.",
-        )
-        self._eval_metric = Gauge(
-            names.EVAL_METRIC, "Task metrics of the last evaluation (accuracy, f1, exact_match...).",
-            [*label_names, names.EVAL_METRIC_LABEL], registry=self.registry,
-        )  # fmt: skip
-        self._source_tokens = Gauge(
-            names.SOURCE_TOKENS, "Tokens the whole job trained on from each data source since the run began.",
-            [*label_names, names.SOURCE_LABEL], registry=self.registry,
-        )  # fmt: skip
-        self._labels = lv
-        self.attempt = gauge("pretrain_attempt", "Attempt of this run (1 + gang restarts so far).")
+        self._label_names, self._labels = list(labels.values()), labels.values()
+        self._define_step_metrics()
+        self._define_checkpoint_metrics()
+        self._eval_metric = self._family(names.EVAL_METRIC, "Task metrics of the last evaluation (accuracy, f1, "
+                                         "exact_match...).", names.EVAL_METRIC_LABEL)  # fmt: skip
+        self._source_tokens = self._family(names.SOURCE_TOKENS, "Tokens the whole job trained on from each data "
+                                           "source since the run began.", names.SOURCE_LABEL)  # fmt: skip
+        self.attempt = self._gauge("pretrain_attempt", "Attempt of this run (1 + gang restarts so far).")
         self.attempt.set(labels.attempt)
-        self.registry.register(StorageRetryCollector(lv))
+        self.registry.register(StorageRetryCollector(self._labels))
         self.port: int | None = None
         self._server: Any = None
         if port is not None:
@@ -149,6 +102,63 @@ class TrainerMetrics:
                 self.port = self._server.server_port
             except OSError as e:
                 log.warning("metrics: cannot listen on port %d (%s); metrics are off for this rank", port, e)
+
+    def _gauge(self, name: str, doc: str) -> Any:
+        from prometheus_client import Gauge
+
+        return Gauge(name, doc, self._label_names, registry=self.registry).labels(**self._labels)
+
+    def _counter(self, name: str, doc: str) -> Any:
+        from prometheus_client import Counter
+
+        return Counter(name, doc, self._label_names, registry=self.registry).labels(**self._labels)
+
+    def _family(self, name: str, doc: str, *extra_labels: str) -> Any:
+        """A gauge with labels beyond the run's, whose children are made as values come."""
+        from prometheus_client import Gauge
+
+        return Gauge(name, doc, [*self._label_names, *extra_labels], registry=self.registry)
+
+    def _define_step_metrics(self) -> None:
+        from prometheus_client import Histogram
+
+        gauge, counter = self._gauge, self._counter
+        self.loss = gauge(names.TRAIN_LOSS, "Training loss of the last optimizer step (mean over ranks).")
+        self.eval_loss = gauge("pretrain_eval_loss", "Validation loss of the last evaluation.")
+        self.eval_perplexity = gauge("pretrain_eval_perplexity", "Validation perplexity of the last evaluation.")
+        self.lr = gauge("pretrain_learning_rate", "Learning rate of the last optimizer step.")
+        self.grad_norm = gauge("pretrain_grad_norm", "Global gradient norm before clipping.")
+        # No sample until `begin`: before it, the step is not known (a resume reads it from a
+        # checkpoint), and a 0 would be scraped into the job's status as its progress.
+        self._step = self._family(names.STEP, "Optimizer steps completed.")
+        self._total = self._family(names.TOTAL_STEPS, "Optimizer steps the run will take.")
+        self.tokens = counter("pretrain_tokens_total", "Tokens trained on by the whole job (counted on every rank).")
+        self.samples = counter("pretrain_samples_total", "Sequences trained on by the whole job.")
+        self.tokens_per_second = gauge(names.TOKENS_PER_SECOND, "Job-wide training throughput over the last step.")
+        self.step_time = Histogram(
+            names.STEP_DURATION, "Wall time of one optimizer step.", self._label_names,
+            buckets=STEP_BUCKETS, registry=self.registry,
+        ).labels(**self._labels)  # fmt: skip
+        self.mfu = gauge("pretrain_mfu_ratio", "Model FLOPs utilisation of this rank's device (0-1).")
+        self.mem_allocated = gauge("pretrain_accelerator_memory_allocated_bytes", "Accelerator memory allocated.")
+        self.mem_reserved = gauge("pretrain_accelerator_memory_reserved_bytes", "Accelerator memory reserved.")
+        self.data_wait = counter("pretrain_dataloader_wait_seconds_total", "Time spent waiting for batches.")
+
+    def _define_checkpoint_metrics(self) -> None:
+        gauge = self._gauge
+        self.ckpt_duration = gauge("pretrain_checkpoint_save_duration_seconds", "Duration of the last checkpoint save.")
+        self.ckpt_bytes = gauge("pretrain_checkpoint_size_bytes", "Bytes this node wrote in the last checkpoint.")
+        self.ckpt_failures = self._counter("pretrain_checkpoint_failures_total", "Checkpoint saves that failed.")
+        self._failures_counted = 0
+        self.ckpt_step = gauge(names.CHECKPOINT_STEP, "Step of the newest verified checkpoint.")
+        self.ckpt_time = gauge(
+            names.CHECKPOINT_TIME, "Unix time of the newest verified checkpoint (age: time() - this)."
+        )
+        self.stop_save = gauge(
+            "pretrain_stop_checkpoint_seconds",
+            "From SIGTERM (preemption, eviction, a resize) to the last checkpoint committed: must fit the pod's "
+            "terminationGracePeriodSeconds.",
+        )
 
     def begin(self, total_steps: int, start: int) -> None:
         """The run's steps, known once set up: from now on the step is served."""

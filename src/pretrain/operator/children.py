@@ -163,20 +163,16 @@ def _resources(job: PretrainJob) -> dict[str, Any]:
     return out
 
 
-def build_pod(
-    job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int, nodes: int | None = None
+def _pod_meta(
+    job: PretrainJob, pod: str, namespace: str, uid: str, attempt: int, rank: int, nodes: int
 ) -> dict[str, Any]:
-    """One node of a gang of `nodes` (default resources.nodes): torchrun, static rendezvous on node 0."""
-    spec = job.spec
-    r = spec.resources
-    nodes = nodes or r.nodes
-    grace = termination_grace_seconds(spec)
-    name = job.metadata.name
-    pod = pod_name(name, attempt, rank)
+    """A trainer pod's metadata: attempt and rank labels, Prometheus annotations, and a Kueue pod
+    group (one per attempt) when the job names a queue."""
+    r, name = job.spec.resources, job.metadata.name
     labels = {LABEL_ATTEMPT: str(attempt), LABEL_RANK: str(rank), **r.labels}
     annotations = {
         "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(spec.monitoring.metrics_port),
+        "prometheus.io/port": str(job.spec.monitoring.metrics_port),
         "prometheus.io/path": "/metrics",
         **r.annotations,
     }
@@ -185,10 +181,14 @@ def build_pod(
         annotations |= {ANNOTATION_POD_GROUP_COUNT: str(nodes), ANNOTATION_RETRIABLE_IN_GROUP: "false"}
     meta = _meta(job, pod, namespace, uid, labels)
     meta["annotations"] = annotations
-    args = trainer_command(
-        nnodes=nodes, nproc_per_node=r.procs_per_node, node_rank=f"$({ENV_NODE_RANK})", master_addr=f"$({ENV_MASTER_ADDR})",
-        config=POD_CONFIG_PATH, workdir=POD_WORKDIR,
-    )  # fmt: skip
+    return meta
+
+
+def _trainer_env(
+    job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int, grace: int
+) -> list[dict[str, Any]]:
+    """The trainer container's environment: the pod contract (pretrain.contract), then the user's."""
+    r, name = job.spec.resources, job.metadata.name
     env: list[dict[str, Any]] = [
         {"name": ENV_NODE_RANK, "value": str(rank)},
         {"name": ENV_MASTER_ADDR, "value": master_addr(name, namespace, attempt)},
@@ -211,6 +211,25 @@ def build_pod(
     if r.accelerator == "cpu":
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     env += [{"name": e.name, "value": e.value} for e in r.env]
+    return env
+
+
+def build_pod(
+    job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int, nodes: int | None = None
+) -> dict[str, Any]:
+    """One node of a gang of `nodes` (default resources.nodes): torchrun, static rendezvous on node 0."""
+    spec = job.spec
+    r = spec.resources
+    nodes = nodes or r.nodes
+    grace = termination_grace_seconds(spec)
+    name = job.metadata.name
+    pod = pod_name(name, attempt, rank)
+    meta = _pod_meta(job, pod, namespace, uid, attempt, rank, nodes)
+    args = trainer_command(
+        nnodes=nodes, nproc_per_node=r.procs_per_node, node_rank=f"$({ENV_NODE_RANK})", master_addr=f"$({ENV_MASTER_ADDR})",
+        config=POD_CONFIG_PATH, workdir=POD_WORKDIR,
+    )  # fmt: skip
+    env = _trainer_env(job, namespace, uid, attempt, rank, grace)
     container: dict[str, Any] = {
         "name": "trainer",
         "image": r.image,
@@ -253,17 +272,17 @@ def build_pod(
             {"name": "tmp", "emptyDir": {}},
         ],
     }
-    for key, value in (
-        ("nodeSelector", r.node_selector or None),
-        ("tolerations", r.tolerations or None),
-        ("affinity", r.affinity),
-        ("priorityClassName", r.priority_class_name),
-        ("schedulerName", r.scheduler_name),
-        ("serviceAccountName", r.service_account_name),
-    ):
-        if value:
-            pod_spec[key] = value
+    pod_spec.update(_placement(job))
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def _placement(job: PretrainJob) -> dict[str, Any]:
+    """The pod spec's scheduling fields the job sets, passed through as written."""
+    r = job.spec.resources
+    fields = {"nodeSelector": r.node_selector or None, "tolerations": r.tolerations or None, "affinity": r.affinity,
+              "priorityClassName": r.priority_class_name, "schedulerName": r.scheduler_name,
+              "serviceAccountName": r.service_account_name}  # fmt: skip
+    return {k: v for k, v in fields.items() if v}
 
 
 def build_standby_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int) -> dict[str, Any]:

@@ -320,6 +320,34 @@ def set_condition(conds: list[dict[str, Any]], type_: str, status: bool, reason:
     return False
 
 
+@dataclass
+class _Reconcile:
+    """One reconcile's view of a valid job: what every decision of `plan` reads and writes."""
+
+    job: PretrainJob
+    name: str
+    namespace: str
+    uid: str
+    now: datetime
+    st: _Status
+    out: Plan
+    observed: Observed
+    nodes: int
+    phase: str | None
+    attempt: int = 0
+    restarts: int = 0
+    #: Time suspended (added to status.suspendedSeconds on resume), and how long since the
+    #: resume when the job is suspended now (None otherwise).
+    suspended: timedelta = timedelta(0)
+    resumed_after: timedelta | None = None
+
+    def delete_pods(self, pods: list[PodView]) -> None:
+        self.out.delete.extend(("Pod", p.name) for p in pods)
+
+    def done(self) -> Plan:
+        return _finish(self.out, self.st)
+
+
 def plan(
     job: PretrainJob | None,
     *,
@@ -333,214 +361,256 @@ def plan(
     invalid: str | None = None,
     scheduling_grace: timedelta | None = None,
 ) -> Plan:
-    """Decide what to do. `job` is None when the spec is invalid (`invalid` says why)."""
+    """Decide what to do. `job` is None when the spec is invalid (`invalid` says why). A
+    dispatcher over named decisions, in the order a job lives them."""
     st = _Status(status, now, generation)
     out = Plan()
     observed, others = own_children(observed, uid)
     live = [p for p in observed.pods if not p.deleting]
-
-    def delete_pods(pods: list[PodView]) -> None:
-        out.delete.extend(("Pod", p.name) for p in pods)
-
     if job is None:
-        st.condition("Invalid", True, "InvalidSpec", invalid or "invalid spec")
-        if st.s.get("phase") != Phase.FAILED.value:
-            st.phase(Phase.FAILED, "InvalidSpec", invalid or "invalid spec", warning=True)
-            delete_pods(live)
-        return _finish(out, st)
+        return _invalid(st, out, live, invalid or "invalid spec")
+    _revalidated(st)
+    low, high = size_range(job.spec)
+    nodes = int(st.s.get("nodes") or 0)  # the current attempt's size: an elastic job's changes
+    r = _Reconcile(job, name, namespace, uid, now, st, out, observed, nodes if low <= nodes <= high
+                   else job.spec.resources.nodes, st.s.get("phase"))  # fmt: skip
+    if r.phase in TERMINAL:
+        _finished(r, live)
+        return r.done()
+    _adopt_attempt(r)
+    if job.spec.run_policy.suspend:
+        _suspend(r, live)
+        return r.done()
+    if _past_deadline(r, live):
+        return r.done()
+    _shared_children(r)
+    # Only earlier attempts are leftovers: pods of the current attempt, or of a later one a stale
+    # view does not know of, are never deleted as such.
+    r.delete_pods([p for p in live if p.attempt < r.attempt])
+    current = [p for p in live if p.attempt == r.attempt and not p.standby]
+    standby = [p for p in live if p.attempt == r.attempt and p.standby]
+    lingering = [p for p in observed.pods if p.attempt < r.attempt or p.deleting]
+    first = r.phase in (None, Phase.PENDING.value, Phase.PREPARING.value) and r.attempt == 0
+    if r.phase == Phase.SUSPENDED.value or first:
+        _begin(r, others, lingering)
+    elif r.phase == Phase.RESTARTING.value:
+        _restart(r, current, standby, lingering)
+    else:
+        _current_attempt(r, current, standby, scheduling_grace)
+    return r.done()
+
+
+def _invalid(st: _Status, out: Plan, live: list[PodView], why: str) -> Plan:
+    st.condition("Invalid", True, "InvalidSpec", why)
+    if st.s.get("phase") != Phase.FAILED.value:
+        st.phase(Phase.FAILED, "InvalidSpec", why, warning=True)
+        out.delete.extend(("Pod", p.name) for p in live)
+    return _finish(out, st)
+
+
+def _revalidated(st: _Status) -> None:
+    """A spec that was invalid and is fixed: the Invalid condition turns False; a job it failed
+    starts over."""
     was_invalid = st.get_condition("Invalid")
     if was_invalid and was_invalid["status"] == "True":
         st.condition("Invalid", False, "Valid", "the spec was fixed")
-        if st.s.get("phase") == Phase.FAILED.value:  # a fixed spec starts over
+        if st.s.get("phase") == Phase.FAILED.value:
             for key in ("phase", "message", "completionTime"):
                 st.s.pop(key, None)
 
-    rp = job.spec.run_policy
-    low, high = size_range(job.spec)
-    nodes = int(st.s.get("nodes") or 0)  # the current attempt's size: an elastic job's changes
-    if not low <= nodes <= high:
-        nodes = job.spec.resources.nodes
-    phase = st.s.get("phase")
 
-    # ---- finished jobs: cleanup policy and TTL only
-    if phase in TERMINAL:
-        delete_pods([p for p in live if p.standby])
-        policy = rp.clean_pod_policy
-        if policy == "All":
-            delete_pods(live)
-        elif policy == "Running":
-            delete_pods([p for p in live if p.phase in ("Running", "Pending", "Unknown")])
-        # Job's habit: completionTime on success only; a failed job's end is its Failed condition's.
-        ended = st.get_condition(str(phase))
-        done = parse_time(st.s.get("completionTime")) or parse_time(ended.get("lastTransitionTime") if ended else None)
-        ttl = rp.ttl_seconds_after_finished
-        if ttl is not None and done:
-            if now < done + timedelta(seconds=ttl):
-                out.due_in((done + timedelta(seconds=ttl) - now).total_seconds())
-            else:  # the job goes, as Job, JobSet and TrainJob go; its children go with it (owner references)
-                out.delete_job = True
-                st.events.append(Event("Normal", "TTLExpired", f"deleting the job {ttl}s after it ended "
-                                                                  "(runPolicy.ttlSecondsAfterFinished)"))  # fmt: skip
-        return _finish(out, st)
+def _finished(r: _Reconcile, live: list[PodView]) -> None:
+    """A finished job: its pod cleanup policy, and the TTL that deletes it."""
+    rp, st = r.job.spec.run_policy, r.st
+    r.delete_pods([p for p in live if p.standby])
+    if rp.clean_pod_policy == "All":
+        r.delete_pods(live)
+    elif rp.clean_pod_policy == "Running":
+        r.delete_pods([p for p in live if p.phase in ("Running", "Pending", "Unknown")])
+    # Job's habit: completionTime on success only; a failed job's end is its Failed condition's.
+    ended = st.get_condition(str(r.phase))
+    done = parse_time(st.s.get("completionTime")) or parse_time(ended.get("lastTransitionTime") if ended else None)
+    ttl = rp.ttl_seconds_after_finished
+    if ttl is None or not done:
+        return
+    if r.now < done + timedelta(seconds=ttl):
+        r.out.due_in((done + timedelta(seconds=ttl) - r.now).total_seconds())
+        return
+    # the job goes, as Job, JobSet and TrainJob go; its children with it (owner references)
+    r.out.delete_job = True
+    st.events.append(Event("Normal", "TTLExpired", f"deleting the job {ttl}s after it ended "
+                                                  "(runPolicy.ttlSecondsAfterFinished)"))  # fmt: skip
 
-    attempt = int(st.s.get("attempt") or 0)
-    restarts = int(st.s.get("restarts") or 0)
-    st.s.setdefault("restarts", restarts)
-    newest = max((p.attempt for p in observed.pods), default=0)
-    if newest > attempt:
+
+def _adopt_attempt(r: _Reconcile) -> None:
+    r.attempt = int(r.st.s.get("attempt") or 0)
+    r.restarts = int(r.st.s.get("restarts") or 0)
+    r.st.s.setdefault("restarts", r.restarts)
+    newest = max((p.attempt for p in r.observed.pods), default=0)
+    if newest > r.attempt:
         # Pods of a later attempt than the status knows: this view of the status is stale, or the
         # status was reset. Adopt them; the status write is fenced by the resourceVersion the view
         # was read at, so a stale view's plan is refused before it acts.
-        attempt = newest
-        st.s["attempt"] = newest
+        r.attempt = newest
+        r.st.s["attempt"] = newest
 
-    # ---- suspend
-    if rp.suspend:
-        delete_pods(live)
-        if observed.prepare_job is not None and not observed.prepare_job.deleting:
-            out.delete.append(("Job", prepare_job_name(name)))  # its parts stay: a resume redoes none
-        if phase != Phase.SUSPENDED.value:
-            st.phase(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is set: pods deleted")
-        return _finish(out, st)
 
-    # ---- deadline: running time only. Time suspended is added to status.suspendedSeconds when
-    # the job resumes; until then (old pods still going) the current stretch is counted here.
-    suspended = timedelta(seconds=int(st.s.get("suspendedSeconds") or 0))
-    resumed_after: timedelta | None = None
-    if phase == Phase.SUSPENDED.value:
+def _suspend(r: _Reconcile, live: list[PodView]) -> None:
+    r.delete_pods(live)
+    if r.observed.prepare_job is not None and not r.observed.prepare_job.deleting:
+        r.out.delete.append(("Job", prepare_job_name(r.name)))  # its parts stay: a resume redoes none
+    if r.phase != Phase.SUSPENDED.value:
+        r.st.phase(Phase.SUSPENDED, "Suspended", "runPolicy.suspend is set: pods deleted")
+
+
+def _past_deadline(r: _Reconcile, live: list[PodView]) -> bool:
+    """activeDeadlineSeconds of running time only: time suspended is added to
+    status.suspendedSeconds when the job resumes; until then (old pods still going) the current
+    stretch is counted here. True when the deadline passed (the job failed)."""
+    rp, st = r.job.spec.run_policy, r.st
+    r.suspended = timedelta(seconds=int(st.s.get("suspendedSeconds") or 0))
+    if r.phase == Phase.SUSPENDED.value:
         cond = st.get_condition(Phase.SUSPENDED.value)
         since = parse_time(cond.get("lastTransitionTime")) if cond else None
-        resumed_after = max(now - since, timedelta(0)) if since else timedelta(0)
-        suspended += resumed_after
+        r.resumed_after = max(r.now - since, timedelta(0)) if since else timedelta(0)
+        r.suspended += r.resumed_after
     started = parse_time(st.s.get("startTime"))
-    deadline = started + suspended + timedelta(seconds=rp.active_deadline_seconds or 0) if started else None
-    if rp.active_deadline_seconds and deadline:
-        out.due_in((deadline - now).total_seconds())
-    if rp.active_deadline_seconds and deadline and now >= deadline:
-        delete_pods(live)
-        st.phase(Phase.FAILED, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)",
-                 warning=True)  # fmt: skip
-        return _finish(out, st)
+    if not rp.active_deadline_seconds or not started:
+        return False
+    deadline = started + r.suspended + timedelta(seconds=rp.active_deadline_seconds)
+    r.out.due_in((deadline - r.now).total_seconds())
+    if r.now < deadline:
+        return False
+    r.delete_pods(live)
+    st.phase(Phase.FAILED, "DeadlineExceeded", f"ran longer than activeDeadlineSeconds ({rp.active_deadline_seconds}s)",
+             warning=True)  # fmt: skip
+    return True
 
-    # ---- shared children
+
+def _shared_children(r: _Reconcile) -> None:
+    """The Service, the ConfigMap (replaced when mutable fields changed: the next attempt's pods
+    read the new config; CEL refuses the rest) and the PodMonitor."""
+    job, observed, out = r.job, r.observed, r.out
     if not observed.service:
-        out.create.append(build_service(job, namespace, uid))
-    configmap = build_configmap(job, namespace, uid)
+        out.create.append(build_service(job, r.namespace, r.uid))
+    configmap = build_configmap(job, r.namespace, r.uid)
     if not observed.configmap:
         out.create.append(configmap)
     elif observed.config is not None and observed.config != configmap["data"][CONFIG_KEY]:
-        # Mutable fields changed (CEL refuses the rest): the next attempt's pods read the new config.
         out.replace.append(configmap)
     if job.spec.monitoring.pod_monitor and not observed.pod_monitor:
-        out.create.append(build_pod_monitor(job, namespace, uid))
+        out.create.append(build_pod_monitor(job, r.namespace, r.uid))
 
-    # ---- leftovers of earlier attempts go first
-    # Only earlier attempts are leftovers: pods of the current attempt, or of a later one a stale
-    # view does not know of, are never deleted as such.
-    stale = [p for p in live if p.attempt < attempt]
-    delete_pods(stale)
-    current = [p for p in live if p.attempt == attempt and not p.standby]
-    standby = [p for p in live if p.attempt == attempt and p.standby]
-    lingering = [p for p in observed.pods if p.attempt < attempt or p.deleting]
 
-    def start_attempt(new_attempt: int, reason: str, message: str) -> None:
-        if new_attempt == 1:
-            st.events.extend(Event("Warning", "NoCheckpointStorage", w) for w in spec_warnings(job.spec))
-            st.condition("Created", True, "Created", f"the job's first pods were created ({nodes} node(s))")
-        st.s["attempt"] = new_attempt
-        st.s.setdefault("startTime", rfc3339(now))
-        st.s["nodes"] = nodes
-        if resumed_after is not None and "startTime" in status:
-            st.s["suspendedSeconds"] = int(suspended.total_seconds())
-        for rank in range(nodes):
-            out.create.append(build_pod(job, namespace, uid, new_attempt, rank, nodes))
-        st.phase(Phase.PENDING, reason, message)
-        st.condition("Unschedulable", False, "")
+def _start_attempt(r: _Reconcile, new_attempt: int, reason: str, message: str) -> None:
+    st = r.st
+    if new_attempt == 1:
+        st.events.extend(Event("Warning", "NoCheckpointStorage", w) for w in spec_warnings(r.job.spec))
+        st.condition("Created", True, "Created", f"the job's first pods were created ({r.nodes} node(s))")
+    if r.resumed_after is not None and "startTime" in st.s:  # a resume of a job that had started
+        st.s["suspendedSeconds"] = int(r.suspended.total_seconds())
+    st.s["attempt"] = new_attempt
+    st.s.setdefault("startTime", rfc3339(r.now))
+    st.s["nodes"] = r.nodes
+    for rank in range(r.nodes):
+        r.out.create.append(build_pod(r.job, r.namespace, r.uid, new_attempt, rank, r.nodes))
+    st.phase(Phase.PENDING, reason, message)
+    st.condition("Unschedulable", False, "")
 
-    if phase == Phase.SUSPENDED.value or (phase in (None, Phase.PENDING.value, Phase.PREPARING.value) and attempt == 0):
-        if others and attempt == 0:
-            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-            st.phase(Phase.PENDING, "WaitingForPreviousJob",
-                     f"waiting for {shown} of an earlier PretrainJob named {name} (or not owned by this job) to go")  # fmt: skip
-            return _finish(out, st)
-        if lingering:
-            return _finish(out, st)  # wait for old pods to go before a fresh attempt
-        if attempt == 0 and _preparing(st, out, job, namespace, uid, observed.prepare_job):
-            return _finish(out, st)
-        start_attempt(
-            attempt + 1,
-            "Resumed" if phase == Phase.SUSPENDED.value else "Created",
-            f"created {nodes} pod(s) for attempt {attempt + 1}",
-        )
-        return _finish(out, st)
 
-    if phase == Phase.RESTARTING.value:
-        cond = st.get_condition(Phase.RESTARTING.value)
-        since = parse_time(cond.get("lastTransitionTime")) if cond else None
-        resizing = cond is not None and cond.get("reason") in RESIZE_REASONS
-        wait = 0 if resizing else backoff_seconds(job, restarts)
-        delete_pods(current + standby)
-        if since and now < since + timedelta(seconds=wait):
-            out.due_in((since + timedelta(seconds=wait) - now).total_seconds())
-        if lingering or current or (since and now < since + timedelta(seconds=wait)):
-            return _finish(out, st)
-        if resizing:
-            start_attempt(attempt + 1, "Resized",
-                          f"attempt {attempt + 1} on {nodes} node(s); {resumes_from(job)}")  # fmt: skip
-        else:
-            start_attempt(
-                attempt + 1,
-                "Restarted",
-                f"attempt {attempt + 1} after {restarts} restart(s); {resumes_from(job)}",
-            )
-        return _finish(out, st)
+def _begin(r: _Reconcile, others: list[str], lingering: list[PodView]) -> None:
+    """A new job (after its data preparation stage, if any) or a resumed one: the next attempt,
+    once nothing of an earlier job or attempt is left."""
+    if others and r.attempt == 0:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        r.st.phase(Phase.PENDING, "WaitingForPreviousJob",
+                   f"waiting for {shown} of an earlier PretrainJob named {r.name} (or not owned by this job) to go")  # fmt: skip
+        return
+    if lingering:
+        return  # wait for old pods to go before a fresh attempt
+    if r.attempt == 0 and _preparing(r.st, r.out, r.job, r.namespace, r.uid, r.observed.prepare_job):
+        return
+    resumed = r.phase == Phase.SUSPENDED.value
+    _start_attempt(r, r.attempt + 1, "Resumed" if resumed else "Created",
+                   f"created {r.nodes} pod(s) for attempt {r.attempt + 1}")  # fmt: skip
 
-    # ---- the current attempt
+
+def _restart(r: _Reconcile, current: list[PodView], standby: list[PodView], lingering: list[PodView]) -> None:
+    """Restarting: the old gang deleted, then (after the backoff, not for a resize) the next attempt."""
+    cond = r.st.get_condition(Phase.RESTARTING.value)
+    since = parse_time(cond.get("lastTransitionTime")) if cond else None
+    resizing = cond is not None and cond.get("reason") in RESIZE_REASONS
+    wait = 0 if resizing else backoff_seconds(r.job, r.restarts)
+    r.delete_pods(current + standby)
+    waiting = bool(since and r.now < since + timedelta(seconds=wait))
+    if since and waiting:
+        r.out.due_in((since + timedelta(seconds=wait) - r.now).total_seconds())
+    if lingering or current or waiting:
+        return
+    n = r.attempt + 1
+    if resizing:
+        _start_attempt(r, n, "Resized", f"attempt {n} on {r.nodes} node(s); {resumes_from(r.job)}")
+    else:
+        _start_attempt(r, n, "Restarted", f"attempt {n} after {r.restarts} restart(s); {resumes_from(r.job)}")
+
+
+def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodView],
+                     scheduling_grace: timedelta | None) -> None:  # fmt: skip
+    """The attempt's pods: a failed or vanished one fails the gang; missing ones are made; then
+    an elastic resize, success, running, or pods that cannot start or be placed."""
+    job, st, rp, attempt, nodes = r.job, r.st, r.job.spec.run_policy, r.attempt, r.nodes
     # A pod of the current attempt being deleted by someone else (an eviction, a preemption, a
     # drain, kubectl delete) is a failure of the gang as much as one that exited.
-    gone = [p for p in observed.pods if p.attempt == attempt and p.deleting and not p.standby]
+    gone = [p for p in r.observed.pods if p.attempt == attempt and p.deleting and not p.standby]
     failed = [p for p in current if p.phase in ("Failed", "Unknown")] + gone
     missing = sorted(set(range(nodes)) - {p.rank for p in current} - {p.rank for p in gone})
-    if failed or (missing and phase == Phase.RUNNING.value):
+    if failed or (missing and r.phase == Phase.RUNNING.value):
         first = first_failed([p.failed(deleted=p in gone) for p in failed]) if failed else None
-        verdict = decide(rp.failure_policy, first, None if first else pod_name(name, attempt, missing[0]))
-        _gang_failed(st, out, job, verdict, current, restarts, now)
-        return _finish(out, st)
+        verdict = decide(rp.failure_policy, first, None if first else pod_name(r.name, attempt, missing[0]))
+        _gang_failed(st, r.out, job, verdict, current, r.restarts, r.now)
+        return
     if missing:  # Pending and some pods not created yet (e.g. the operator stopped half-way)
         for rank in missing:
-            out.create.append(build_pod(job, namespace, uid, attempt, rank, nodes))
-        _check_scheduling(st, current, job, now, scheduling_grace)  # the new pods are not stuck
-        return _finish(out, st)
-    if job.spec.resources.elastic is not None:
-        new_size = _elastic(st, out, job, namespace, uid, attempt, nodes, current, standby, now)
-        if new_size is not None:
-            return _finish(out, st)
+            r.out.create.append(build_pod(job, r.namespace, r.uid, attempt, rank, nodes))
+        _check_scheduling(st, current, job, r.now, scheduling_grace)  # the new pods are not stuck
+        return
+    elastic = job.spec.resources.elastic is not None
+    if elastic and _elastic(st, r.out, job, r.namespace, r.uid, attempt, nodes, current, standby, r.now) is not None:
+        return  # a resize: a planned restart at the new size
     if all(p.phase == "Succeeded" for p in current):
-        st.phase(Phase.SUCCEEDED, "Completed", f"all {nodes} pod(s) succeeded")
-        st.s["completionTime"] = rfc3339(now)
-        node0 = next((p for p in current if p.rank == 0), None)
-        st.s.update(final_status(parse_done(node0.message) if node0 else None, job.spec.checkpoint.uri))
-        if rp.clean_pod_policy == "All":
-            delete_pods(current)
-        return _finish(out, st)
+        _succeeded(r, current)
+        return
     if all(p.phase in ("Running", "Succeeded") for p in current):
         _running(st, nodes, attempt)
         st.condition("Unschedulable", False, "")
         st.condition(CANNOT_START, False, "Started", "every container started")
-        return _finish(out, st)
-    if _cannot_start(st, out, job, current, restarts, now):
-        return _finish(out, st)
-    stuck = _check_scheduling(st, current, job, now, scheduling_grace)  # some pods still Pending
-    action = rp.scheduling_timeout_action
-    if stuck and action != "Wait":
-        delete_pods(current)
-        if action == "FailJob":
-            st.phase(Phase.FAILED, "SchedulingTimeout", f"{stuck}; schedulingTimeoutAction is FailJob", warning=True)
-        else:
-            st.phase(Phase.SUSPENDED, "SchedulingTimeout",
-                     f"{stuck}; suspended (runPolicy.suspend is now true): unset it to try again", warning=True)  # fmt: skip
-            out.suspend_job = True
-    return _finish(out, st)
+        return
+    if not _cannot_start(st, r.out, job, current, r.restarts, r.now):
+        _unplaced(r, current, scheduling_grace)
+
+
+def _succeeded(r: _Reconcile, current: list[PodView]) -> None:
+    r.st.phase(Phase.SUCCEEDED, "Completed", f"all {r.nodes} pod(s) succeeded")
+    r.st.s["completionTime"] = rfc3339(r.now)
+    node0 = next((p for p in current if p.rank == 0), None)
+    r.st.s.update(final_status(parse_done(node0.message) if node0 else None, r.job.spec.checkpoint.uri))
+    if r.job.spec.run_policy.clean_pod_policy == "All":
+        r.delete_pods(current)
+
+
+def _unplaced(r: _Reconcile, current: list[PodView], scheduling_grace: timedelta | None) -> None:
+    """Pods still Pending: past the scheduling timeout, the spec's action."""
+    stuck = _check_scheduling(r.st, current, r.job, r.now, scheduling_grace)
+    action = r.job.spec.run_policy.scheduling_timeout_action
+    if not stuck or action == "Wait":
+        return
+    r.delete_pods(current)
+    if action == "FailJob":
+        r.st.phase(Phase.FAILED, "SchedulingTimeout", f"{stuck}; schedulingTimeoutAction is FailJob", warning=True)
+    else:
+        r.st.phase(Phase.SUSPENDED, "SchedulingTimeout",
+                   f"{stuck}; suspended (runPolicy.suspend is now true): unset it to try again", warning=True)  # fmt: skip
+        r.out.suspend_job = True
 
 
 def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, current: list[PodView], restarts: int,
