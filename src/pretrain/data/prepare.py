@@ -279,6 +279,7 @@ def commit_remote(
 
     uri = _dataset_uri(remote_cache, inputs.fingerprint)
     fs, root = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache()  # the parts other workers wrote, not an earlier listing
     local = scratch / f".{inputs.fingerprint}.commit-{os.getpid()}"
     local.mkdir(parents=True, exist_ok=True)
     try:
@@ -305,6 +306,7 @@ def remote_state(remote_cache: str, fingerprint: str, count: int) -> tuple[bool,
     from pretrain.storage.fs import with_retries
 
     fs, root = fsspec.core.url_to_fs(_dataset_uri(remote_cache, fingerprint))
+    fs.invalidate_cache()  # other workers wrote since this process last listed: no stale listing
     committed = bool(with_retries("read manifest.json", lambda: fs.exists(f"{root}/manifest.json")))
     try:
         listed = with_retries("list parts/", lambda: fs.ls(f"{root}/parts", detail=False))
