@@ -72,6 +72,19 @@ def run(file: Path, nproc: int | None, output: Path | None, verbose: bool, overr
         nnodes=1, nproc_per_node=procs, node_rank=0, master_addr="127.0.0.1", master_port=free_port(),
         config=str(config), workdir=str(out / "work"),
     )  # fmt: skip
+    reason_file = out / "work" / "termination.log"  # the trainer's one-line reason, if it fails
+    env = _worker_env(job, out, procs, reason_file)
+    click.echo(f"run folder: {shown(out)}", err=True)
+    click.echo(f"checkpoints: {shown(job.spec.checkpoint.uri or '')}", err=True)
+    click.echo(f"metrics: http://127.0.0.1:{job.spec.monitoring.metrics_port}/metrics (rank 0)", err=True)
+    code, hidden = _supervise([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env,
+                              out / "work" / "launcher.log", verbose)  # fmt: skip
+    _report_end(job, out, code, hidden, reason_file)
+
+
+def _worker_env(job: Any, out: Path, procs: int, reason_file: Path) -> dict[str, str]:
+    """torchrun's environment: CPU threads shared among the processes, the save-on-stop grace,
+    a TMPDIR in the run folder, and where the trainer leaves its one-line reason."""
     env = dict(os.environ)
     if job.spec.resources.accelerator == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -83,15 +96,14 @@ def run(file: Path, nproc: int | None, output: Path | None, verbose: bool, overr
     tmp = out / "tmp"  # torchelastic leaves folders in TMPDIR
     tmp.mkdir(exist_ok=True)
     env["TMPDIR"] = str(tmp)
-    reason_file = out / "work" / "termination.log"  # the trainer's one-line reason, if it fails
     reason_file.parent.mkdir(parents=True, exist_ok=True)
     reason_file.unlink(missing_ok=True)
     env[ENV_TERMINATION_LOG] = str(reason_file)
-    click.echo(f"run folder: {shown(out)}", err=True)
-    click.echo(f"checkpoints: {shown(job.spec.checkpoint.uri or '')}", err=True)
-    click.echo(f"metrics: http://127.0.0.1:{job.spec.monitoring.metrics_port}/metrics (rank 0)", err=True)
-    code, hidden = _supervise([sys.executable, "-m", "torch.distributed.run", *cmd[1:]], env,
-                              out / "work" / "launcher.log", verbose)  # fmt: skip
+    return env
+
+
+def _report_end(job: Any, out: Path, code: int, hidden: int, reason_file: Path) -> None:
+    """The run's last lines: where the model is, what a stop saved, or why it failed (exit 1)."""
     if code == 0:
         final = f"{job.spec.checkpoint.uri}/final"
         if (Path(final) / "config.json").exists() or "://" in final:
