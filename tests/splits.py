@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from pretrain.data.order import Blocks, uniform_blocks
+
 
 class IndexSplit:
     """A split whose rows are their own indices, to follow which rows a loader hands out."""
@@ -22,8 +24,8 @@ class IndexSplit:
     def rows(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return np.asarray(index)[:, None]
 
-    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
-        return {0: np.arange(self.n)}
+    def blocks(self) -> Blocks:
+        return uniform_blocks(self.n, 1)
 
     def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return np.zeros(len(index), dtype=np.int64)

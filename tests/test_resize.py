@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,14 @@ RESIZABLE = ["training.globalBatchSize=12", "checkpoint.intervalSteps=6"]
 
 #: fp32 on CPU: another world size only changes the order of reductions (seen: at most 2e-7).
 TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def streamed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every run of this module streams its data from one shared cacheUri (issue 28 item 2)."""
+    RESIZABLE.append(f"data.cacheUri=file://{tmp_path_factory.mktemp('bucket')}")
+    yield
+    RESIZABLE.pop()
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +55,7 @@ def checkpoints_at_step_6(source: Path, out: Path) -> Path:
 
 def assert_continues(resumed: Run, reference: Run) -> None:
     assert resumed.proc.returncode == 0, resumed.output[-3000:]
+    assert "is prepared: streaming it" in resumed.output and not (resumed.out / "work" / "data").exists()
     got, want = resumed.losses(), reference.losses()
     assert sorted(got) == list(range(7, 13)), "the step count continues from the checkpoint"
     for step in got:

@@ -248,6 +248,11 @@ class DataSpec(Spec):
         description="Prepare the data first in a parallel stage on the cluster (an Indexed Job owned by this job, "
         "writing to cacheUri), then train; unset: rank 0 prepares while the other ranks wait.",
     )
+    stream_cache: Quantity = Field(
+        "4Gi",
+        description="With cacheUri, ranks stream the prepared shards from there (no node downloads the corpus) "
+        "through a node-local cache of verified blocks this large, shared out among the node's ranks.",
+    )
 
 
 # --------------------------------------------------------------------------- training

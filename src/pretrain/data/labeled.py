@@ -1,7 +1,7 @@
 """Labelled data for fine-tuning: rows from any source the data layer reads, tokenized into
 fixed-length feature arrays (fine-tuning sets fit in memory), with what evaluation needs.
 
-A `LabeledSplit` has the same face as a `PackedSplit` (`len`, `rows(index)`, `source_ranges`),
+A `LabeledSplit` has the same face as a `PackedSplit` (`len`, `rows(index)`, `blocks`),
 so the distributed loader and its exact resume serve fine-tuning unchanged; `rows` returns the
 model's keyword arguments as arrays.
 """
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.api.spec import DataSourceSpec, DataSpec, ObjectiveSpec
+from pretrain.data.order import Blocks, uniform_blocks
 from pretrain.data.sources import DataError, iter_rows, resolve_files
 
 
@@ -34,8 +35,8 @@ class LabeledSplit:
     def rows(self, index: np.ndarray[Any, Any]) -> dict[str, np.ndarray[Any, Any]]:
         return {k: v[index] for k, v in self.features.items()}
 
-    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
-        return {0: np.arange(len(self))}
+    def blocks(self) -> Blocks:
+        return uniform_blocks(len(self), 1)
 
     def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         return np.zeros(len(index), dtype=np.int64)

@@ -1,38 +1,49 @@
 """The training loader: prepared shards, memory-mapped, in one global order that every rank cuts.
 
-The order is a *stream*: epoch e is a seeded permutation of the rows (a weighted draw when
-there are several sources), epochs follow one another, and optimizer step s consumes stream
+The order is a *stream*: epoch e is a seeded block-window shuffle of the rows (order.py; a
+weighted draw when there are several sources), epochs follow one another, and optimizer step s consumes stream
 items [s*G, (s+1)*G) where G is the global batch. Rank r takes, for micro step m, the items at
 offset (m*world + r)*micro within that window. So ranks never overlap, an epoch covers every
 row, and the loader's whole state is one number (`consumed`): a resumed run sees exactly the
 sequences an uninterrupted one would, even at another world size.
+
+A split that streams its shards (stream.RemoteSplit) is told, step by step, which rows this rank
+reads a few steps ahead (`prefetch`), so that its cache fetches them before the step needs them.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from pretrain.data.layout import layout
+from pretrain.data.order import WINDOW_BLOCKS, Blocks, EpochOrder
 from pretrain.data.sources import DataError
 from pretrain.storage.paths import UnsafePath, inside
 
+log = logging.getLogger("pretrain.data")
+#: The row order's name, kept in the loader state: a resume under another order says so.
+ORDER = f"block-windows-{WINDOW_BLOCKS}"
+
 
 class Split(Protocol):
-    """What the loader needs of a split: packed shards (PackedSplit) or labelled features."""
+    """What the loader needs of a split: packed shards, local (PackedSplit) or streamed
+    (stream.RemoteSplit), or labelled features."""
 
     directory: Path
 
     def __len__(self) -> int: ...
     def rows(self, index: np.ndarray[Any, Any]) -> Any: ...
-    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]: ...
+    def blocks(self) -> Blocks: ...
     def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]: ...
 
 
 class PackedSplit:
-    """Rows of one split (train or val) across its shards, opened lazily with np.memmap."""
+    """Rows of one split (train or val) across its shards on a local disk, opened lazily with np.memmap."""
 
     def __init__(self, directory: Path, split: str) -> None:
         manifest_path = directory / "manifest.json"
@@ -41,27 +52,22 @@ class PackedSplit:
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{manifest_path}: unreadable dataset manifest ({e.__class__.__name__})") from None
         self.directory = directory
-        self.seq_len: int = self.manifest["sequence_length"]
-        self.dtype = np.dtype(self.manifest["dtype"])
-        self.id_bound = int(self.manifest.get("vocab_size") or np.iinfo(self.dtype).max + 1)
-        self.shards: list[dict[str, Any]] = self.manifest["splits"][split]["shards"]
-        rows = [s["rows"] for s in self.shards]
-        self.offsets = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-        self.sources = np.array([s["source"] for s in self.shards], dtype=np.int64)
+        self.layout = layout(self.manifest, split, str(directory))
+        self.seq_len, self.dtype, self.shards = self.layout.seq_len, self.layout.dtype, self.layout.shards
         self._maps: dict[int, np.memmap[Any, Any]] = {}
         for s in self.shards:
             try:  # a cache from a bucket: its manifest's names stay inside the cache folder
                 path = inside(directory, str(s["file"]), "dataset manifest: shard")
             except UnsafePath as e:
                 raise DataError(str(e)) from None
-            expected = s["rows"] * self.seq_len * self.dtype.itemsize
+            expected = s["rows"] * self.layout.row_bytes
             size = path.stat().st_size if path.exists() else -1
             if size != expected:
                 what = "missing" if size < 0 else f"{size} bytes, expected {expected}: truncated or corrupt"
                 raise DataError(f"shard {path}: {what}")
 
     def __len__(self) -> int:
-        return int(self.offsets[-1])
+        return int(self.layout.offsets[-1])
 
     def _map(self, shard: int) -> np.memmap[Any, Any]:
         if shard not in self._maps:
@@ -74,25 +80,19 @@ class PackedSplit:
     def rows(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
         """Rows at global indices `index`, as int64 (len(index), seq_len)."""
         out = np.empty((len(index), self.seq_len), dtype=np.int64)
-        shard_of = np.searchsorted(self.offsets, index, side="right") - 1
+        offsets = self.layout.offsets
+        shard_of = np.searchsorted(offsets, index, side="right") - 1
         for k, (i, sh) in enumerate(zip(index, shard_of, strict=True)):
-            out[k] = self._map(int(sh))[int(i - self.offsets[sh])]
-        if out.size and int(out.max()) >= self.id_bound:  # one pass over the batch: cheap beside a step
-            k = int(np.argmax(out.max(axis=1)))
-            raise DataError(f"shard {self.directory / self.shards[int(shard_of[k])]['file']}: token id {int(out[k].max())} "
-                            f"is not below the vocabulary ({self.id_bound}): corrupt")  # fmt: skip
+            out[k] = self._map(int(sh))[int(i - offsets[sh])]
+        self.layout.check_ids(out, shard_of, str(self.directory))
         return out
 
-    def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
-        """The source of each row at global indices `index` (one search over the shards)."""
-        return self.sources[np.searchsorted(self.offsets, index, side="right") - 1]
+    def blocks(self) -> Blocks:
+        return self.layout.blocks
 
-    def source_ranges(self) -> dict[int, np.ndarray[Any, Any]]:
-        """Global row indices of each source."""
-        out: dict[int, list[np.ndarray[Any, Any]]] = {}
-        for k, src in enumerate(self.sources):
-            out.setdefault(int(src), []).append(np.arange(self.offsets[k], self.offsets[k + 1]))
-        return {s: np.concatenate(v) for s, v in out.items()}
+    def source_of(self, index: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """The source of each row at global indices `index` (one search over the blocks)."""
+        return self.layout.blocks.source_of(index)
 
     def verify(self) -> None:
         """Check every shard's sha256 against the manifest (reads them all)."""
@@ -105,27 +105,6 @@ class PackedSplit:
                     h.update(block)
             if h.hexdigest() != s["sha256"]:
                 raise DataError(f"shard {self.directory / s['file']}: checksum mismatch (corrupt)")
-
-
-def epoch_order(split: Split, weights: list[float], seed: int, epoch: int, stage: int = 0) -> np.ndarray[Any, Any]:
-    """The rows of one epoch (of one mixture stage) in training order: a seeded shuffle, mixing
-    sources by weight (a source of weight 0 gives none)."""
-    rng = np.random.default_rng([seed, epoch] if stage == 0 else [seed, epoch, stage])
-    ranges = split.source_ranges()
-    if len(ranges) <= 1:
-        return rng.permutation(len(split)).astype(np.int64)
-    total = len(split)
-    w = np.array([weights[s] if s < len(weights) else 1.0 for s in ranges], dtype=np.float64)
-    counts = np.floor(w / w.sum() * total).astype(np.int64)
-    weighted = np.flatnonzero(w > 0)
-    counts[weighted[: total - counts.sum()]] += 1  # hand the rounding remainder out, to weighted sources
-    picks = []
-    for (_, rows), n in zip(ranges.items(), counts, strict=True):
-        reps = -(-int(n) // len(rows))
-        pool = np.concatenate([rng.permutation(rows) for _ in range(max(reps, 1))])
-        picks.append(pool[:n])
-    mixed = np.concatenate(picks)
-    return mixed[rng.permutation(len(mixed))]
 
 
 class DistributedLoader:
@@ -146,6 +125,7 @@ class DistributedLoader:
         if len(split) == 0:
             raise DataError(f"{split.directory}: the training split is empty")
         self.split = split
+        self.blocks = split.blocks()
         self.rank, self.world, self.micro, self.accum, self.seed = rank, world_size, micro_batch, accumulation, seed
         self.weights = weights or []
         #: (stream position where the stage ends, or None, weights): the mixture by position.
@@ -153,16 +133,17 @@ class DistributedLoader:
         self.stages[-1] = (None, self.stages[-1][1])  # the last stage lasts to the end
         self.global_batch = micro_batch * accumulation * world_size
         self.consumed = 0
-        self._orders: dict[tuple[int, int], np.ndarray[Any, Any]] = {}
+        self._planned = 0  # stream position up to which a streaming split was told what comes
+        self._orders: dict[tuple[int, int], EpochOrder] = {}
         #: Rows the whole job has trained on, by source, since the run began (every rank counts
         #: the same global window; kept in the checkpoint's loader state).
         self.source_rows: dict[int, int] = {}
 
-    def _order(self, stage: int, epoch: int) -> np.ndarray[Any, Any]:
+    def _order(self, stage: int, epoch: int) -> EpochOrder:
         key = (stage, epoch)
         if key not in self._orders:
             self._orders = {k: o for k, o in self._orders.items() if k >= (stage, epoch - 1)}
-            self._orders[key] = epoch_order(self.split, self.stages[stage][1], self.seed, epoch, stage)
+            self._orders[key] = EpochOrder(self.blocks, self.stages[stage][1], self.seed, epoch, stage)
         return self._orders[key]
 
     def stream(self, start: int, count: int) -> np.ndarray[Any, Any]:
@@ -190,14 +171,30 @@ class DistributedLoader:
 
     def next_step(self) -> list[Any]:
         """This rank's `accumulation` micro-batches (int64 arrays micro x seq_len) for one step."""
+        self._prefetch()
         window = self.stream(self.consumed, self.global_batch)
-        batches = []
-        for m in range(self.accum):
-            start = (m * self.world + self.rank) * self.micro
-            batches.append(self.split.rows(window[start : start + self.micro]))
+        batches = [self.split.rows(rows) for rows in self._mine(window)]
         self._count_sources(window)
         self.consumed += self.global_batch
         return batches
+
+    def _mine(self, window: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+        """This rank's micro-batches of one step's global window."""
+        starts = [(m * self.world + self.rank) * self.micro for m in range(self.accum)]
+        return [window[s : s + self.micro] for s in starts]
+
+    def _prefetch(self) -> None:
+        """Tell a streaming split the rows this rank reads in this step and the next few (each
+        step once), so that its blocks are fetched before the step needs them."""
+        prefetch = getattr(self.split, "prefetch", None)
+        if prefetch is None:
+            return
+        ahead = self.split.prefetch_steps(self.micro * self.accum)  # type: ignore[attr-defined]
+        end = self.consumed + (ahead + 1) * self.global_batch
+        start = max(self._planned, self.consumed)
+        for pos in range(start, end, self.global_batch):
+            prefetch(np.concatenate(self._mine(self.stream(pos, self.global_batch))))
+        self._planned = max(self._planned, end)
 
     def _count_sources(self, index: np.ndarray[Any, Any]) -> None:
         sources, counts = np.unique(self.split.source_of(index), return_counts=True)
@@ -211,6 +208,7 @@ class DistributedLoader:
             "rows": len(self.split),
             "global_batch": self.global_batch,
             "source_rows": {str(k): v for k, v in sorted(self.source_rows.items())},
+            "order": ORDER,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -220,6 +218,10 @@ class DistributedLoader:
                 f"({state['rows']} rows, seed {state['seed']}; this one has {len(self.split)}, seed {self.seed})"
             )
         self.consumed = int(state["consumed"])
+        if state.get("order") != ORDER and self.rank == 0:
+            log.warning("the checkpoint's loader state is from an earlier row order (%s): the run goes on at stream "
+                        "position %d in the current order (%s)", state.get("order", "a full permutation per epoch"),
+                        self.consumed, ORDER)  # fmt: skip
         if "source_rows" in state:
             self.source_rows = {int(k): int(v) for k, v in state["source_rows"].items()}
             return
@@ -229,7 +231,7 @@ class DistributedLoader:
 
 
 def eval_batches(
-    split: PackedSplit, *, rank: int, world_size: int, micro_batch: int, steps: int
+    split: Split, *, rank: int, world_size: int, micro_batch: int, steps: int
 ) -> list[np.ndarray[Any, Any]]:
     """A fixed evaluation set: the first steps x world x micro validation rows, strided by rank."""
     n = len(split)

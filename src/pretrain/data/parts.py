@@ -27,7 +27,16 @@ from pretrain.data import units
 from pretrain.data.encode import BatchEncoder
 from pretrain.data.sources import DataError
 from pretrain.data.tokenizer import id_bound
-from pretrain.data.units import FORMAT_VERSION, Inputs, Unit, plan_units, token_dtype, unit_documents, units_of
+from pretrain.data.units import (
+    FORMAT_VERSION,
+    Inputs,
+    Unit,
+    block_rows_for,
+    plan_units,
+    token_dtype,
+    unit_documents,
+    units_of,
+)
 
 #: Rows per shard file (about 64M tokens at sequence length 1024).
 DEFAULT_SHARD_ROWS = 65536
@@ -42,17 +51,30 @@ class Shard:
     rows: int
     source: int
     sha256: str
+    #: sha256 of the shard's block digests (`block_digests_name(file)`): the one manifest entry
+    #: that lets a streaming reader verify any block of the shard without reading the rest.
+    blocks_sha256: str
+
+
+def block_digests_name(shard_file: str) -> str:
+    """The file beside a shard that holds the sha256 digest (32 bytes) of each of its blocks."""
+    return f"{shard_file}.blocks"
 
 
 class ShardWriter:
-    """Appends rows to numbered shard files `<prefix>-NNNNNN.bin`, hashing as it goes."""
+    """Appends rows to numbered shard files `<prefix>-NNNNNN.bin`, hashing the shard and each
+    block of `block_rows` rows (from the shard's start) as it goes."""
 
-    def __init__(self, directory: Path, prefix: str, dtype: np.dtype[Any], shard_rows: int, bound: int) -> None:
+    def __init__(
+        self, directory: Path, prefix: str, dtype: np.dtype[Any], shard_rows: int, bound: int, block_rows: int
+    ) -> None:
         self.directory, self.prefix, self.dtype = directory, prefix, dtype
-        self.shard_rows, self.id_bound = shard_rows, bound
+        self.shard_rows, self.id_bound, self.block_rows = shard_rows, bound, block_rows
         self.shards: list[Shard] = []
         self._fh: Any = None
         self._hash: Any = None
+        self._block: Any = None
+        self._digests: list[bytes] = []
         self._rows = 0
         self._source = -1
         self._name = ""
@@ -60,15 +82,37 @@ class ShardWriter:
     def _open(self, source: int) -> None:
         self._name = f"{self.prefix}-{len(self.shards):06d}.bin"
         self._fh = open(self.directory / self._name, "wb")  # noqa: SIM115 - closed in _close
-        self._hash = hashlib.sha256()
+        self._hash, self._block, self._digests = hashlib.sha256(), hashlib.sha256(), []
         self._rows = 0
         self._source = source
 
     def _close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self.shards.append(Shard(self._name, self._rows, self._source, self._hash.hexdigest()))
-            self._fh = None
+        if self._fh is None:
+            return
+        self._fh.close()
+        if self._rows % self.block_rows:
+            self._digests.append(self._block.digest())
+        digests = b"".join(self._digests)
+        (self.directory / block_digests_name(self._name)).write_bytes(digests)
+        self.shards.append(Shard(self._name, self._rows, self._source, self._hash.hexdigest(),
+                                 hashlib.sha256(digests).hexdigest()))  # fmt: skip
+        self._fh = None
+
+    def _append(self, block: np.ndarray[Any, Any]) -> None:
+        """Rows that fit in the open shard, hashed into its blocks."""
+        row_bytes = block.shape[1] * self.dtype.itemsize
+        data = block.tobytes()
+        self._fh.write(data)
+        self._hash.update(data)
+        done = 0
+        while done < len(block):
+            take = min(len(block) - done, self.block_rows - self._rows % self.block_rows)
+            self._block.update(data[done * row_bytes : (done + take) * row_bytes])
+            done += take
+            self._rows += take
+            if self._rows % self.block_rows == 0:
+                self._digests.append(self._block.digest())
+                self._block = hashlib.sha256()
 
     def write(self, rows: np.ndarray[Any, Any], source: int) -> None:
         start = 0
@@ -81,10 +125,7 @@ class ShardWriter:
             if block.size and int(block.max()) >= self.id_bound:
                 raise DataError(f"shard {self._name}: token id {int(block.max())} is not below the tokenizer's "
                                 f"vocabulary ({self.id_bound}); the tokenizer is inconsistent")  # fmt: skip
-            data = block.tobytes()
-            self._fh.write(data)
-            self._hash.update(data)
-            self._rows += take
+            self._append(block)
             start += take
 
     def close(self) -> list[Shard]:
@@ -140,8 +181,9 @@ def _prepare_unit(
     rows, docs = _pack(unit_documents(src, unit), encoder, seq, flat, dtype)
     validation_only = unit.source >= len(spec.sources)
     n_val = rows if validation_only else (0 if spec.validation_sources else math.ceil(rows * spec.validation_split))
-    train = ShardWriter(out, f"u{u:06d}-train", dtype, shard_rows, bound)
-    val = ShardWriter(out, f"u{u:06d}-val", dtype, shard_rows, bound)
+    block_rows = block_rows_for(seq, dtype)
+    train = ShardWriter(out, f"u{u:06d}-train", dtype, shard_rows, bound, block_rows)
+    val = ShardWriter(out, f"u{u:06d}-val", dtype, shard_rows, bound, block_rows)
     if rows:
         data = np.memmap(flat, dtype=dtype, mode="r", shape=(rows, seq))
         train.write(data[: rows - n_val], unit.source)
@@ -223,14 +265,14 @@ def commit(spec: DataSpec, inputs: Inputs, out: Path, count: int, tokenizer_fing
         rows = sum(s["rows"] for s in shards)
         splits[name] = {"rows": rows, "tokens": rows * seq, "shards": shards}
     return {"format_version": FORMAT_VERSION, "fingerprint": inputs.fingerprint, "sequence_length": seq,
-            "dtype": token_dtype(bound).name, "vocab_size": bound, "tokenizer_fingerprint": tokenizer_fingerprint,
+            "dtype": token_dtype(bound).name, "vocab_size": bound, "block_rows": block_rows_for(seq, token_dtype(bound)), "tokenizer_fingerprint": tokenizer_fingerprint,
             "units": n_units, "parts": count, "sources": sources, "validation_sources": inputs.val_prints,
             "splits": splits}  # fmt: skip
 
 
-def _run_part(args: tuple[DataSpec, Any, Inputs, Path, int, int, int, int, int]) -> str:
-    spec, tokenizer, inputs, out, index, count, shard_rows, encode_workers, unit_bytes = args
-    units.UNIT_BYTES = unit_bytes  # the parent's plan, in a spawned process
+def _run_part(args: tuple[DataSpec, Any, Inputs, Path, int, int, int, int, int, int]) -> str:
+    spec, tokenizer, inputs, out, index, count, shard_rows, encode_workers, unit_bytes, block_bytes = args
+    units.UNIT_BYTES, units.BLOCK_BYTES = unit_bytes, block_bytes  # the parent's plan, in a spawned process
     return str(prepare_part(spec, tokenizer, inputs, out, index, count, shard_rows=shard_rows,
                             encode_workers=encode_workers))  # fmt: skip
 
@@ -250,6 +292,7 @@ def prepare_parts(
     from pretrain.data.encode import usable_cores
 
     each = max(1, usable_cores() // workers)
-    jobs = [(spec, tokenizer, inputs, out, k, workers, shard_rows, each, units.UNIT_BYTES) for k in range(workers)]
+    jobs = [(spec, tokenizer, inputs, out, k, workers, shard_rows, each, units.UNIT_BYTES, units.BLOCK_BYTES)
+            for k in range(workers)]  # fmt: skip
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_run_part, jobs))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pretrain.api.spec import DataSourceSpec, DataSpec
-from pretrain.data.parts import DEFAULT_SHARD_ROWS, commit, part_name, prepare_part, prepare_parts
+from pretrain.data.parts import DEFAULT_SHARD_ROWS, block_digests_name, commit, part_name, prepare_part, prepare_parts
 from pretrain.data.sources import DataError, SourceFile, iter_documents, resolve_files
 from pretrain.data.units import Inputs, resolve_inputs
 
@@ -228,6 +228,31 @@ def prepare_cached(
     return path
 
 
+def publish_prepared(
+    spec: DataSpec, tokenizer: Any, tokenizer_fingerprint: str, scratch: Path, remote_cache: str
+) -> str:
+    """The URI of the dataset in `remote_cache` (data.cacheUri): there already (a preparation
+    Job or an earlier run made it), or prepared here, uploaded with its manifest last, and the
+    local copy removed (ranks stream it; no node keeps the corpus)."""
+    import fsspec
+
+    from pretrain.storage.fs import upload_dir, with_retries
+
+    inputs = resolve_inputs(spec, tokenizer_fingerprint)
+    uri = _dataset_uri(remote_cache, inputs.fingerprint)
+    fs, root = fsspec.core.url_to_fs(uri)
+    fs.invalidate_cache()
+    if with_retries("read manifest.json", lambda: fs.exists(f"{root}/manifest.json")):
+        log.info("dataset %s is prepared: streaming it", uri)
+        return uri
+    path = prepare(spec, tokenizer, tokenizer_fingerprint, scratch, inputs=inputs)
+    upload_dir(path, uri, last="manifest.json")  # shards first: readers wait for the manifest
+    shutil.rmtree(path, ignore_errors=True)
+    _stamp_path(path).unlink(missing_ok=True)
+    log.info("dataset prepared and published to %s: streaming it", uri)
+    return uri
+
+
 def _dataset_uri(remote_cache: str, fingerprint: str) -> str:
     return f"{remote_cache.rstrip('/')}/{fingerprint}"
 
@@ -258,8 +283,8 @@ def prepare_remote_part(
     shutil.rmtree(local, ignore_errors=True)
     try:
         path = prepare_part(spec, tokenizer, inputs, local, index, count)
-        shards = [s["file"] for u in json.loads(path.read_text())["units"] for split in ("train", "val")
-                  for s in u[split]]  # fmt: skip
+        shards = [name for u in json.loads(path.read_text())["units"] for split in ("train", "val")
+                  for s in u[split] for name in (s["file"], block_digests_name(s["file"]))]  # fmt: skip
         fs.makedirs(f"{root}/parts", exist_ok=True)  # a local or mounted cacheUri needs its folders
         for shard in shards:
             with_retries(f"upload {shard}", functools.partial(fs.put_file, str(local / shard), f"{root}/{shard}"))

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain.api.quantity import quantity
 from pretrain.api.spec import PretrainJob, PretrainJobSpec
 from pretrain.api.validation import total_steps
 from pretrain.data import labeled
 from pretrain.data.collator import Collator
-from pretrain.data.loader import DistributedLoader, PackedSplit, eval_batches
-from pretrain.data.prepare import prepare_cached, text_sample
+from pretrain.data.loader import DistributedLoader, PackedSplit, Split, eval_batches
+from pretrain.data.prepare import prepare_cached, publish_prepared, text_sample
+from pretrain.data.stream import RemoteSplit
 from pretrain.data.tokenizer import build_tokenizer, fingerprint, save
 from pretrain.metrics.trainer import peak_flops_for
 from pretrain.storage.checkpoint import CheckpointStore
@@ -125,18 +127,38 @@ def job_tokenizer(
     return AutoTokenizer.from_pretrained(str(tok_dir))
 
 
-def packed_splits(spec: PretrainJobSpec, workdir: Path, world: World, tokenizer: Any) -> tuple[Any, Any]:
-    """Packed shards in the node-local cache: prepared by rank 0 (or fetched from
-    data.cacheUri when an earlier run put them there), then read by every local rank."""
-    cache = workdir / "data"
+def packed_splits(spec: PretrainJobSpec, workdir: Path, world: World, tokenizer: Any) -> tuple[Split, Split]:
+    """The train and validation splits. With data.cacheUri every rank streams them from there
+    (rank 0 first prepares and publishes them when no job has); else node-local shards,
+    prepared by each node's local rank 0 and read by every local rank."""
     fp = fingerprint(tokenizer)
     remote = spec.data.cache_uri
+    if remote:
+        uri = world.broadcast(publish_prepared(spec.data, tokenizer, fp, workdir / "data", remote)
+                              if world.rank == 0 else None)  # fmt: skip
+        return stream_splits(uri, workdir / "stream", int(quantity(spec.data.stream_cache)), world)
+    cache = workdir / "data"
     if world.uploads:
-        path = prepare_cached(spec.data, tokenizer, fp, cache, remote, publish=world.rank == 0)
+        path = prepare_cached(spec.data, tokenizer, fp, cache, None, publish=False)
     world.barrier()
     if not world.uploads:
-        path = prepare_cached(spec.data, tokenizer, fp, cache, remote, publish=False)
+        path = prepare_cached(spec.data, tokenizer, fp, cache, None, publish=False)
     return PackedSplit(path, "train"), PackedSplit(path, "val")
+
+
+def stream_splits(uri: str, folder: Path, node_bytes: int, world: World) -> tuple[Split, Split]:
+    """Both splits of the dataset at `uri`, streamed through this rank's share of the node's
+    cache (the validation split gets an eighth: evaluation reads a fixed few rows)."""
+    import fsspec
+
+    from pretrain.data.stream import read_manifest
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    manifest = read_manifest(fs, root, uri)  # once for both splits
+    mine = node_bytes // world.local_size
+    folder = folder / f"rank-{world.local_rank}"
+    train = RemoteSplit(uri, "train", folder / "train", mine - mine // 8, manifest)
+    return train, RemoteSplit(uri, "val", folder / "val", mine // 8, manifest)
 
 
 def build_data(
