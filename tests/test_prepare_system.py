@@ -108,8 +108,11 @@ def test_a_job_prepares_its_data_in_parallel_then_trains(stack: Any, s3: S3, tmp
     assert json.loads(next((tmp_path / "one").glob("*/manifest.json")).read_text())["splits"] == manifest["splits"]
 
     wait_for(lambda: status("first").get("phase") == "Succeeded", 240, "Succeeded", diagnostics)
-    fetched = list((tmp_path / "node" / "first-a1-n0").glob("workspace/data/*/parts/part-00000-of-00003.json"))
-    assert fetched, "the trainer took the dataset from the bucket (parts and all), not a preparation of its own"
+    node0 = tmp_path / "node" / "first-a1-n0"
+    log0 = (node0 / "container.log").read_text(errors="replace")
+    assert f"dataset s3://{bucket}/cache/{manifest['fingerprint']} is prepared: streaming it" in log0, log0[-3000:]
+    assert list(node0.glob("workspace/stream/rank-0/train/*.bin")), "blocks came through the node-local cache"
+    assert not list(node0.glob("workspace/data/*/manifest.json")), "no node holds a copy of the dataset"
     assert api.objects("jobs", "batch") == [], "the preparation Job was deleted once done"
 
     # a second job with the same data: its workers find the dataset and do nothing

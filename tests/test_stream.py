@@ -4,6 +4,7 @@ lies through a bounded, verified block cache."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,27 @@ def test_hostile_manifests_are_refused(dataset: Path, tmp_path: Path) -> None:
         RemoteSplit(str(tmp_path / "nothing"), "train", tmp_path / "c", 1 << 20)
     with pytest.raises(DataError, match=r"data\.streamCache: 100 bytes"):
         remote(dataset, tmp_path, cache_bytes=100)
+
+
+@pytest.mark.slow
+def test_a_run_over_a_corrupt_bucket_stops_in_one_line_before_any_step(tmp_path: Path) -> None:
+    """`pretrain run` streams from data.cacheUri; every training shard there damaged at its size
+    (digests kept): the run ends naming the shard and block, and no step was trained."""
+    from click.testing import CliRunner
+
+    from pretrain.cli import main
+    from tests.trainer_runs import TINY, run_job
+
+    bucket = tmp_path / "bucket"
+    sets = ["data.sequenceLength=32", "model.maxPositions=64", f"data.cacheUri=file://{bucket}"]
+    r = CliRunner().invoke(main, ["data", "prepare", str(TINY), "--output", str(tmp_path / "prep"),
+                                  *[a for s in sets for a in ("--set", s)]])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for shard in bucket.glob("*/u*-train-*.bin"):
+        shard.write_bytes(bytes(255 - b for b in shard.read_bytes()))
+    run = run_job(tmp_path / "run", sets, nproc=1)
+    assert run.proc.returncode != 0
+    errors = [line for line in run.output.splitlines() if "fails its sha256 check" in line]
+    assert errors and re.search(r"shard file://.*/u\d{6}-train-\d{6}\.bin block \d+ \(rows \d+-\d+\): fails its sha256 "
+                                r"check \(corrupt\)", errors[0]), run.output[-3000:]  # fmt: skip
+    assert not [e for e in run.log if "loss" in e], "no step trained on those bytes"
