@@ -144,6 +144,7 @@ steps = st.lists(
 )
 
 
+@pytest.mark.slow  # 20 s of generated scripts: in `make test`, not the fast tier
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])  # fmt: skip
 @given(script=steps)

@@ -134,6 +134,7 @@ class DistributedLoader:
         self.global_batch = micro_batch * accumulation * world_size
         self.consumed = 0
         self._planned = 0  # stream position up to which a streaming split was told what comes
+        self._steps = 0  # steps taken by this loader object (since it was made or restored)
         self._orders: dict[tuple[int, int], EpochOrder] = {}
         #: Rows the whole job has trained on, by source, since the run began (every rank counts
         #: the same global window; kept in the checkpoint's loader state).
@@ -189,7 +190,8 @@ class DistributedLoader:
         prefetch = getattr(self.split, "prefetch", None)
         if prefetch is None:
             return
-        ahead = self.split.prefetch_steps(self.micro * self.accum)  # type: ignore[attr-defined]
+        ahead = min(self._steps, self.split.prefetch_steps(self.micro * self.accum))  # type: ignore[attr-defined]
+        self._steps += 1  # the horizon grows a step a step: the first step fetches only what it reads
         end = self.consumed + (ahead + 1) * self.global_batch
         start = max(self._planned, self.consumed)
         for pos in range(start, end, self.global_batch):

@@ -39,8 +39,9 @@ FORMAT_VERSION = 3
 #: Bytes of a large splittable file per unit of work (about 16M tokens of English text).
 UNIT_BYTES = 64 << 20
 #: Bytes of packed rows per block: what a streaming rank fetches and verifies at once, and what
-#: the shuffle permutes (order.py). 1 MiB: 512 rows of 1024 uint16 tokens.
-BLOCK_BYTES = 1 << 20
+#: the shuffle permutes (order.py). 256 KiB: 128 rows of 1024 uint16 tokens; a step's first read
+#: costs about one block per row it reads, so blocks stay small beside a corpus.
+BLOCK_BYTES = 256 << 10
 
 
 def token_dtype(vocab_size: int) -> np.dtype[Any]:
