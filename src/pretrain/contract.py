@@ -91,3 +91,24 @@ def parse_done(message: str) -> dict[str, Any] | None:
         return None
     done = doc.get(DONE_KEY) if isinstance(doc, dict) else None
     return done if isinstance(done, dict) else None
+
+
+# ---- a stalled trainer (its watchdog fired): how it ends, and how the operator recognises it
+#: The exit status of a worker whose watchdog fired (torchrun, PID 1, exits 1 whatever the worker's).
+STALLED_EXIT = 3
+#: The first word of a stalled worker's termination message; the operator's failure reason.
+STALLED = "Stalled"
+
+
+def stalled_message(reason: str, stacks: str, limit: int = 4096) -> str:
+    """A stalled worker's termination message: `Stalled: <reason>` on the first line (what the
+    job's condition shows), then as much of its threads' stacks as Kubernetes keeps (4 KiB),
+    innermost frames first."""
+    head = f"{STALLED}: {reason.strip().splitlines()[0]}"[:1000]
+    room = limit - len(head.encode()) - 1
+    tail = stacks.strip().encode()[:room].decode(errors="ignore") if room > 0 else ""
+    return f"{head}\n{tail}" if tail else head
+
+
+def is_stalled(message: str) -> bool:
+    return message.startswith(f"{STALLED}: ")

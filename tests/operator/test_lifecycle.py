@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
@@ -636,3 +637,56 @@ def test_suspending_while_preparing_deletes_the_job_and_resuming_makes_it_again(
     h.body["spec"]["runPolicy"]["suspend"] = False
     h.reconcile()
     assert h.phase == "Preparing" and ("Job", "default", "tiny-prepare") in h.cluster.objects
+
+
+def test_a_gang_whose_node_0_stopped_beating_restarts_as_stalled() -> None:
+    """Issue 29 item 2, the operator's side: node 0's heartbeat (scraped into status.progress)
+    older than its stall limit plus 3 minutes is a gang failure with reason Stalled, counted, and
+    a failurePolicy rule can name it; a heartbeat of an earlier attempt means nothing."""
+    from pretrain.timestamps import rfc3339
+
+    def beat(h: Harness, seconds_ago: float, attempt: int, limit: int = 600) -> None:
+        then = h.cluster.now - timedelta(seconds=seconds_ago)
+        h.status.setdefault("progress", {})["heartbeat"] = {"time": rfc3339(then), "limitSeconds": limit,
+                                                             "attempt": attempt}  # fmt: skip
+
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    beat(h, 700, attempt=1)
+    h.reconcile()
+    assert h.phase == "Running", "within the limit and its slack"
+    beat(h, 781, attempt=0)
+    h.reconcile()
+    assert h.phase == "Running", "an earlier attempt's heartbeat"
+    beat(h, 781, attempt=1)
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 1, h.status
+    assert h.status["reason"] == "GangRestart" and "pod tiny-a1-n0 stalled: no progress for 781s (stall limit 600s)" in \
+        h.status["message"]  # fmt: skip
+    rule = {"runPolicy.failurePolicy.rules": [{"action": "FailJob", "onReasons": ["Stalled"], "name": "hung"}],
+            "runPolicy.stallTimeoutSeconds": 60}  # fmt: skip
+    h = Harness(job_body(two_nodes(**rule)))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    beat(h, 241, attempt=1, limit=900)
+    h.reconcile()
+    assert (h.phase, h.status["reason"]) == ("Failed", "FailedByPolicy"), "the spec's limit wins over the trainer's"
+    assert "failurePolicy rule 1 (hung): FailJob" in h.status["message"]
+
+
+def test_a_pod_whose_watchdog_fired_is_a_stalled_failure() -> None:
+    from pretrain.contract import stalled_message
+
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    message = stalled_message("no progress on rank 1 for 31s (limit 30s, after step 3)", "Thread 0x1 (most recent...")
+    h.cluster.set_phase("tiny-a1-n1", "Failed", exit_code=1, message=message)
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 1
+    assert h.status["message"].startswith("pod tiny-a1-n1 stalled: Stalled: no progress on rank 1 for 31s"), h.status
+    assert "Thread 0x1" not in h.status["message"], "the stacks stay in the pod's termination message"

@@ -62,3 +62,15 @@ def test_a_storage_call_being_retried_reaches_the_status_and_clears() -> None:
                                 '"http://s3:1/b/lease"'}, seen  # fmt: skip
     after = progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]
     assert "storageRetrying" not in after and "step" not in after
+
+
+def test_the_heartbeat_is_served_only_once_it_beats() -> None:
+    from prometheus_client import generate_latest
+
+    m = TrainerMetrics(Labels("j", "ns", 0, 1), port=None)
+    m.begin(10, 0)
+    first = progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]
+    assert "heartbeat" not in first, "no 1970 heartbeat before the first beat"
+    m.observe_heartbeat(1_700_000_000.0, 900.0)
+    beat = progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]["heartbeat"]
+    assert beat == {"time": "2023-11-14T22:13:20Z", "limitSeconds": 900}

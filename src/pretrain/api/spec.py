@@ -558,6 +558,12 @@ class RunPolicySpec(Spec):
     scheduling_timeout_seconds: PositiveInt = Field(
         600, le=INT32_MAX, description="Pending pods older than this raise the Unschedulable condition."
     )
+    stall_timeout_seconds: int | None = Field(
+        None, ge=30, le=INT32_MAX,
+        description="A rank with no step (or evaluation batch, or checkpoint phase) finished this long dumps its "
+        "threads' stacks and exits, and the operator restarts a gang whose node 0 went this long without one "
+        "(reason Stalled). Unset: 20x the longest step seen, at least 15 minutes (1 hour until the second step).",
+    )  # fmt: skip
     scheduling_timeout_action: Literal["Wait", "FailJob", "Suspend"] = Field(
         "Wait",
         description="When the gang stays unschedulable past schedulingTimeoutSeconds: Wait (the condition only), "
@@ -636,6 +642,14 @@ class StorageRetrying(Spec):
     attempt: int | None = Field(None, description="The attempt whose trainer reported it.")
 
 
+class Heartbeat(Spec):
+    """Node 0's last progress (a step, an evaluation, a checkpoint) and its stall limit."""
+
+    time: str | None = None
+    limit_seconds: int | None = Field(None, description="Seconds without progress that mean a stall.")
+    attempt: int | None = Field(None, description="The attempt whose trainer reported it.")
+
+
 class Progress(Spec):
     """Node 0's latest numbers, scraped by the operator (every 60 seconds by default)."""
 
@@ -651,6 +665,9 @@ class Progress(Spec):
     )
     storage_retrying: StorageRetrying | None = Field(
         None, description="Set while node 0 retries a call to its storage; the job's reason is then StorageUnavailable."
+    )
+    heartbeat: Heartbeat | None = Field(
+        None, description="Node 0's last progress: older than its limit (plus 3 minutes), the gang restarts (Stalled)."
     )
 
 

@@ -24,3 +24,8 @@ STORAGE_RETRYING_LABELS = ("operation", "error")
 #: source's URI): how the mixture's weights came out, in tokens.
 SOURCE_TOKENS = "pretrain_data_source_tokens"
 SOURCE_LABEL = "source"
+#: Unix time of the trainer's last progress (a step, an evaluation, a checkpoint phase), and the
+#: seconds without one that its watchdog calls a stall: the operator restarts a gang whose node 0
+#: went that long without progress (its whole interpreter may be stuck, the watchdog with it).
+HEARTBEAT = "pretrain_heartbeat_timestamp_seconds"
+STALL_LIMIT = "pretrain_stall_limit_seconds"

@@ -85,6 +85,7 @@ class TrainerMetrics:
         self._label_names, self._labels = list(labels.values()), labels.values()
         self._define_step_metrics()
         self._define_checkpoint_metrics()
+        self._define_health_metrics()
         self._eval_metric = self._family(names.EVAL_METRIC, "Task metrics of the last evaluation (accuracy, f1, "
                                          "exact_match...).", names.EVAL_METRIC_LABEL)  # fmt: skip
         self._source_tokens = self._family(names.SOURCE_TOKENS, "Tokens the whole job trained on from each data "
@@ -159,6 +160,16 @@ class TrainerMetrics:
             "From SIGTERM (preemption, eviction, a resize) to the last checkpoint committed: must fit the pod's "
             "terminationGracePeriodSeconds.",
         )
+
+    def _define_health_metrics(self) -> None:
+        # No sample before the first beat: a 0 would read as a heartbeat in 1970, a stall.
+        self._heartbeat = self._family(names.HEARTBEAT, "Unix time of the last progress (step, evaluation, "
+                                       "checkpoint).")  # fmt: skip
+        self._stall_limit = self._family(names.STALL_LIMIT, "Seconds without progress that the watchdog calls a stall.")
+
+    def observe_heartbeat(self, when: float, limit: float) -> None:
+        self._heartbeat.labels(**self._labels).set(when)
+        self._stall_limit.labels(**self._labels).set(limit)
 
     def begin(self, total_steps: int, start: int) -> None:
         """The run's steps, known once set up: from now on the step is served."""

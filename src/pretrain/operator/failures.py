@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pretrain.api.spec import DISRUPTION_REASONS, FailureAction, FailurePolicyRule, FailurePolicySpec
+from pretrain.contract import STALLED
 
 #: The container's terminated reason when the kernel's OOM killer ended it.
 OOM_KILLED = "OOMKilled"
@@ -76,6 +77,8 @@ def describe(pod: FailedPod) -> tuple[str, str]:
     disruption = [r for r in pod.reasons if r in DISRUPTION_REASONS]
     if disruption:
         return f"pod {pod.name} was disrupted ({', '.join(disruption)}){tail}", "Disruption"
+    if STALLED in pod.reasons:
+        return f"pod {pod.name} stalled{tail}", STALLED
     if POD_DELETED in pod.reasons:
         return f"pod {pod.name} was deleted while it ran (kubectl delete pod, or another client)", POD_DELETED
     signal = _signal_name(pod.exit_code)

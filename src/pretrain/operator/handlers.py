@@ -271,8 +271,9 @@ def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | No
         log.debug("progress scrape of %s failed: %s", target.url, e)
         return None
     prog, ckpt = progress_from(samples, now)
-    if "storageRetrying" in prog:
-        prog["storageRetrying"]["attempt"] = target.status.get("attempt")
+    for key in ("storageRetrying", "heartbeat"):  # whose: a stale record of an earlier attempt means nothing
+        if key in prog:
+            prog[key]["attempt"] = target.status.get("attempt")
     old = target.status.get("progress") or {}
     if metric_names.STEP not in samples:  # still setting up: only the storage's state is news
         if "storageRetrying" in prog or old.get("storageRetrying"):

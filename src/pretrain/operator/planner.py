@@ -21,7 +21,7 @@ from typing import Any
 
 from pretrain.api.spec import DISRUPTION_REASONS, INT32_MAX, Phase, PretrainJob
 from pretrain.api.validation import spec_warnings
-from pretrain.contract import parse_done
+from pretrain.contract import STALLED, is_stalled, parse_done
 from pretrain.operator.children import (
     CONFIG_KEY,
     LABEL_ATTEMPT,
@@ -84,6 +84,8 @@ class PodView:
         reasons = self.reasons
         if deleted and self.exit_code is None and not set(reasons) & set(DISRUPTION_REASONS):
             reasons = (*reasons, POD_DELETED)
+        if is_stalled(self.message):  # its watchdog fired: a failurePolicy rule may name Stalled
+            reasons = (*reasons, STALLED)
         return FailedPod(self.name, self.exit_code, reasons, self.message, self.finished)
 
 
@@ -163,6 +165,15 @@ class Plan:
         return not (self.create or self.replace or self.delete or self.events or self.delete_job)
 
 
+def _message_line(message: str) -> str:
+    """The line of a container's termination message that says why: the last (a reason, or the
+    last log line under FallbackToLogsOnError), or the first of a stalled trainer's (its stacks follow)."""
+    lines = message.strip().splitlines()
+    if not lines:
+        return ""
+    return lines[0] if is_stalled(lines[0]) else lines[-1]
+
+
 def pod_view(obj: dict[str, Any]) -> PodView:
     """A PodView from a Pod as the API returns it (camelCase dict)."""
     meta = obj.get("metadata", {})
@@ -195,7 +206,7 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         phase=status.get("phase", "Pending"),
         created=parse_time(created),
         exit_code=exit_code,
-        message=str(message).strip().splitlines()[-1] if message else "",
+        message=_message_line(str(message)),
         deleting=bool(meta.get("deletionTimestamp")),
         ip=status.get("podIP"),
         reasons=tuple(dict.fromkeys(reasons)),
@@ -581,6 +592,10 @@ def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodVie
         _succeeded(r, current)
         return
     if all(p.phase in ("Running", "Succeeded") for p in current):
+        stalled = _stalled(r, current)
+        if stalled is not None:
+            _gang_failed(st, r.out, job, decide(rp.failure_policy, stalled), current, r.restarts, r.now)
+            return
         _running(st, nodes, attempt)
         st.condition("Unschedulable", False, "")
         st.condition(CANNOT_START, False, "Started", "every container started")
@@ -751,6 +766,34 @@ def _preparing(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: st
     else:
         st.phase(Phase.PREPARING, "Preparing", f"preparing the data: {view.completed} of {prep.workers} worker(s) done")
     return True
+
+
+#: Beyond a stall limit, how stale node 0's scraped heartbeat may be: progress is scraped every
+#: minute (`--progress-interval`), so a live trainer's heartbeat in the status lags by that much.
+HEARTBEAT_SLACK_SECONDS = 180.0
+
+
+def _stalled(r: _Reconcile, current: list[PodView]) -> FailedPod | None:
+    """Node 0 of this attempt, as a failed pod of reason Stalled, when its last progress (the
+    heartbeat scraped into status.progress) is older than its stall limit plus HEARTBEAT_SLACK
+    (scrapes come every minute): its whole interpreter may be stuck, its watchdog with it.
+    Else None, with a requeue for when it would be."""
+    beat = (r.st.s.get("progress") or {}).get("heartbeat") or {}
+    node0 = next((p for p in current if p.rank == 0 and p.phase == "Running"), None)
+    if beat.get("attempt") != r.attempt or node0 is None or not beat.get("time"):
+        return None
+    limit = float(r.job.spec.run_policy.stall_timeout_seconds or beat.get("limitSeconds") or 0)
+    if limit <= 0:
+        return None
+    last = parse_time(beat["time"])
+    if last is None:
+        return None
+    idle = (r.now - last).total_seconds()
+    if idle <= limit + HEARTBEAT_SLACK_SECONDS:
+        r.st.due.append(limit + HEARTBEAT_SLACK_SECONDS - idle + 1)
+        return None
+    why = f"no progress for {idle:.0f}s (stall limit {limit:.0f}s): its last heartbeat was {beat['time']}"
+    return FailedPod(node0.name, None, (STALLED,), why, r.now)
 
 
 def _running(st: _Status, nodes: int, attempt: int) -> None:

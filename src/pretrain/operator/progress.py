@@ -82,6 +82,9 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     by_source = {k[len(prefix) :]: int(v) for k, v in samples.items() if k.startswith(prefix) and k != prefix}
     if by_source:
         progress["sourceTokens"] = by_source
+    beat, limit = samples.get(names.HEARTBEAT), samples.get(names.STALL_LIMIT)
+    if beat and limit:
+        progress["heartbeat"] = {"time": rfc3339(datetime.fromtimestamp(beat, UTC)), "limitSeconds": round(limit)}
     retrying = storage_retrying_from(samples)
     if retrying is not None:
         progress["storageRetrying"] = retrying

@@ -37,6 +37,7 @@ from pretrain.trainer.progress import Progress
 from pretrain.trainer.setup import Parts, compile_enabled, setup
 from pretrain.trainer.step import StepResult, StepSync, train_step
 from pretrain.trainer.termination import write_done
+from pretrain.trainer.watchdog import Watchdog
 from pretrain.trainer.world import World
 
 log = logging.getLogger("pretrain.trainer")
@@ -123,6 +124,9 @@ class Trainer:
             self.checkpointer.attach(self.history)
             self.sync = StepSync(self.world)
             self.announce(parts)
+            self.watchdog = Watchdog(self.spec.run_policy.stall_timeout_seconds, self.rank).start()
+            closing.callback(self.watchdog.stop)
+            self.progressed()
             step, stopped = self.train(parts)
             self.sync.close()
             return self.stop(step) if stopped else self.finish(parts, step)
@@ -170,6 +174,7 @@ class Trainer:
             step += 1
             stop, sync = self.sync.exchange(self.stop_requested)
             seconds = time.perf_counter() - t0
+            self.progressed(seconds)
             if step == parts.start + 1 and compile_enabled(self.spec) and self.rank == 0:
                 log.info("compiled the model in its first step: %.1fs", seconds)
             self.sync.add(StepResult(step, loss, parts.engine.get_lr()[0], parts.engine.get_global_grad_norm(),
@@ -180,11 +185,18 @@ class Trainer:
                 self.report_steps(parts, self.sync.flush())
             if evaluate:
                 self.evaluate(parts, step)
+                self.progressed()
             if save:
                 self.checkpointer.save(parts.engine, parts.loader, step)
                 self.last_saved = step
+                self.progressed()
             self.checkpointer.report(self.metrics)
         return step, stop
+
+    def progressed(self, step_seconds: float | None = None) -> None:
+        """Progress (a step of `step_seconds`, or an evaluation or checkpoint): the watchdog's beat."""
+        self.watchdog.beat(step_seconds)
+        self.metrics.observe_heartbeat(time.time(), self.watchdog.limit)
 
     def report_steps(self, parts: Parts, rows: list[dict[str, Any]]) -> None:
         """Metrics, progress, train_log.jsonl and (at log steps) the log line and history for
@@ -245,9 +257,11 @@ class Trainer:
         """After the last step: final evaluation and checkpoint, export, result files."""
         self.progress.close()
         final_eval = self.evaluate(parts, step)
+        self.progressed()
         store = self.checkpointer.store
         if self.last_saved != step:
             self.checkpointer.save(parts.engine, parts.loader, step, background=False)
+        self.watchdog.stop()  # the last upload may outlast any step; its own retries bound it
         store.close()
         self.checkpointer.report(self.metrics)
         self.checkpointer.check_errors()
@@ -273,6 +287,7 @@ class Trainer:
         """After the checkpoint a SIGTERM asked for: how long it took from the signal, against the
         pod's grace period (a save that does not fit is killed half-way and the work since the
         previous checkpoint is lost), in the log, a metric and the run's history."""
+        self.watchdog.stop()
         self.checkpointer.store.close()
         self.checkpointer.report(self.metrics)
         self.progress.close()

@@ -29,6 +29,15 @@ def _path() -> str | None:
 def write_reason(reason: str) -> None:
     """Leave a failure's one-line reason (the first rank's wins over later ones, and over a
     success summary, which a failure after it makes wrong)."""
+    _write_failure(reason.strip().splitlines()[0][:1000] + "\n")
+
+
+def write_stalled(message: str) -> None:
+    """Leave a stalled worker's message (contract.stalled_message: a reason line, then stacks)."""
+    _write_failure(message.strip()[:4096] + "\n")
+
+
+def _write_failure(text: str) -> None:
     path = _path()
     if path is None:
         return
@@ -38,7 +47,7 @@ def write_reason(reason: str) -> None:
                 if parse_done(f.read(4096)) is None:
                     return
         with open(path, "w") as f:
-            f.write(reason.strip().splitlines()[0][:1000] + "\n")
+            f.write(text)
     except OSError:
         pass  # not in a pod and not under `pretrain run`: the log line is all there is
 
@@ -56,4 +65,4 @@ def write_done(summary: dict[str, Any]) -> None:
         pass  # a summary that is not JSON (NaN) is not written: the operator keeps the scraped values
 
 
-__all__ = ["DONE_KEY", "TERMINATION_LOG", "parse_done", "write_done", "write_reason"]
+__all__ = ["DONE_KEY", "TERMINATION_LOG", "parse_done", "write_done", "write_reason", "write_stalled"]
