@@ -690,3 +690,41 @@ def test_a_pod_whose_watchdog_fired_is_a_stalled_failure() -> None:
     assert h.phase == "Restarting" and h.status["restarts"] == 1
     assert h.status["message"].startswith("pod tiny-a1-n1 stalled: Stalled: no progress on rank 1 for 31s"), h.status
     assert "Thread 0x1" not in h.status["message"], "the stacks stay in the pod's termination message"
+
+
+def test_the_next_attempt_prefers_other_nodes_than_the_one_that_failed() -> None:
+    """Issue 29 item 3: the node of the gang's first failed pod is kept out of the next attempts
+    (a preferred anti-affinity by node name, beside the spec's own affinity) for
+    failedNodeAvoidanceSeconds, in status and an event; an OOM says nothing about its node."""
+    spec_affinity = {"podAffinity": {"x": 1}}
+    h = Harness(job_body(two_nodes(**{"resources.affinity": spec_affinity, "runPolicy.restartBackoffSeconds": 0,
+                                      "runPolicy.failedNodeAvoidanceSeconds": 600})))  # fmt: skip
+    h.reconcile()
+    h.run_all()
+    for rank, node in ((0, "node-a"), (1, "node-b")):
+        h.cluster.objects[("Pod", "default", f"tiny-a1-n{rank}")]["spec"]["nodeName"] = node
+    h.reconcile()
+    h.cluster.set_phase("tiny-a1-n1", "Failed", exit_code=1, message="RuntimeError: NCCL error: unhandled system error")
+    h.reconcile()
+    assert [n["node"] for n in h.status["avoidedNodes"]] == ["node-b"] and "NodeAvoided" in h.events()
+    h.cluster.settle()
+    h.reconcile()
+    pod = h.cluster.objects[("Pod", "default", "tiny-a2-n0")]
+    affinity = pod["spec"]["affinity"]
+    assert affinity["podAffinity"] == {"x": 1}, "the spec's affinity stays"
+    assert affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"] == [
+        {"weight": 100, "preference": {"matchFields": [{"key": "metadata.name", "operator": "NotIn",
+                                                        "values": ["node-b"]}]}}]  # fmt: skip
+    h.run_all()
+    for rank in (0, 1):
+        h.cluster.objects[("Pod", "default", f"tiny-a2-n{rank}")]["spec"]["nodeName"] = "node-a"
+    h.reconcile()
+    h.cluster.set_phase("tiny-a2-n0", "Failed", exit_code=137, message="", reason="OOMKilled")
+    h.reconcile()
+    assert [n["node"] for n in h.status["avoidedNodes"]] == ["node-b"], "an OOM is the job's, not node-a's"
+    h.advance(601)
+    h.cluster.settle()
+    h.reconcile()
+    assert "avoidedNodes" not in h.status, "the window passed"
+    assert "affinity" not in h.cluster.objects[("Pod", "default", "tiny-a3-n0")]["spec"] or "nodeAffinity" not in \
+        h.cluster.objects[("Pod", "default", "tiny-a3-n0")]["spec"]["affinity"]  # fmt: skip

@@ -558,6 +558,12 @@ class RunPolicySpec(Spec):
     scheduling_timeout_seconds: PositiveInt = Field(
         600, le=INT32_MAX, description="Pending pods older than this raise the Unschedulable condition."
     )
+    failed_node_avoidance_seconds: NonNegativeInt = Field(
+        3600, le=INT32_MAX,
+        description="After a gang failure that may be the node's (an exit code or signal, a stall, a lost node), "
+        "the next attempts prefer other nodes than the one the first failed pod ran on, for this long (a "
+        "preferred node anti-affinity: with no other node free, the gang still lands there); 0: off.",
+    )  # fmt: skip
     stall_timeout_seconds: int | None = Field(
         None, ge=30, le=INT32_MAX,
         description="A rank with no step (or evaluation batch, or checkpoint phase) finished this long dumps its "
@@ -699,6 +705,14 @@ class PreparationStatus(Spec):
     done: bool | None = Field(None, description="Every part written and committed: training may start.")
 
 
+class AvoidedNode(Spec):
+    """A node the next attempts prefer not to use: the first failed pod of a gang failure ran there."""
+
+    node: str
+    until: str | None = Field(None, description="When the node is no longer avoided.")
+    reason: str | None = Field(None, description="The failure there.")
+
+
 class PretrainJobStatus(Spec):
     """Observed state of a PretrainJob, written only by the operator."""
 
@@ -720,6 +734,9 @@ class PretrainJobStatus(Spec):
         None, description="Time spent suspended, which activeDeadlineSeconds does not count."
     )
     progress: Progress | None = None
+    avoided_nodes: list[AvoidedNode] | None = Field(
+        None, description="Nodes the next attempts avoid (runPolicy.failedNodeAvoidanceSeconds)."
+    )
     preparation: PreparationStatus | None = None
     evaluation: dict[str, float] | None = Field(
         None, description="Latest task metrics (accuracy, macro_f1, f1, exact_match...) of a fine-tuning job."

@@ -215,9 +215,11 @@ def _trainer_env(
 
 
 def build_pod(
-    job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int, nodes: int | None = None
-) -> dict[str, Any]:
-    """One node of a gang of `nodes` (default resources.nodes): torchrun, static rendezvous on node 0."""
+    job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int, nodes: int | None = None,
+    avoid: tuple[str, ...] = (),
+) -> dict[str, Any]:  # fmt: skip
+    """One node of a gang of `nodes` (default resources.nodes): torchrun, static rendezvous on
+    node 0; placed preferably on other nodes than `avoid` (where earlier attempts failed)."""
     spec = job.spec
     r = spec.resources
     nodes = nodes or r.nodes
@@ -273,7 +275,24 @@ def build_pod(
         ],
     }
     pod_spec.update(_placement(job))
+    if avoid:
+        pod_spec["affinity"] = avoiding(pod_spec.get("affinity"), avoid)
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+#: The weight of the preference against failed nodes: the most a preferred term may have.
+AVOID_WEIGHT = 100
+
+
+def avoiding(affinity: dict[str, Any] | None, nodes: tuple[str, ...]) -> dict[str, Any]:
+    """`affinity` (the spec's, untouched) plus a preferred node affinity away from `nodes` by
+    name (matchFields metadata.name: a node's hostname label need not be its name)."""
+    out = copy.deepcopy(affinity or {})
+    node_affinity = out.setdefault("nodeAffinity", {})
+    preferred = node_affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", [])
+    preferred.append({"weight": AVOID_WEIGHT, "preference": {
+        "matchFields": [{"key": "metadata.name", "operator": "NotIn", "values": sorted(nodes)}]}})  # fmt: skip
+    return out
 
 
 def _placement(job: PretrainJob) -> dict[str, Any]:

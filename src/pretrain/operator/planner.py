@@ -77,6 +77,8 @@ class PodView:
     waiting: tuple[str, str] | None = None
     #: The scheduler's words on a pod it cannot place ("0/4 nodes are available: ...").
     unschedulable: str = ""
+    #: The node it was bound to (spec.nodeName), if any.
+    node: str | None = None
 
     def failed(self, *, deleted: bool = False) -> FailedPod:
         """What the failure policy reads; a pod deleted while it ran (by someone other than the
@@ -216,6 +218,7 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         owner=controller_uid(meta),
         waiting=_start_failure(status),
         unschedulable=_scheduler_message(status),
+        node=(obj.get("spec") or {}).get("nodeName") or None,
     )
 
 
@@ -523,8 +526,13 @@ def _start_attempt(r: _Reconcile, new_attempt: int, reason: str, message: str) -
     st.s["attempt"] = new_attempt
     st.s.setdefault("startTime", rfc3339(r.now))
     st.s["nodes"] = r.nodes
+    avoid = avoided_nodes(st.s, r.now)
+    if avoid:
+        st.s["avoidedNodes"] = [n for n in st.s["avoidedNodes"] if n.get("node") in avoid]
+    else:
+        st.s.pop("avoidedNodes", None)
     for rank in range(r.nodes):
-        r.out.create.append(build_pod(r.job, r.namespace, r.uid, new_attempt, rank, r.nodes))
+        r.out.create.append(build_pod(r.job, r.namespace, r.uid, new_attempt, rank, r.nodes, avoid))
     st.phase(Phase.PENDING, reason, message)
     st.condition("Unschedulable", False, "")
 
@@ -578,11 +586,12 @@ def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodVie
     if failed or (missing and r.phase == Phase.RUNNING.value):
         first = first_failed([p.failed(deleted=p in gone) for p in failed]) if failed else None
         verdict = decide(rp.failure_policy, first, None if first else pod_name(r.name, attempt, missing[0]))
+        _avoid_node(r, failed, first, verdict)
         _gang_failed(st, r.out, job, verdict, current, r.restarts, r.now)
         return
     if missing:  # Pending and some pods not created yet (e.g. the operator stopped half-way)
         for rank in missing:
-            r.out.create.append(build_pod(job, r.namespace, r.uid, attempt, rank, nodes))
+            r.out.create.append(build_pod(job, r.namespace, r.uid, attempt, rank, nodes, avoided_nodes(st.s, r.now)))
         _check_scheduling(st, current, job, r.now, scheduling_grace)  # the new pods are not stuck
         return
     elastic = job.spec.resources.elastic is not None
@@ -594,7 +603,9 @@ def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodVie
     if all(p.phase in ("Running", "Succeeded") for p in current):
         stalled = _stalled(r, current)
         if stalled is not None:
-            _gang_failed(st, r.out, job, decide(rp.failure_policy, stalled), current, r.restarts, r.now)
+            verdict = decide(rp.failure_policy, stalled)
+            _avoid_node(r, current, stalled, verdict)
+            _gang_failed(st, r.out, job, verdict, current, r.restarts, r.now)
             return
         _running(st, nodes, attempt)
         st.condition("Unschedulable", False, "")
@@ -626,6 +637,37 @@ def _unplaced(r: _Reconcile, current: list[PodView], scheduling_grace: timedelta
         r.st.phase(Phase.SUSPENDED, "SchedulingTimeout",
                    f"{stuck}; suspended (runPolicy.suspend is now true): unset it to try again", warning=True)  # fmt: skip
         r.out.suspend_job = True
+
+
+#: Verdict reasons of a failure that may be the node's (with a lost node among a pod's reasons).
+NODE_FAULTS = ("PodFailed", STALLED)
+
+
+def avoided_nodes(status: dict[str, Any], now: datetime) -> tuple[str, ...]:
+    """The nodes in status.avoidedNodes whose window has not passed."""
+    out = []
+    for entry in status.get("avoidedNodes") or []:
+        until = parse_time(entry.get("until")) if isinstance(entry, dict) else None
+        if until is not None and until > now and entry.get("node"):
+            out.append(str(entry["node"]))
+    return tuple(sorted(set(out)))
+
+
+def _avoid_node(r: _Reconcile, pods: list[PodView], first: FailedPod | None, verdict: Verdict) -> None:
+    """Keep the node of the gang's first failure out of the next attempts (preferably) for
+    runPolicy.failedNodeAvoidanceSeconds, when the failure may be the node's: not an OOM, a
+    deletion or a scheduler's disruption, which say nothing about the node."""
+    seconds = r.job.spec.run_policy.failed_node_avoidance_seconds
+    view = next((p for p in pods if first is not None and p.name == first.name), None)
+    if not seconds or first is None or view is None or not view.node:
+        return
+    if verdict.reason not in NODE_FAULTS and "NodeLost" not in first.reasons:
+        return
+    until = rfc3339(r.now + timedelta(seconds=seconds))
+    kept = [n for n in r.st.s.get("avoidedNodes") or [] if isinstance(n, dict) and n.get("node") != view.node]
+    r.st.s["avoidedNodes"] = [*kept, {"node": view.node, "until": until, "reason": verdict.why[:300]}]
+    r.st.events.append(Event("Warning", "NodeAvoided", f"the next attempts avoid node {view.node} until {until}: "
+                                                       f"{verdict.why}"[:1000]))  # fmt: skip
 
 
 def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, current: list[PodView], restarts: int,
