@@ -728,3 +728,22 @@ def test_the_next_attempt_prefers_other_nodes_than_the_one_that_failed() -> None
     assert "avoidedNodes" not in h.status, "the window passed"
     assert "affinity" not in h.cluster.objects[("Pod", "default", "tiny-a3-n0")]["spec"] or "nodeAffinity" not in \
         h.cluster.objects[("Pod", "default", "tiny-a3-n0")]["spec"]["affinity"]  # fmt: skip
+
+
+def test_each_new_finding_of_the_loss_guard_is_one_warning_event() -> None:
+    h = Harness(job_body(two_nodes()))
+    h.reconcile()
+    h.run_all()
+    h.reconcile()
+    h.status.setdefault("progress", {})["guard"] = {"events": 1, "lastStep": 7, "attempt": 1}
+    h.reconcile()
+    h.reconcile()
+    assert h.events().count("LossGuard") == 1
+    message = next(e for _, e in h.cluster.events if e.reason == "LossGuard")
+    assert message.type == "Warning" and "found 1 bad step(s) in attempt 1, the last at step 7" in message.message
+    h.status["progress"]["guard"] = {"events": 2, "lastStep": 9, "attempt": 1}
+    h.reconcile()
+    assert h.events().count("LossGuard") == 2
+    h.status["progress"]["guard"] = {"events": 5, "lastStep": 3, "attempt": 0}
+    h.reconcile()
+    assert h.events().count("LossGuard") == 2, "an earlier attempt's count is not news"

@@ -74,3 +74,16 @@ def test_the_heartbeat_is_served_only_once_it_beats() -> None:
     m.observe_heartbeat(1_700_000_000.0, 900.0)
     beat = progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]["heartbeat"]
     assert beat == {"time": "2023-11-14T22:13:20Z", "limitSeconds": 900}
+
+
+def test_the_loss_guards_findings_are_counted_over_kinds() -> None:
+    from prometheus_client import generate_latest
+
+    m = TrainerMetrics(Labels("j", "ns", 0, 1), port=None)
+    m.begin(10, 0)
+    assert "guard" not in progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]
+    m.observe_guard("nonfinite", 7)
+    m.observe_guard("spike", 9)
+    m.observe_guard("spike", 12)
+    found = progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]["guard"]
+    assert found == {"events": 3, "lastStep": 12}

@@ -292,6 +292,27 @@ class ZeroSpec(Spec):
     offload_params: bool = Field(False, description="Keep parameters in CPU memory (stage 3 only).")
 
 
+class GuardSpec(Spec):
+    """The loss guard: a non-finite loss or gradient norm, or a loss spike (its z-score over the
+    recent steps' losses), found where the losses are read back anyway (no host sync per step)."""
+
+    action: Literal["rollback", "fail", "warn"] = Field(
+        "rollback",
+        description="rollback: reload the last checkpoint and skip the data trained on since (through the bad "
+        "step); fail: end the job with one line; warn: log, count and go on.",
+    )
+    spike_z_score: float = Field(
+        0.0, ge=0.0, le=1000.0, description="A loss this many standard deviations above the recent mean is a spike "
+        "(0: spikes are not checked; non-finite values always are).",
+    )  # fmt: skip
+    window_steps: int = Field(200, ge=10, le=100_000, description="Recent steps whose losses the z-score is over.")
+    min_history_steps: int = Field(50, ge=2, le=100_000, description="Steps seen before spikes are checked.")
+    max_rollbacks: NonNegativeInt = Field(
+        3, le=1000, description="Rollbacks allowed within rollbackPeriodSteps; one more fails the job."
+    )
+    rollback_period_steps: PositiveInt = Field(1000, le=INT32_MAX, description="The period maxRollbacks counts over.")
+
+
 class TrainingSpec(Spec):
     """The recipe: how long, how big a batch, which optimizer and schedule."""
 
@@ -322,6 +343,8 @@ class TrainingSpec(Spec):
     eval_interval: NonNegativeInt = Field(0, le=INT32_MAX, description="Evaluate every N steps (0: only at the end).")
     eval_steps: PositiveInt = Field(10, le=100_000, description="Micro batches per evaluation and rank.")
     log_interval: PositiveInt = Field(10, le=INT32_MAX, description="Log every N steps.")
+    guard: GuardSpec = Field(default_factory=GuardSpec, description="What a non-finite loss or a loss "
+                             "spike does.")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -656,6 +679,14 @@ class Heartbeat(Spec):
     attempt: int | None = Field(None, description="The attempt whose trainer reported it.")
 
 
+class GuardProgress(Spec):
+    """What node 0's loss guard found in one attempt (training.guard)."""
+
+    events: int | None = Field(None, description="Bad steps found (non-finite or spike).")
+    last_step: int | None = None
+    attempt: int | None = Field(None, description="The attempt whose trainer reported it.")
+
+
 class Progress(Spec):
     """Node 0's latest numbers, scraped by the operator (every 60 seconds by default)."""
 
@@ -672,6 +703,7 @@ class Progress(Spec):
     storage_retrying: StorageRetrying | None = Field(
         None, description="Set while node 0 retries a call to its storage; the job's reason is then StorageUnavailable."
     )
+    guard: GuardProgress | None = Field(None, description="Set once node 0's loss guard found a bad step.")
     heartbeat: Heartbeat | None = Field(
         None, description="Node 0's last progress: older than its limit (plus 3 minutes), the gang restarts (Stalled)."
     )
@@ -734,6 +766,9 @@ class PretrainJobStatus(Spec):
         None, description="Time spent suspended, which activeDeadlineSeconds does not count."
     )
     progress: Progress | None = None
+    guard_events_reported: GuardProgress | None = Field(
+        None, description="The loss-guard findings already told in an event (operator bookkeeping)."
+    )
     avoided_nodes: list[AvoidedNode] | None = Field(
         None, description="Nodes the next attempts avoid (runPolicy.failedNodeAvoidanceSeconds)."
     )

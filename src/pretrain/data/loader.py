@@ -139,6 +139,8 @@ class DistributedLoader:
         #: Rows the whole job has trained on, by source, since the run began (every rank counts
         #: the same global window; kept in the checkpoint's loader state).
         self.source_rows: dict[int, int] = {}
+        #: Stream ranges [from, to) left out by rollbacks past bad data (skip_to).
+        self.skipped: list[tuple[int, int]] = []
 
     def _order(self, stage: int, epoch: int) -> EpochOrder:
         key = (stage, epoch)
@@ -198,6 +200,14 @@ class DistributedLoader:
             prefetch(np.concatenate(self._mine(self.stream(pos, self.global_batch))))
         self._planned = max(self._planned, end)
 
+    def skip_to(self, position: int) -> tuple[int, int]:
+        """Move on to stream `position`, leaving out the rows before it (a rollback past a bad
+        window: guard.py); the range left out, which the state keeps."""
+        left_out = (self.consumed, position)
+        self.skipped.append(left_out)
+        self.consumed = position
+        return left_out
+
     def _count_sources(self, index: np.ndarray[Any, Any]) -> None:
         sources, counts = np.unique(self.split.source_of(index), return_counts=True)
         for src, n in zip(sources.tolist(), counts.tolist(), strict=True):
@@ -211,6 +221,7 @@ class DistributedLoader:
             "global_batch": self.global_batch,
             "source_rows": {str(k): v for k, v in sorted(self.source_rows.items())},
             "order": ORDER,
+            "skipped": [list(r) for r in self.skipped],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -224,6 +235,7 @@ class DistributedLoader:
             log.warning("the checkpoint's loader state is from an earlier row order (%s): the run goes on at stream "
                         "position %d in the current order (%s)", state.get("order", "a full permutation per epoch"),
                         self.consumed, ORDER)  # fmt: skip
+        self.skipped = [(int(a), int(b)) for a, b in state.get("skipped", [])]
         if "source_rows" in state:
             self.source_rows = {int(k): int(v) for k, v in state["source_rows"].items()}
             return

@@ -29,3 +29,8 @@ SOURCE_LABEL = "source"
 #: went that long without progress (its whole interpreter may be stuck, the watchdog with it).
 HEARTBEAT = "pretrain_heartbeat_timestamp_seconds"
 STALL_LIMIT = "pretrain_stall_limit_seconds"
+#: What the loss guard found and did (label GUARD_KIND: nonfinite or spike), and the last step it
+#: found one at: the operator turns a new one into a Warning event of the job.
+GUARD_EVENTS = "pretrain_guard_events_total"
+GUARD_KIND = "kind"
+GUARD_LAST_STEP = "pretrain_guard_last_step"

@@ -166,6 +166,15 @@ class TrainerMetrics:
         self._heartbeat = self._family(names.HEARTBEAT, "Unix time of the last progress (step, evaluation, "
                                        "checkpoint).")  # fmt: skip
         self._stall_limit = self._family(names.STALL_LIMIT, "Seconds without progress that the watchdog calls a stall.")
+        from prometheus_client import Counter
+
+        self._guard_events = Counter(names.GUARD_EVENTS, "Bad steps the loss guard found (non-finite, spike).",
+                                     [*self._label_names, names.GUARD_KIND], registry=self.registry)  # fmt: skip
+        self._guard_last_step = self._family(names.GUARD_LAST_STEP, "The last step the loss guard found bad.")
+
+    def observe_guard(self, kind: str, step: int) -> None:
+        self._guard_events.labels(**self._labels, **{names.GUARD_KIND: kind}).inc()
+        self._guard_last_step.labels(**self._labels).set(step)
 
     def observe_heartbeat(self, when: float, limit: float) -> None:
         self._heartbeat.labels(**self._labels).set(when)

@@ -607,6 +607,7 @@ def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodVie
             _avoid_node(r, current, stalled, verdict)
             _gang_failed(st, r.out, job, verdict, current, r.restarts, r.now)
             return
+        _report_guard(st, job, attempt)
         _running(st, nodes, attempt)
         st.condition("Unschedulable", False, "")
         st.condition(CANNOT_START, False, "Started", "every container started")
@@ -836,6 +837,21 @@ def _stalled(r: _Reconcile, current: list[PodView]) -> FailedPod | None:
         return None
     why = f"no progress for {idle:.0f}s (stall limit {limit:.0f}s): its last heartbeat was {beat['time']}"
     return FailedPod(node0.name, None, (STALLED,), why, r.now)
+
+
+def _report_guard(st: _Status, job: PretrainJob, attempt: int) -> None:
+    """One Warning event per new finding of node 0's loss guard (scraped into status.progress)."""
+    found = (st.s.get("progress") or {}).get("guard") or {}
+    told = st.s.get("guardEventsReported") or {}
+    if found.get("attempt") != attempt or not found.get("events"):
+        return
+    if told.get("attempt") == attempt and int(told.get("events") or 0) >= int(found["events"]):
+        return
+    action = job.spec.training.guard.action
+    st.events.append(Event("Warning", "LossGuard", f"node 0's loss guard found {found['events']} bad step(s) in "
+                           f"attempt {attempt}, the last at step {found.get('lastStep')} (training.guard.action "
+                           f"{action}); its log says what and where"))  # fmt: skip
+    st.s["guardEventsReported"] = {"attempt": attempt, "events": int(found["events"])}
 
 
 def _running(st: _Status, nodes: int, attempt: int) -> None:

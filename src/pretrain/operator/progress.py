@@ -27,6 +27,8 @@ def parse_metrics(text: str) -> dict[str, float]:
                     name = f"{name}:{sample.labels.get(names.EVAL_METRIC_LABEL, '')}"
                 elif name == names.SOURCE_TOKENS:
                     name = f"{name}:{sample.labels.get(names.SOURCE_LABEL, '')}"
+                elif name == names.GUARD_EVENTS:
+                    name = f"{name}:{sample.labels.get(names.GUARD_KIND, '')}"
                 elif name == names.STORAGE_RETRYING_INFO:
                     name = f"{name}:{json.dumps([sample.labels.get(k, '') for k in names.STORAGE_RETRYING_LABELS])}"
                 out[name] = float(sample.value)
@@ -85,6 +87,10 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     beat, limit = samples.get(names.HEARTBEAT), samples.get(names.STALL_LIMIT)
     if beat and limit:
         progress["heartbeat"] = {"time": rfc3339(datetime.fromtimestamp(beat, UTC)), "limitSeconds": round(limit)}
+    prefix = f"{names.GUARD_EVENTS}:"
+    guard_events = sum(int(v) for k, v in samples.items() if k.startswith(prefix))
+    if guard_events:
+        progress["guard"] = {"events": guard_events, "lastStep": int(samples.get(names.GUARD_LAST_STEP) or 0)}
     retrying = storage_retrying_from(samples)
     if retrying is not None:
         progress["storageRetrying"] = retrying

@@ -22,6 +22,7 @@ from pretrain.contract import ENV_WORKDIR
 from pretrain.data.sources import DataError
 from pretrain.proc import die_with_parent
 from pretrain.storage.fs import StorageError, is_local, local_path, out_of_space
+from pretrain.trainer.guard import GuardError
 from pretrain.trainer.termination import write_reason
 
 log = logging.getLogger("pretrain.trainer")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = train() or 0
         return code
-    except (DataError, StorageError, SpecError) as e:  # CheckpointError is a StorageError
+    except (DataError, StorageError, SpecError, GuardError) as e:  # CheckpointError is a StorageError
         report(str(e))
         return 1
     except Exception as e:

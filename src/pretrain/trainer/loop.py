@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -33,6 +34,7 @@ from pretrain.storage.manifest import step_name
 from pretrain.timestamps import from_epoch
 from pretrain.trainer.checkpointer import Checkpointer, open_store
 from pretrain.trainer.extensions import seed_extension_cache
+from pretrain.trainer.guard import Finding, GuardError, LossGuard, fault_from_env
 from pretrain.trainer.progress import Progress
 from pretrain.trainer.setup import Parts, compile_enabled, setup
 from pretrain.trainer.step import StepResult, StepSync, train_step
@@ -65,6 +67,8 @@ class Trainer:
         self.history = RunHistory.off(workdir)
         self.last_loss = float("nan")  # of the last step read back
         self.last_saved: int | None = None
+        self.guard = LossGuard(self.spec.training.guard)
+        self.fault = fault_from_env()  # tests only
         # Opened by run():
         self.checkpointer: Checkpointer
         self.metrics: TrainerMetrics
@@ -170,7 +174,8 @@ class Trainer:
             batches = parts.loader.next_step()
             self.metrics.data_wait.inc(time.perf_counter() - t0)
             loss = train_step(parts.engine, batches, parts.collate, step=step, rank=self.rank,
-                              to_device=self.world.to_device)  # fmt: skip
+                              to_device=self.world.to_device,
+                              fault=self.fault.factor_at(step + 1) if self.fault else None)  # fmt: skip
             step += 1
             stop, sync = self.sync.exchange(self.stop_requested)
             seconds = time.perf_counter() - t0
@@ -182,7 +187,12 @@ class Trainer:
             evaluate = bool(t.eval_interval) and step % t.eval_interval == 0 and step < parts.steps
             save = step % ckpt.interval_steps == 0 or stop
             if sync or stop or evaluate or save or step % t.log_interval == 0 or step == parts.steps:
-                self.report_steps(parts, self.sync.flush())
+                rows = self.sync.flush()
+                self.report_steps(parts, rows)
+                finding = self.guard.check(rows)
+                if finding is not None and self.on_finding(parts, finding):
+                    step = self.roll_back(parts, finding)
+                    continue
             if evaluate:
                 self.evaluate(parts, step)
                 self.progressed()
@@ -192,6 +202,47 @@ class Trainer:
                 self.progressed()
             self.checkpointer.report(self.metrics)
         return step, stop
+
+    def on_finding(self, parts: Parts, finding: Finding) -> bool:
+        """Report what the loss guard found, everywhere; True when the run rolls back (else it
+        goes on, or GuardError ends it in one line)."""
+        action = self.spec.training.guard.action
+        what = f"training.guard: {finding.kind} loss at step {finding.step} ({finding.detail})"
+        self.metrics.observe_guard(finding.kind, finding.step)
+        self.history.log({"event": "guard", "step": finding.step, "kind": finding.kind, "action": action,
+                          "loss": finding.loss if math.isfinite(finding.loss) else str(finding.loss)})  # fmt: skip
+        if action == "warn":
+            log.warning("%s; going on (action warn)", what)
+            return False
+        if action == "fail":
+            raise GuardError(f"{what}; failing (action fail)")
+        refused = self.guard.allow_rollback(finding.step)
+        if refused:
+            raise GuardError(f"{what}; {refused}: failing")
+        return True
+
+    def roll_back(self, parts: Parts, finding: Finding) -> int:
+        """Reload the newest checkpoint and skip the data trained on since, through the bad
+        step; the step to go on from."""
+        store = self.checkpointer.store
+        store.wait()  # an upload in flight may be the newest checkpoint
+        to = store.stats.last_verified_step
+        what = f"training.guard: {finding.kind} loss at step {finding.step}"
+        if to is None:
+            raise GuardError(f"{what}; no checkpoint to roll back to (lower checkpoint.intervalSteps): failing")
+        if self.checkpointer.resume_mode(to) != "direct":
+            raise GuardError(f"{what}; the newest checkpoint, {step_name(to)}, is from another world size or ZeRO "
+                             "stage and loads only at a restart: failing (a restart resumes from it)")  # fmt: skip
+        position = parts.loader.consumed
+        self.checkpointer.load(parts.engine, parts.loader, to, "direct", [])
+        left_out = parts.loader.skip_to(position)
+        self.last_saved = to
+        self.metrics.step.set(to)
+        self.history.log({"event": "rollback", "step": finding.step, "to_step": to, "kind": finding.kind,
+                          "skipped_positions": list(left_out)})  # fmt: skip
+        log.warning("%s: rolled back to %s and left out the data of the steps since (stream positions %d to %d)",
+                    what, step_name(to), *left_out)  # fmt: skip
+        return to
 
     def progressed(self, step_seconds: float | None = None) -> None:
         """Progress (a step of `step_seconds`, or an evaluation or checkpoint): the watchdog's beat."""

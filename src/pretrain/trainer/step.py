@@ -27,13 +27,16 @@ SYNC_SECONDS = 1.0
 
 def train_step(
     engine: Any, batches: Sequence[np.ndarray[Any, Any]], collate: Collator, *, step: int, rank: int,
-    to_device: Callable[[dict[str, np.ndarray[Any, Any]]], dict[str, Any]],
+    to_device: Callable[[dict[str, np.ndarray[Any, Any]]], dict[str, Any]], fault: float | None = None,
 ) -> Any:  # fmt: skip
     """Forward and backward over one step's micro-batches (the engine steps the optimizer at
-    the accumulation boundary); the local mean loss, as a device tensor."""
+    the accumulation boundary); the local mean loss, as a device tensor. `fault` (tests only,
+    guard.FAULT_ENV) multiplies the loss before its backward: a NaN or a spike, for real."""
     total: Any = None
     for micro, rows in enumerate(batches):
         out = engine(**to_device(collate(rows, step=step, rank=rank, micro=micro)))
+        if fault is not None:
+            out.loss = out.loss * fault
         engine.backward(out.loss)
         engine.step()
         loss = out.loss.detach().double()  # summed as the host would: float64
