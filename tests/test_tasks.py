@@ -20,7 +20,8 @@ def test_every_module_is_a_task_named_by_its_file() -> None:
     for name in tasks.names():
         task = tasks.get(name)
         assert task.name == name and task.model_class.startswith("AutoModelFor")
-        assert task.fine_tuning == (name not in ("clm", "mlm")) == isinstance(task, tasks.FineTuningTask)
+        assert task.fine_tuning == (name not in tasks.LANGUAGE_MODELLING) == isinstance(task, tasks.FineTuningTask)
+        assert ObjectiveSpec(type=name).fine_tuning == task.fine_tuning
     with pytest.raises(ValueError, match="unknown objective 'seq2seq': one of clm, extractive-qa"):
         tasks.get("seq2seq")
 
@@ -55,6 +56,24 @@ def test_a_new_module_is_a_new_objective(tmp_path: Path) -> None:
         print(spec.fine_tuning, auto_class("summary-rating").__name__,
               pretrain.tasks.get_fine_tuning("summary-rating").score.__qualname__)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    example = Path(tasks.__file__).parents[3] / "examples" / "finetune-plays.yaml"
+    proc = subprocess.run([sys.executable, "-c", code, str(example)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["True", "AutoModelForSequenceClassification", "SequenceClassification.score"]
+
+
+def test_the_api_knows_a_fine_tuning_objective_without_importing_its_task() -> None:
+    """Issue 30 item 2: `ObjectiveSpec.fine_tuning` imported the task's module (and numpy, and
+    through data.labeled the API again): the operator, whose image has no numpy, validates a
+    fine-tuning job with data.prepare through it."""
+    code = textwrap.dedent("""
+        import sys
+        from pretrain.api.validation import load_job
+        job = load_job(sys.argv[1], [])
+        assert job.spec.objective.fine_tuning
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("numpy", "torch") or m.startswith("pretrain.tasks."))
+        assert not loaded, loaded
+    """)
+    example = Path(tasks.__file__).parents[3] / "examples" / "finetune-plays.yaml"
+    proc = subprocess.run([sys.executable, "-c", code, str(example)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]

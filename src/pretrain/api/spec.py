@@ -156,7 +156,7 @@ class ObjectiveSpec(Spec):
     @property
     def fine_tuning(self) -> bool:
         """Trained on labelled rows (a fine-tuning task) rather than packed text."""
-        return self.type is not None and tasks.get(self.type).fine_tuning
+        return self.type is not None and self.type not in tasks.LANGUAGE_MODELLING  # no task module imported
 
 
 class TokenizerSpec(Spec):

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
 
 Rows = list[tuple[str, dict[str, Any]]]
 
+#: The objectives that train on packed text; every other task fine-tunes on labelled rows. Named
+#: here so that the API (and the operator, which has no numpy) knows without importing a task
+#: module; tests/test_tasks.py checks it against each module's `Task.fine_tuning`.
+LANGUAGE_MODELLING = ("clm", "mlm")
+
 
 class Task:
     """An objective: what the model's head is and how it is trained. Language-modelling tasks
