@@ -2,8 +2,8 @@
 data.prepare, through the API emulator, the real operator process, the stand-in Job controller
 and node, and moto S3. The corpus is six files in the bucket; three workers prepare it into
 data.cacheUri, one is killed mid-way and only its index runs again, the last to finish commits,
-and the trainer reads the dataset from the bucket; a second job with the same data finds it
-prepared."""
+and the trainer streams the dataset from the bucket; a second job with the same data goes
+straight to its gang."""
 
 from __future__ import annotations
 
@@ -94,6 +94,8 @@ def test_a_job_prepares_its_data_in_parallel_then_trains(stack: Any, s3: S3, tmp
     manifest_key = next(k for k in keys if k.endswith("/manifest.json") and "/parts/" not in k)
     manifest = json.loads(s3.client().get_object(Bucket=bucket, Key=manifest_key)["Body"].read())  # type: ignore[attr-defined]
     assert (manifest["units"], manifest["parts"]) == (6, 3)
+    total = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
+    assert 0 < prepared["tokens"] <= total and prepared["units"] <= 6, (prepared, total)  # as the workers' pods told
 
     # the same rows as one machine preparing it at once
     from click.testing import CliRunner
@@ -115,8 +117,11 @@ def test_a_job_prepares_its_data_in_parallel_then_trains(stack: Any, s3: S3, tmp
     assert not list(node0.glob("workspace/data/*/manifest.json")), "no node holds a copy of the dataset"
     assert api.objects("jobs", "batch") == [], "the preparation Job was deleted once done"
 
-    # a second job with the same data: its workers find the dataset and do nothing
+    # a second job with the same data goes straight to its gang: no preparation stage
     kubectl("apply", "-f", "-", stdin=job_yaml("second", bucket))
     wait_for(lambda: status("second").get("phase") in ("Running", "Succeeded"), 120, "second Running", diagnostics)
-    second = "".join(p.read_text(errors="replace") for p in (tmp_path / "node").glob("second-prepare-*/container.log"))
-    assert second.count("already prepared, nothing to do") == 3, second[-3000:]
+    assert status("second")["preparation"]["reusedFrom"] == "first"
+    assert not list((tmp_path / "node").glob("second-prepare-*")), "no worker of a second stage ran"
+    log1 = tmp_path / "node" / "second-a1-n0" / "container.log"
+    streaming = f"dataset s3://{bucket}/cache/{manifest['fingerprint']} is prepared: streaming it"
+    wait_for(lambda: log1.is_file() and streaming in log1.read_text(errors="replace"), 120, "second streams", diagnostics)

@@ -93,6 +93,25 @@ def parse_done(message: str) -> dict[str, Any] | None:
     return done if isinstance(done, dict) else None
 
 
+#: The key of a preparation worker's summary: `{"pretrainPrepared": {"units", "documents", "tokens"}}`.
+PREPARED_KEY = "pretrainPrepared"
+
+
+def parse_prepared(message: str) -> dict[str, int] | None:
+    """A preparation worker's summary in its termination message, or None."""
+    text = message.strip()
+    if not text.startswith("{") or len(text) > 4096:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    found = doc.get(PREPARED_KEY) if isinstance(doc, dict) else None
+    if not isinstance(found, dict):
+        return None
+    return {k: int(v) for k, v in found.items() if k in ("units", "documents", "tokens") and isinstance(v, int)}
+
+
 # ---- a stalled trainer (its watchdog fired): how it ends, and how the operator recognises it
 #: The exit status of a worker whose watchdog fired (torchrun, PID 1, exits 1 whatever the worker's).
 STALLED_EXIT = 3

@@ -605,12 +605,25 @@ def test_the_data_is_prepared_by_a_job_before_the_first_gang() -> None:
                             "--count=3", "--output=/tmp/data"]  # fmt: skip
     assert c["securityContext"]["readOnlyRootFilesystem"] is True and c["resources"]["requests"]["cpu"] == "1"
     h.cluster.set_job_status("tiny-prepare", succeeded=2)
+    template = prep["spec"]["template"]
+    for index, tokens in ((0, 1000), (2, 2500)):  # what the Job controller's pods are, once done
+        name = f"tiny-prepare-{index}-x"
+        h.cluster.create({"kind": "Pod", "metadata": {
+            "name": name, "namespace": "default", "labels": template["metadata"]["labels"],
+            "ownerReferences": [{"kind": "Job", "name": "tiny-prepare", "uid": "uid-tiny-prepare", "controller": True}]},
+            "spec": template["spec"]})  # fmt: skip
+        summary = f'{{"pretrainPrepared": {{"units": 2, "documents": 10, "tokens": {tokens}}}}}'
+        h.cluster.set_phase(name, "Succeeded", exit_code=0, message=summary)
     h.reconcile()
-    assert h.status["preparation"] == {"workers": 3, "completed": 2} and "2 of 3 worker(s) done" in h.status["message"]
-    assert h.pod_names() == []
+    assert {k: v for k, v in h.status["preparation"].items() if k != "key"} == {
+        "workers": 3, "completed": 2, "units": 4, "documents": 20, "tokens": 3500}  # fmt: skip
+    assert "2 of 3 worker(s) done, 3,500 tokens" in h.status["message"]
+    assert sorted(p["metadata"]["name"] for p in h.cluster.pods()) == ["tiny-prepare-0-x", "tiny-prepare-2-x"], \
+        "the Job's pods are the Job's: not taken, not deleted"  # fmt: skip
     h.cluster.set_job_status("tiny-prepare", complete=True, succeeded=3)
     h.reconcile()
-    assert h.status["preparation"]["done"] is True and h.phase == "Pending" and h.pod_names() == ["tiny-a1-n0"]
+    assert h.status["preparation"]["done"] is True and h.phase == "Pending"
+    assert [n for n in h.pod_names() if "prepare" not in n] == ["tiny-a1-n0"]
     assert ("Job", "default", "tiny-prepare") not in h.cluster.objects, "the completed Job is deleted"
     assert "Prepared" in h.events()
     h.run_all()
@@ -747,3 +760,28 @@ def test_each_new_finding_of_the_loss_guard_is_one_warning_event() -> None:
     h.status["progress"]["guard"] = {"events": 5, "lastStep": 3, "attempt": 0}
     h.reconcile()
     assert h.events().count("LossGuard") == 2, "an earlier attempt's count is not news"
+
+
+def test_a_second_job_with_the_same_data_goes_straight_to_its_gang() -> None:
+    """Issue 28: a job whose preparation stage completed names its data (status.preparation.key);
+    a later job of the namespace with the same sources, tokenizer, packing and cacheUri runs no
+    stage. Other data (here another sequence length) still gets its own."""
+    from pretrain.operator import handlers
+
+    data = {"data.prepare": {"workers": 2}, "data.cacheUri": "s3://b/cache"}
+    h = Harness(job_body(data, name="first"))
+    h.reconcile()
+    h.cluster.set_job_status("first-prepare", complete=True, succeeded=2)
+    h.reconcile()
+    assert h.status["preparation"]["done"] and h.status["preparation"]["key"]
+    second = h.cluster.add_job(job_body(data, name="second"))
+    handlers.reconcile_job("default", "second", h.cluster, h.cluster.now)
+    assert ("Job", "default", "second-prepare") not in h.cluster.objects
+    assert second["status"]["preparation"]["reusedFrom"] == "first" and second["status"]["phase"] == "Pending"
+    assert any(k == "Pod" and n == "second-a1-n0" for k, _, n in h.cluster.objects)
+    calls = len([c for c in h.cluster.calls if c == ("list", "PretrainJob")])
+    handlers.reconcile_job("default", "second", h.cluster, h.cluster.now)
+    assert len([c for c in h.cluster.calls if c == ("list", "PretrainJob")]) == calls, "listed once, at its start"
+    other = h.cluster.add_job(job_body({**data, "data.sequenceLength": 64}, name="other"))
+    handlers.reconcile_job("default", "other", h.cluster, h.cluster.now)
+    assert ("Job", "default", "other-prepare") in h.cluster.objects and other["status"]["phase"] == "Preparing"

@@ -735,6 +735,13 @@ class PreparationStatus(Spec):
     completed: int | None = Field(None, description="Workers done.")
     failed_indexes: str | None = Field(None, description='Workers over their retry limit ("0-2,4").')
     done: bool | None = Field(None, description="Every part written and committed: training may start.")
+    units: int | None = Field(None, description="Units of work (files, 64 MiB ranges) of the workers done.")
+    documents: int | None = Field(None, description="Documents tokenized by the workers done.")
+    tokens: int | None = Field(None, description="Tokens packed by the workers done (training and validation).")
+    reused_from: str | None = Field(
+        None, description="The job whose preparation stage prepared this data (this job ran none)."
+    )
+    key: str | None = Field(None, description="Names the data as the operator sees it (sources, tokenizer, cache).")
 
 
 class AvoidedNode(Spec):

@@ -133,10 +133,12 @@ def _prepare_one_part(job: Any, tok: Any, cache: Path, index: int, count: int, t
     """One worker's part: into data.cacheUri when set (any machine; the last worker to finish
     commits the dataset there, and a dataset already committed is left as it is), else into the
     output folder (joined by --commit)."""
+    from pretrain.contract import PREPARED_KEY
     from pretrain.data.parts import prepare_part
-    from pretrain.data.prepare import commit_remote, parts_folder, prepare_remote_part, remote_state
+    from pretrain.data.prepare import commit_remote, part_summary, parts_folder, prepare_remote_part, remote_state
     from pretrain.data.tokenizer import fingerprint
     from pretrain.data.units import plan_units, resolve_inputs, units_of
+    from pretrain.trainer.termination import write_done
 
     data = job.spec.data
     inputs = resolve_inputs(data, fingerprint(tok))
@@ -148,13 +150,16 @@ def _prepare_one_part(job: Any, tok: Any, cache: Path, index: int, count: int, t
     if remote_state(data.cache_uri, inputs.fingerprint, count)[0]:
         click.echo(f"{data.cache_uri.rstrip('/')}/{inputs.fingerprint}: already prepared, nothing to do")
         return
-    where, made = prepare_remote_part(data, tok, inputs, data.cache_uri, index, count, cache)
+    where, made, part = prepare_remote_part(data, tok, inputs, data.cache_uri, index, count, cache)
     n = len(units_of(count, index, len(plan_units(data, inputs))))
     kept = "" if made else " (already there: kept)"
-    click.echo(f"{where}: part {index} of {count}: {n} units{kept} in {time.perf_counter() - t0:.1f}s")
+    summary = part_summary(part, data.sequence_length)
+    click.echo(f"{where}: part {index} of {count}: {n} units, {summary['tokens']} tokens{kept} in "
+               f"{time.perf_counter() - t0:.1f}s")  # fmt: skip
     committed, present = remote_state(data.cache_uri, inputs.fingerprint, count)
     if not committed and present == count:  # the last to finish: every part is there
         uri, m = commit_remote(data, inputs, data.cache_uri, count, fingerprint(tok), cache)
         click.echo(f"{uri}: committed, {m['splits']['train']['rows']} training sequences from {count} parts")
     elif not committed:
         click.echo(f"{present} of {count} parts written; the last worker to finish commits the dataset")
+    write_done(summary, key=PREPARED_KEY)  # the pod's termination message: the operator counts the tokens

@@ -81,6 +81,13 @@ def prepare(
     return _publish_locally(work, target, manifest, workers)
 
 
+def part_summary(part: dict[str, Any], sequence_length: int) -> dict[str, int]:
+    """What a part holds, for the operator's status: units, documents, tokens (train and val)."""
+    units = part.get("units") or []
+    return {"units": len(units), "documents": sum(int(u.get("documents") or 0) for u in units),
+            "tokens": sum(int(u.get("rows") or 0) for u in units) * sequence_length}  # fmt: skip
+
+
 def parts_folder(cache_dir: Path, fingerprint: str) -> Path:
     """Where `pretrain data prepare --index k --count n` leaves its part for the commit."""
     return cache_dir / f"{fingerprint}.parts"
@@ -259,8 +266,8 @@ def _dataset_uri(remote_cache: str, fingerprint: str) -> str:
 
 def prepare_remote_part(
     spec: DataSpec, tokenizer: Any, inputs: Inputs, remote_cache: str, index: int, count: int, scratch: Path
-) -> tuple[str, bool]:
-    """(where, whether made now): one worker's part of a dataset in object storage: its shards go straight into the
+) -> tuple[str, bool, dict[str, Any]]:
+    """(where, whether made now, its part manifest): one worker's part of a dataset in object storage: its shards go straight into the
     dataset's folder `<cacheUri>/<fingerprint>/` (no reader trusts that folder before its
     manifest), then its part manifest to `parts/`, last. A part already there is kept."""
     import fsspec
@@ -279,11 +286,12 @@ def prepare_remote_part(
             existing = {}  # torn: made again
         if existing.get("fingerprint") == inputs.fingerprint:
             shutil.rmtree(local, ignore_errors=True)
-            return f"{root}/parts/{name}", False
+            return f"{root}/parts/{name}", False, existing
     shutil.rmtree(local, ignore_errors=True)
     try:
         path = prepare_part(spec, tokenizer, inputs, local, index, count)
-        shards = [name for u in json.loads(path.read_text())["units"] for split in ("train", "val")
+        part: dict[str, Any] = json.loads(path.read_text())
+        shards = [name for u in part["units"] for split in ("train", "val")
                   for s in u[split] for name in (s["file"], block_digests_name(s["file"]))]  # fmt: skip
         fs.makedirs(f"{root}/parts", exist_ok=True)  # a local or mounted cacheUri needs its folders
         for shard in shards:
@@ -291,7 +299,7 @@ def prepare_remote_part(
         with_retries(f"upload parts/{name}", lambda: fs.put_file(str(path), f"{root}/parts/{name}"))
     finally:
         shutil.rmtree(local, ignore_errors=True)
-    return f"{root}/parts/{name}", True
+    return f"{root}/parts/{name}", True, part
 
 
 def commit_remote(

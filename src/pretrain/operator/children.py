@@ -53,6 +53,8 @@ CONFIG_KEY = "job.json"
 #: worth of resources and tells the operator, by running, that the node is back.
 LABEL_ROLE = "pretrain.io/role"
 ROLE_STANDBY = "standby"
+#: The role of a data preparation worker's pod (the stage's Job controls it, not the PretrainJob).
+ROLE_PREPARE = "prepare"
 
 
 def pod_name(job: str, attempt: int, rank: int) -> str:
@@ -92,11 +94,11 @@ def owner_reference(job: PretrainJob, uid: str) -> dict[str, Any]:
     }
 
 
-def controller_uid(meta: dict[str, Any]) -> str | None:
-    """The uid of the PretrainJob that controls an object (its controller ownerReference), or
-    None: the operator acts on a child only when this is its job's uid."""
+def controller_uid(meta: dict[str, Any], kind: str = KIND) -> str | None:
+    """The uid of the PretrainJob (or other `kind`) that controls an object (its controller
+    ownerReference), or None: the operator acts on a child only when this is its job's uid."""
     for ref in meta.get("ownerReferences") or []:
-        if isinstance(ref, dict) and ref.get("controller") and ref.get("kind") == KIND:
+        if isinstance(ref, dict) and ref.get("controller") and ref.get("kind") == kind:
             uid = ref.get("uid")
             return str(uid) if uid else None
     return None

@@ -23,7 +23,8 @@ from pretrain.timestamps import rfc3339
 #: (apiGroup, resource, verbs) of every call below: the operator's least privilege.
 API_CALLS: list[tuple[str, str, list[str]]] = [
     # patch: spec.runPolicy.suspend (schedulingTimeoutAction Suspend); delete: ttlSecondsAfterFinished
-    (GROUP, PLURAL, ["get", "patch", "delete"]),
+    # list: the jobs of a namespace whose preparation stage made a dataset another job can reuse
+    (GROUP, PLURAL, ["get", "list", "patch", "delete"]),
     (GROUP, f"{PLURAL}/status", ["patch"]),
     ("", "pods", ["create", "delete", "list"]),
     # Services, ConfigMaps and PodMonitors go with their job (owner references): never deleted here.
@@ -36,8 +37,19 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
 ]
 
 
+def prepared_by(jobs: list[dict[str, Any]]) -> dict[str, str]:
+    """Preparation key -> the name of a job whose preparation stage completed with it."""
+    out: dict[str, str] = {}
+    for job in jobs:
+        prep = (job.get("status") or {}).get("preparation") or {}
+        if prep.get("done") and prep.get("key") and not prep.get("reusedFrom"):
+            out.setdefault(str(prep["key"]), str(job["metadata"]["name"]))
+    return out
+
+
 class Cluster(Protocol):
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def prepared_datasets(self, namespace: str) -> dict[str, str]: ...
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None: ...
     def suspend_job(self, namespace: str, name: str) -> None: ...
     def delete_job(self, namespace: str, name: str, uid: str) -> None: ...
@@ -71,6 +83,10 @@ class InMemoryCluster:
         self.calls.append(("get", "PretrainJob"))
         job = self.jobs.get((namespace, name))
         return copy.deepcopy(job) if job is not None else None
+
+    def prepared_datasets(self, namespace: str) -> dict[str, str]:
+        self.calls.append(("list", "PretrainJob"))
+        return prepared_by([j for (ns, _), j in sorted(self.jobs.items()) if ns == namespace])
 
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None:
         """A JSON merge patch of the status, refused when the job changed since it was read
@@ -307,6 +323,10 @@ class KubeCluster:
     def read_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         job = self._read(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, PLURAL, name)
         return dict(job) if job is not None else None
+
+    def prepared_datasets(self, namespace: str) -> dict[str, str]:
+        listed: Any = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)
+        return prepared_by(list(listed.get("items") or []))
 
     def write_status(self, namespace: str, name: str, patch: dict[str, Any], resource_version: str | None) -> None:
         """A merge patch of /status; a given resourceVersion is a precondition (409 if it moved on)."""

@@ -14,6 +14,7 @@ the same functions under Kopf with a `KubeCluster`.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import logging
@@ -232,6 +233,9 @@ def reconcile(
         return None
     job, invalid = job_from(body)
     observed = observe(cluster, body, job)
+    if job is not None and job.spec.data.prepare is not None and not (body.get("status") or {}).get("preparation"):
+        # a new job with a preparation stage: once, whether another job of the namespace prepared its data
+        observed = dataclasses.replace(observed, prepared_elsewhere=cluster.prepared_datasets(namespace))
     p = plan_for(body, job, invalid, observed, now)
     apply_plan(body, p, cluster)
     return p, job, observed

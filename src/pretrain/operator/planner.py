@@ -21,13 +21,14 @@ from typing import Any
 
 from pretrain.api.spec import DISRUPTION_REASONS, INT32_MAX, Phase, PretrainJob
 from pretrain.api.validation import spec_warnings
-from pretrain.contract import STALLED, is_stalled, parse_done
+from pretrain.contract import STALLED, is_stalled, parse_done, parse_prepared
 from pretrain.operator.children import (
     CONFIG_KEY,
     LABEL_ATTEMPT,
     LABEL_JOB,
     LABEL_RANK,
     LABEL_ROLE,
+    ROLE_PREPARE,
     ROLE_STANDBY,
     build_configmap,
     build_pod,
@@ -39,7 +40,13 @@ from pretrain.operator.children import (
 )
 from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import POD_DELETED, FailedPod, Verdict, decide, decide_start_failure, first_failed
-from pretrain.operator.preparation import PREPARATION_FAILED, PrepareView, build_prepare_job, prepare_job_name
+from pretrain.operator.preparation import (
+    PREPARATION_FAILED,
+    PrepareView,
+    build_prepare_job,
+    preparation_key,
+    prepare_job_name,
+)
 from pretrain.storage.manifest import step_name
 from pretrain.timestamps import parse_time, rfc3339
 
@@ -79,6 +86,10 @@ class PodView:
     unschedulable: str = ""
     #: The node it was bound to (spec.nodeName), if any.
     node: str | None = None
+    #: Its pretrain.io/role label: "" for a trainer, ROLE_STANDBY, ROLE_PREPARE.
+    role: str = ""
+    #: A preparation worker's controlling (batch) Job's uid.
+    job_controller: str | None = None
 
     def failed(self, *, deleted: bool = False) -> FailedPod:
         """What the failure policy reads; a pod deleted while it ran (by someone other than the
@@ -103,6 +114,11 @@ class Observed:
     configmap_owner: str | None = None
     #: The data preparation stage's Job (data.prepare), whoever controls it.
     prepare_job: PrepareView | None = None
+    #: The pods of that Job (its controller's, read for their summaries only).
+    prepare_workers: list[PodView] = field(default_factory=list)
+    #: Preparation key -> a job of the namespace whose stage prepared that data (read once, for
+    #: a new job with data.prepare).
+    prepared_elsewhere: dict[str, str] = field(default_factory=dict)
 
 
 def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
@@ -120,6 +136,7 @@ def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
     prep = observed.prepare_job
     if prep is not None and prep.owner != uid:
         others.append("its preparation Job")
+    prep_uid = prep.uid if prep is not None and prep.owner == uid and prep.uid else "-"  # "-": no uid is
     own = Observed(
         pods=pods,
         service=observed.service and observed.service_owner == uid,
@@ -129,6 +146,8 @@ def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
         service_owner=uid if observed.service_owner == uid else None,
         configmap_owner=uid if observed.configmap_owner == uid else None,
         prepare_job=prep if prep is not None and prep.owner == uid else None,
+        prepare_workers=[p for p in observed.pods if p.role == ROLE_PREPARE and p.job_controller == prep_uid],
+        prepared_elsewhere=observed.prepared_elsewhere,
     )
     return own, others
 
@@ -215,6 +234,8 @@ def pod_view(obj: dict[str, Any]) -> PodView:
         finished=finished,
         scheduled=scheduled,
         standby=labels.get(LABEL_ROLE) == ROLE_STANDBY,
+        role=str(labels.get(LABEL_ROLE) or ""),
+        job_controller=controller_uid(meta, "Job") if labels.get(LABEL_ROLE) == ROLE_PREPARE else None,
         owner=controller_uid(meta),
         waiting=_start_failure(status),
         unschedulable=_scheduler_message(status),
@@ -547,7 +568,7 @@ def _begin(r: _Reconcile, others: list[str], lingering: list[PodView]) -> None:
         return
     if lingering:
         return  # wait for old pods to go before a fresh attempt
-    if r.attempt == 0 and _preparing(r.st, r.out, r.job, r.namespace, r.uid, r.observed.prepare_job):
+    if r.attempt == 0 and _preparing(r.st, r.out, r.job, r.namespace, r.uid, r.observed):
         return
     resumed = r.phase == Phase.SUSPENDED.value
     _start_attempt(r, r.attempt + 1, "Resumed" if resumed else "Created",
@@ -784,14 +805,33 @@ def _cannot_start(st: _Status, out: Plan, job: PretrainJob, current: list[PodVie
     return False
 
 
-def _preparing(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: str, view: PrepareView | None) -> bool:
+def prepared_so_far(workers: list[PodView]) -> dict[str, int]:
+    """Units, documents and tokens of the stage's workers that finished (each leaves its part's
+    summary as its termination message; a worker that found the dataset done leaves none)."""
+    total = {"units": 0, "documents": 0, "tokens": 0}
+    for p in workers:
+        summary = parse_prepared(p.message) if p.phase == "Succeeded" else None
+        for k, v in (summary or {}).items():
+            total[k] += v
+    return total
+
+
+def _preparing(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: str, observed: Observed) -> bool:
     """The data preparation stage before the first attempt (data.prepare): True while it runs
     (or failed), False once the data is prepared (or there is no stage)."""
-    prep = job.spec.data.prepare
+    prep, view = job.spec.data.prepare, observed.prepare_job
     if prep is None or (st.s.get("preparation") or {}).get("done"):
         return False
-    name = prepare_job_name(job.metadata.name)
-    state: dict[str, Any] = {"workers": prep.workers, "completed": view.completed if view else 0}
+    name, key = prepare_job_name(job.metadata.name), preparation_key(job)
+    elsewhere = observed.prepared_elsewhere.get(key)
+    if view is None and elsewhere and elsewhere != job.metadata.name:
+        st.s["preparation"] = {"workers": prep.workers, "completed": 0, "done": True, "key": key,
+                               "reusedFrom": elsewhere}  # fmt: skip
+        st.events.append(Event("Normal", "Prepared", f"job {elsewhere} prepared the same data (sources, tokenizer, "
+                               "sequence length, cacheUri): no preparation stage"))  # fmt: skip
+        return False
+    done = prepared_so_far(observed.prepare_workers)
+    state: dict[str, Any] = {"workers": prep.workers, "completed": view.completed if view else 0, "key": key, **done}
     if view is not None and view.failed_indexes:
         state["failedIndexes"] = view.failed_indexes
     st.s["preparation"] = state
@@ -804,10 +844,12 @@ def _preparing(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: st
     elif view.complete:
         state["done"] = True
         out.delete.append(("Job", name))
-        st.events.append(Event("Normal", "Prepared", f"the data is prepared ({prep.workers} worker(s), Job {name})"))
+        st.events.append(Event("Normal", "Prepared", f"the data is prepared ({prep.workers} worker(s), Job {name}, "
+                               f"{done['tokens']:,} tokens)"))  # fmt: skip
         return False
     else:
-        st.phase(Phase.PREPARING, "Preparing", f"preparing the data: {view.completed} of {prep.workers} worker(s) done")
+        st.phase(Phase.PREPARING, "Preparing", f"preparing the data: {view.completed} of {prep.workers} worker(s) "
+                 f"done, {done['tokens']:,} tokens")  # fmt: skip
     return True
 
 

@@ -18,7 +18,15 @@ from typing import Any
 
 from pretrain.api.spec import PretrainJob
 from pretrain.contract import POD_CONFIG_PATH, prepare_command
-from pretrain.operator.children import CONTAINER_SECURITY, POD_SECURITY, _meta, configmap_name, controller_uid
+from pretrain.operator.children import (
+    CONTAINER_SECURITY,
+    LABEL_ROLE,
+    POD_SECURITY,
+    ROLE_PREPARE,
+    _meta,
+    configmap_name,
+    controller_uid,
+)
 
 PREPARATION_FAILED = "PreparationFailed"
 
@@ -27,11 +35,29 @@ def prepare_job_name(job: str) -> str:
     return f"{job}-prepare"
 
 
+def preparation_key(job: PretrainJob) -> str:
+    """What names a prepared dataset as far as the operator can tell without reading the inputs
+    (their listing and the tokenizer's fingerprint are the trainer's): the cache, the sources,
+    the packing and the tokenizer's spec. A later job with the same key reuses the dataset of
+    the job that prepared it (no preparation stage); had the inputs changed since, its rank 0
+    prepares the new dataset itself."""
+    import hashlib
+    import json
+
+    d = job.spec.data
+    key = {"cacheUri": d.cache_uri, "sequenceLength": d.sequence_length, "validationSplit": d.validation_split,
+           "sources": [s.model_dump(exclude={"weight"}) for s in d.sources],
+           "validationSources": [s.model_dump(exclude={"weight"}) for s in d.validation_sources],
+           "tokenizer": job.spec.tokenizer.model_dump(), "vocabSize": job.spec.model.vocab_size}  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class PrepareView:
     """What the planner reads of the stage's Job."""
 
     owner: str | None  # the controlling PretrainJob's uid
+    uid: str | None  # the Job's own: its pods' controller
     completed: int
     failed_indexes: str
     complete: bool
@@ -46,6 +72,7 @@ def prepare_view(obj: dict[str, Any]) -> PrepareView:
     failed = true.get("Failed") or {}
     return PrepareView(
         owner=controller_uid(obj["metadata"]),
+        uid=obj["metadata"].get("uid"),
         completed=int(status.get("succeeded") or 0),
         failed_indexes=str(status.get("failedIndexes") or ""),
         complete="Complete" in true,
@@ -94,4 +121,4 @@ def build_prepare_job(job: PretrainJob, namespace: str, uid: str) -> dict[str, A
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {
         "completionMode": "Indexed", "completions": prep.workers, "parallelism": prep.parallelism or prep.workers,
         "backoffLimitPerIndex": prep.backoff_limit_per_index,
-        "template": {"metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec}}}  # fmt: skip
+        "template": {"metadata": {"labels": {**meta["labels"], LABEL_ROLE: ROLE_PREPARE}}, "spec": pod_spec}}}  # fmt: skip

@@ -52,13 +52,14 @@ def _write_failure(text: str) -> None:
         pass  # not in a pod and not under `pretrain run`: the log line is all there is
 
 
-def write_done(summary: dict[str, Any]) -> None:
-    """Leave the finished run's summary (rank 0, as its last act)."""
+def write_done(summary: dict[str, Any], key: str = DONE_KEY) -> None:
+    """Leave the finished run's summary (rank 0, as its last act; or a preparation worker's,
+    under contract.PREPARED_KEY)."""
     path = _path()
     if path is None:
         return
     try:
-        line = json.dumps({DONE_KEY: summary}, allow_nan=False, separators=(",", ":")) + "\n"
+        line = json.dumps({key: summary}, allow_nan=False, separators=(",", ":")) + "\n"
         with open(path, "w") as f:
             f.write(line)
     except (OSError, ValueError):
