@@ -124,4 +124,6 @@ def test_a_job_prepares_its_data_in_parallel_then_trains(stack: Any, s3: S3, tmp
     assert not list((tmp_path / "node").glob("second-prepare-*")), "no worker of a second stage ran"
     log1 = tmp_path / "node" / "second-a1-n0" / "container.log"
     streaming = f"dataset s3://{bucket}/cache/{manifest['fingerprint']} is prepared: streaming it"
-    wait_for(lambda: log1.is_file() and streaming in log1.read_text(errors="replace"), 120, "second streams", diagnostics)
+    wait_for(
+        lambda: log1.is_file() and streaming in log1.read_text(errors="replace"), 120, "second streams", diagnostics
+    )
