@@ -192,6 +192,7 @@ class Trainer:
                 finding = self.guard.check(rows)
                 if finding is not None and self.on_finding(parts, finding):
                     step = self.roll_back(parts, finding)
+                    self.progressed()  # reloading a checkpoint is progress, however long it took
                     continue
             if evaluate:
                 self.evaluate(parts, step)
