@@ -112,3 +112,23 @@ def test_render_command_prints_valid_yaml() -> None:
     assert result.exit_code == 0, result.output
     docs = list(yaml.safe_load_all(result.stdout))
     assert [d["kind"] for d in docs][:2] == ["Service", "ConfigMap"]
+
+
+def test_kueue_places_the_gang_within_one_topology_domain() -> None:
+    """Issue 29 item 4: resources.topology becomes Kueue's TAS annotation on every pod of the
+    gang's pod group; without a Kueue queue it is refused in one line (nothing would honour it)."""
+    from pretrain.api.validation import SpecError
+
+    path = next(p for p in EXAMPLES if p.name == "llama-1b-zero3.yaml")
+    for mode, key in (("required", "podset-required-topology"), ("preferred", "podset-preferred-topology")):
+        job = load_job(path, ["resources.topology.level=cloud.provider.com/topology-rack",
+                              f"resources.topology.mode={mode}"], check_backends=False)  # fmt: skip
+        p = plan(job, name="llama-1b", namespace="research", uid="u", generation=1,
+                 status={"preparation": {"done": True}}, observed=Observed(), now=datetime(2026, 1, 1))  # fmt: skip
+        pods = [o for o in p.create if o["kind"] == "Pod"]
+        assert len(pods) > 1 and {o["metadata"]["annotations"][f"kueue.x-k8s.io/{key}"] for o in pods} == {
+            "cloud.provider.com/topology-rack"}  # fmt: skip
+        for o in pods:
+            kv.validate(o, "1.35", strict=True)
+    with pytest.raises(SpecError, match=r"spec.resources.topology: .* set spec.resources.queueName"):
+        load_job(path, ["resources.queueName=null", "resources.topology.level=rack"], check_backends=False)

@@ -415,6 +415,19 @@ class ElasticSpec(Spec):
     )  # fmt: skip
 
 
+class TopologySpec(Spec):
+    """Where Kueue places the gang (its podset-required-topology or podset-preferred-topology)."""
+
+    level: str = Field(
+        ..., min_length=1, max_length=316, pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9][-A-Za-z0-9_.]*$",
+        description="The node label of the topology level, e.g. cloud.provider.com/topology-rack.",
+    )  # fmt: skip
+    mode: Literal["required", "preferred"] = Field(
+        "required", description="required: all pods in one domain of that level or none placed; preferred: as few "
+        "domains as fit.",
+    )  # fmt: skip
+
+
 class ResourcesSpec(Spec):
     """The pods: how many, how big, where they may run."""
 
@@ -445,6 +458,10 @@ class ResourcesSpec(Spec):
     queue_name: str | None = Field(
         None, max_length=63, description="Kueue LocalQueue; becomes the kueue.x-k8s.io/queue-name label."
     )
+    topology: TopologySpec | None = Field(
+        None, description="Kueue Topology Aware Scheduling: the gang's pods placed within one domain of a node "
+        "label (a rack, a block); needs queueName.",
+    )  # fmt: skip
     labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod labels.")
     annotations: dict[str, str] = Field(default_factory=dict, max_length=64, description="Extra pod annotations.")
     env: list[EnvVar] = Field(default_factory=list, max_length=256, description="Extra environment.")

@@ -38,6 +38,9 @@ ANNOTATION_POD_GROUP_COUNT = "kueue.x-k8s.io/pod-group-total-count"
 #: "false": a failed pod ends its group (the operator replaces the whole gang under a new group
 #: name) instead of Kueue holding the quota for a replacement pod that never comes.
 ANNOTATION_RETRIABLE_IN_GROUP = "kueue.x-k8s.io/retriable-in-group"
+#: Kueue Topology Aware Scheduling: the node label whose one domain holds the podset.
+ANNOTATION_REQUIRED_TOPOLOGY = "kueue.x-k8s.io/podset-required-topology"
+ANNOTATION_PREFERRED_TOPOLOGY = "kueue.x-k8s.io/podset-preferred-topology"
 COMMON_LABELS = {"app.kubernetes.io/name": "pretrain", "app.kubernetes.io/managed-by": "pretrain-operator"}
 
 #: The trainer image's non-root user.
@@ -181,6 +184,9 @@ def _pod_meta(
     if r.queue_name:
         labels |= {LABEL_QUEUE: r.queue_name, LABEL_POD_GROUP: pod_group_name(name, attempt)}
         annotations |= {ANNOTATION_POD_GROUP_COUNT: str(nodes), ANNOTATION_RETRIABLE_IN_GROUP: "false"}
+    if r.topology is not None:  # Kueue TAS: the pod group's one podset, placed within one domain
+        key = ANNOTATION_REQUIRED_TOPOLOGY if r.topology.mode == "required" else ANNOTATION_PREFERRED_TOPOLOGY
+        annotations[key] = r.topology.level
     meta = _meta(job, pod, namespace, uid, labels)
     meta["annotations"] = annotations
     return meta
