@@ -80,8 +80,9 @@ def prepare_command(*, index: str, count: int, config: str = POD_CONFIG_PATH, ou
 DONE_KEY = "pretrainDone"
 
 
-def parse_done(message: str) -> dict[str, Any] | None:
-    """The summary in a termination message, or None (a failure's reason, garbage, too long)."""
+def parse_done(message: str, key: str = DONE_KEY) -> dict[str, Any] | None:
+    """The summary under `key` in a termination message, or None (a failure's reason, garbage,
+    too long)."""
     text = message.strip()
     if not text.startswith("{") or len(text) > 4096:
         return None
@@ -89,7 +90,7 @@ def parse_done(message: str) -> dict[str, Any] | None:
         doc = json.loads(text)
     except ValueError:
         return None
-    done = doc.get(DONE_KEY) if isinstance(doc, dict) else None
+    done = doc.get(key) if isinstance(doc, dict) else None
     return done if isinstance(done, dict) else None
 
 
@@ -99,15 +100,8 @@ PREPARED_KEY = "pretrainPrepared"
 
 def parse_prepared(message: str) -> dict[str, int] | None:
     """A preparation worker's summary in its termination message, or None."""
-    text = message.strip()
-    if not text.startswith("{") or len(text) > 4096:
-        return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return None
-    found = doc.get(PREPARED_KEY) if isinstance(doc, dict) else None
-    if not isinstance(found, dict):
+    found = parse_done(message, PREPARED_KEY)
+    if found is None:
         return None
     return {k: int(v) for k, v in found.items() if k in ("units", "documents", "tokens") and isinstance(v, int)}
 
