@@ -136,7 +136,7 @@ class ApplyFailed(Exception):
     """An API call of a plan failed; the job's ApplyFailed condition and an event say which."""
 
 
-def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
+def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster, now: datetime | None = None) -> None:
     """Write the planned status first, fenced by the resourceVersion the plan was made from, then
     act. A reconcile whose view went stale (another reconcile, or any writer, changed the job
     since) gets Conflict before it touches a pod; the pods of a new attempt are created only once
@@ -182,7 +182,7 @@ def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster) -> None:
     if p.delete_job:
         _attempt(failures, "delete the job after its TTL", partial(cluster.delete_job, namespace, name, uid),
                  missing_ok=True)  # fmt: skip
-    _report_conditions(namespace, name, uid, p.status, cluster, failures, monitor_missing)
+    _report_conditions(namespace, name, uid, p.status, cluster, failures, monitor_missing, now or _now())
     if p.status.get("restarts", 0) > old.get("restarts", 0):
         metrics.RESTARTS.labels(namespace).inc()
     metrics.observe_phase(namespace, name, p.status.get("phase"))
@@ -202,7 +202,7 @@ def _attempt(failures: list[tuple[str, str]], what: str, call: Callable[[], None
 
 
 def _report_conditions(namespace: str, name: str, uid: str, status: dict[str, Any], cluster: Cluster,
-                       failures: list[tuple[str, str]], monitor_missing: str | None) -> None:  # fmt: skip
+                       failures: list[tuple[str, str]], monitor_missing: str | None, now: datetime) -> None:  # fmt: skip
     """Keep the ApplyFailed and PodMonitorUnavailable conditions current; an event when one turns True."""
     conditions = [dict(c) for c in status.get("conditions") or []]
     before = {c["type"]: c.get("status") for c in conditions}
@@ -211,7 +211,7 @@ def _report_conditions(namespace: str, name: str, uid: str, status: dict[str, An
         ("ApplyFailed", failures[0][0] if failures else "Applied", failures[0][1][:1024] if failures else ""),
         ("PodMonitorUnavailable", "PodMonitorNotCreated" if monitor_missing else "", monitor_missing or ""),
     ):
-        if not set_condition(conditions, type_, bool(message), reason, message, _now()):
+        if not set_condition(conditions, type_, bool(message), reason, message, now):
             continue
         changed = True
         if message and before.get(type_) != "True":
@@ -237,7 +237,7 @@ def reconcile(
         # a new job with a preparation stage: once, whether another job of the namespace prepared its data
         observed = dataclasses.replace(observed, prepared_elsewhere=cluster.prepared_datasets(namespace))
     p = plan_for(body, job, invalid, observed, now)
-    apply_plan(body, p, cluster)
+    apply_plan(body, p, cluster, now)
     return p, job, observed
 
 

@@ -616,7 +616,7 @@ def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodVie
         _check_scheduling(st, current, job, r.now, scheduling_grace)  # the new pods are not stuck
         return
     elastic = job.spec.resources.elastic is not None
-    if elastic and _elastic(st, r.out, job, r.namespace, r.uid, attempt, nodes, current, standby, r.now) is not None:
+    if elastic and _elastic(r, current, standby) is not None:
         return  # a resize: a planned restart at the new size
     if all(p.phase == "Succeeded" for p in current):
         _succeeded(r, current)
@@ -721,13 +721,13 @@ def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, cur
 RESIZE_REASONS = ("Shrink", "Grow")
 
 
-def _elastic(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: str, attempt: int, size: int,
-             current: list[PodView], standby: list[PodView], now: datetime) -> int | None:  # fmt: skip
+def _elastic(r: _Reconcile, current: list[PodView], standby: list[PodView]) -> int | None:
     """An elastic job's size: shrink when pods of the gang stay unscheduled past
     shrinkAfterSeconds (down to minNodes), grow when standby pods for the missing nodes run.
     A resize is a planned restart from the newest checkpoint: the pods are deleted (SIGTERM, so
     the trainer checkpoints at the end of its step) and the next attempt starts without backoff,
     not counted against maxRestarts. Returns the new size, or None when the size stays."""
+    st, out, job, size, now = r.st, r.out, r.job, r.nodes, r.now
     e = job.spec.resources.elastic
     assert e is not None
     waiting = [p for p in current if p.phase == "Pending" and not p.scheduled]
@@ -750,7 +750,7 @@ def _elastic(st: _Status, out: Plan, job: PretrainJob, namespace: str, uid: str,
         return None
     out.delete.extend(("Pod", p.name) for p in standby if p.phase in ("Failed", "Succeeded", "Unknown"))
     have = {p.rank for p in standby if p.phase not in ("Failed", "Succeeded", "Unknown")}
-    out.create.extend(build_standby_pod(job, namespace, uid, attempt, rank) for rank in range(size, high)
+    out.create.extend(build_standby_pod(job, r.namespace, r.uid, r.attempt, rank) for rank in range(size, high)
                       if rank not in have)  # fmt: skip
     ready = [p for p in standby if p.phase == "Running"]
     new = fit(job.spec, size + len(ready))
