@@ -14,7 +14,7 @@ import json
 import os
 from typing import Any
 
-from pretrain.contract import DONE_KEY, ENV_TERMINATION_LOG, parse_done
+from pretrain.contract import DONE_KEY, ENV_TERMINATION_LOG, parse_done, parse_prepared
 
 TERMINATION_LOG = "/dev/termination-log"
 
@@ -44,7 +44,8 @@ def _write_failure(text: str) -> None:
     try:
         if os.path.exists(path) and os.path.getsize(path) > 0:
             with open(path) as f:
-                if parse_done(f.read(4096)) is None:
+                old = f.read(4096)
+                if parse_done(old) is None and parse_prepared(old) is None:  # a failure, not a summary
                     return
         with open(path, "w") as f:
             f.write(text)
