@@ -26,7 +26,9 @@ MERGE_SETS = {"finalizers"}
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386: objects merge key by key, null deletes, anything else replaces."""
+    """RFC 7386: objects merge key by key, null deletes, anything else replaces. Kept apart from
+    the operator's own (operator/cluster.py) on purpose: a stand-in that imported the code under
+    test would agree with its bugs (tests/operator/test_cluster_contract.py checks the two agree)."""
     if not isinstance(patch, dict):
         return copy.deepcopy(patch)
     out = copy.deepcopy(target) if isinstance(target, dict) else {}
