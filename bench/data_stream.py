@@ -1,6 +1,6 @@
 """Data at corpus scale, part 2: ranks stream a dataset prepared in S3 (issue 28 item 2).
 
-    python bench/data_stream.py [--small-mb 16] [--large-mb 512] [--repeats 3]
+    python bench/data_stream.py [--small-mb 16] [--large-mb 512] [--repeats 5] [--steady-only]
 
 Two prepared datasets (random token ids at sequence length 1024, uint16, written by the
 project's own ShardWriter in shards of 32 MiB with their block digests) lie in a moto S3 server
@@ -62,9 +62,10 @@ while time.perf_counter() - t1 < seconds:
     rows += sum(len(b) for b in loader.next_step())
 rate = rows / (time.perf_counter() - t1) if seconds else 0.0
 peak = split.cache.peak if mode == "stream" else 0
+fetched = split.fetched if mode == "stream" else 0
 if mode == "stream":
     split.close()
-print(json.dumps({"first": first, "bytes": local_bytes, "rate": rate, "peak": peak}))
+print(json.dumps({"first": first, "bytes": local_bytes, "rate": rate, "peak": peak, "fetched": fetched, "rows": rows}))
 """
 
 
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--small-mb", type=int, default=16)
     ap.add_argument("--large-mb", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steady-only", action="store_true", help="Only the loader's rate (skip the first-step rounds).")
     args = ap.parse_args()
     import logging
 
@@ -128,12 +130,12 @@ def main() -> None:
         upload_dir(local, uris[mb], last="manifest.json")
         subprocess.run(["rm", "-rf", str(local)], check=True)
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
-    for _ in range(args.repeats):
+    for _ in range(0 if args.steady_only else args.repeats):
         for mode in ("download", "stream"):
             for mb in (args.small_mb, args.large_mb):
                 results.setdefault((mode, mb), []).append(measure(mode, uris[mb], tmp, 0, 256 << 20))
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("first", "bytes")} for k, v in results.items()}
-    for mode in ("download", "stream"):
+    for mode in ("download", "stream") if results else ():
         s, big = med[(mode, args.small_mb)], med[(mode, args.large_mb)]
         print(f"{mode:>8}: first step {s['first']:.2f} s at {args.small_mb} MiB, {big['first']:.2f} s at "
               f"{args.large_mb} MiB (ratio {big['first'] / s['first']:.2f}); node-local bytes {s['bytes'] / 2**20:.1f} "
@@ -143,9 +145,13 @@ def main() -> None:
     rate = statistics.median(r["rate"] for r in steady) * SEQ
     consume = trainer_rate(tmp) * TINY_SEQ
     peak = max(r["peak"] for r in steady)
+    per_row = statistics.median(r["fetched"] / r["rows"] for r in steady)
+    per_second = statistics.median(r["fetched"] / 20.0 for r in steady)
     print(f"streamed loader from S3: {rate:,.0f} tokens/s over 20 s from a cold cache (rank 0 of 2); the tiny trainer consumes {consume:,.0f} "
           f"tokens/s (2 processes) -> ratio {rate / consume:.0f}x; cache peak {peak / 2**20:.1f} MiB of a "
           f"{bound / 2**20:.0f} MiB bound")  # fmt: skip
+    print(f"storage requests: {per_second:.0f}/s at that rate, {1000 * per_row:.1f} per 1000 rows read (one ranged "
+          f"read per block fetched; at most one per row by construction)")  # fmt: skip
     server.stop()
 
 

@@ -228,18 +228,42 @@ def build_pod(
 ) -> dict[str, Any]:  # fmt: skip
     """One node of a gang of `nodes` (default resources.nodes): torchrun, static rendezvous on
     node 0; placed preferably on other nodes than `avoid` (where earlier attempts failed)."""
-    spec = job.spec
-    r = spec.resources
+    r, name = job.spec.resources, job.metadata.name
     nodes = nodes or r.nodes
-    grace = termination_grace_seconds(spec)
-    name = job.metadata.name
+    grace = termination_grace_seconds(job.spec)
     pod = pod_name(name, attempt, rank)
+    pod_spec: dict[str, Any] = {
+        "hostname": pod,
+        "subdomain": service_name(name),
+        "restartPolicy": "Never",
+        # Time the trainer gets after SIGTERM to finish its step and save a checkpoint.
+        "terminationGracePeriodSeconds": grace,
+        "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(POD_SECURITY),
+        "containers": [_trainer_container(job, namespace, uid, attempt, rank, nodes, grace)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": configmap_name(name)}},
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shm_size}},
+            {"name": "workspace", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+        ],
+    }
+    pod_spec.update(_placement(job))
+    if avoid:
+        pod_spec["affinity"] = avoiding(pod_spec.get("affinity"), avoid)
     meta = _pod_meta(job, pod, namespace, uid, attempt, rank, nodes)
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+
+
+def _trainer_container(
+    job: PretrainJob, namespace: str, uid: str, attempt: int, rank: int, nodes: int, grace: int
+) -> dict[str, Any]:
+    """torchrun over the trainer, its ports, resources and volumes."""
+    spec, r = job.spec, job.spec.resources
     args = trainer_command(
         nnodes=nodes, nproc_per_node=r.procs_per_node, node_rank=f"$({ENV_NODE_RANK})", master_addr=f"$({ENV_MASTER_ADDR})",
         config=POD_CONFIG_PATH, workdir=POD_WORKDIR,
     )  # fmt: skip
-    env = _trainer_env(job, namespace, uid, attempt, rank, grace)
     container: dict[str, Any] = {
         "name": "trainer",
         "image": r.image,
@@ -249,7 +273,7 @@ def build_pod(
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "command": args[:1],
         "args": args[1:],
-        "env": env,
+        "env": _trainer_env(job, namespace, uid, attempt, rank, grace),
         "ports": [
             {"name": "metrics", "containerPort": spec.monitoring.metrics_port, "protocol": "TCP"},
             {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"},
@@ -266,26 +290,7 @@ def build_pod(
     }
     if spec.checkpoint.credentials_secret:
         container["envFrom"] = [{"secretRef": {"name": spec.checkpoint.credentials_secret}}]
-    pod_spec: dict[str, Any] = {
-        "hostname": pod,
-        "subdomain": service_name(name),
-        "restartPolicy": "Never",
-        # Time the trainer gets after SIGTERM to finish its step and save a checkpoint.
-        "terminationGracePeriodSeconds": grace,
-        "enableServiceLinks": False,
-        "securityContext": copy.deepcopy(POD_SECURITY),
-        "containers": [container],
-        "volumes": [
-            {"name": "config", "configMap": {"name": configmap_name(name)}},
-            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": r.shm_size}},
-            {"name": "workspace", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
-    }
-    pod_spec.update(_placement(job))
-    if avoid:
-        pod_spec["affinity"] = avoiding(pod_spec.get("affinity"), avoid)
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": pod_spec}
+    return container
 
 
 #: The weight of the preference against failed nodes: the most a preferred term may have.
