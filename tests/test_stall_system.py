@@ -16,6 +16,7 @@ import psutil
 import pytest
 import yaml
 
+from pretrain.timestamps import parse_time
 from tests.kubeapi.harness import wait_for
 from tests.test_system import (
     JOB,
@@ -24,6 +25,7 @@ from tests.test_system import (
     job_yaml,
     secret_yaml,
 )
+from tests.test_watchdog import children_named
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +41,7 @@ def stalling_job_yaml(bucket: str) -> str:
 
 def trainer_of(c: Cluster, pod: str) -> psutil.Process:
     """The trainer worker under a pod's torchrun (one process per node here)."""
-    root = psutil.Process(c.node.processes[pod].proc.pid)
-    workers = [p for p in root.children(recursive=True) if "pretrain.trainer" in " ".join(p.cmdline())]
+    workers = children_named(psutil.Process(c.node.processes[pod].proc.pid), "pretrain.trainer")
     assert len(workers) == 1, [p.cmdline() for p in workers]
     return workers[0]
 
@@ -58,6 +59,8 @@ def test_a_stopped_rank_is_found_restarted_away_from_its_node_and_the_job_succee
     c.kubectl("apply", "-f", "-", stdin=stalling_job_yaml(c.bucket))
     wait(lambda: c.status().get("phase") == "Running", 120, "phase Running")
     wait(lambda: f"{JOB}/step-00000010/manifest.json" in c.keys(f"{JOB}/step-"), 240, "the first checkpoint")
+    # stopped past the checkpoint, once the operator saw it: the steps since are trained twice
+    wait(lambda: (c.status().get("progress") or {}).get("step", 0) >= 12, 120, "step 12 scraped")
     stopped = trainer_of(c, f"{JOB}-a1-n1")
     stopped.send_signal(signal.SIGSTOP)
     try:
@@ -81,3 +84,10 @@ def test_a_stopped_rank_is_found_restarted_away_from_its_node_and_the_job_succee
     assert "resumed from" in resumed and "(step 10)" in resumed, resumed[-2000:]
     events = c.kubectl("get", "events", "-o", "custom-columns=REASON:.reason").stdout.split()
     assert "NodeAvoided" in events and "GangRestart" in events
+    # goodput: the parts add up to the wall time (status times are whole seconds: 2 s of slack)
+    status = c.status()
+    parts = status["goodput"]["seconds"]
+    wall = (parse_time(status["completionTime"]) - parse_time(status["startTime"])).total_seconds()  # type: ignore[operator]
+    assert abs(parts["total"] - wall) <= max(0.01 * wall, 2.0), (parts, wall)
+    assert parts["restart"] > 0 and parts["recomputed"] > 0 and parts["restarting"] > 0, parts
+    assert 0 < parts["ratio"] < 1 and parts["training"] > 0, parts

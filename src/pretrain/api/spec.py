@@ -721,6 +721,10 @@ class Progress(Spec):
         None, description="Set while node 0 retries a call to its storage; the job's reason is then StorageUnavailable."
     )
     guard: GuardProgress | None = Field(None, description="Set once node 0's loss guard found a bad step.")
+    time: dict[str, float] | None = Field(
+        None, description="Where node 0's trainer spent this attempt (restart, training, recomputed, checkpoint, "
+        "evaluation seconds; stepSeconds; attempt).",
+    )  # fmt: skip
     heartbeat: Heartbeat | None = Field(
         None, description="Node 0's last progress: older than its limit (plus 3 minutes), the gang restarts (Stalled)."
     )
@@ -769,6 +773,19 @@ class AvoidedNode(Spec):
     reason: str | None = Field(None, description="The failure there.")
 
 
+class Goodput(Spec):
+    """Where the job's wall time went (closed totals: updated when a phase or an attempt ends)."""
+
+    seconds: dict[str, float] | None = Field(
+        None, description="queued, preparing, restarting, suspended, restart, training, recomputed, checkpoint, "
+        "evaluation, other; their total, and ratio = training / total.",
+    )  # fmt: skip
+    phase_seconds: dict[str, float] | None = Field(None, description="Time by phase, of the phases left.")
+    phase_since: str | None = Field(None, description="When the job entered its current phase.")
+    trainer_seconds: dict[str, float] | None = Field(None, description="The ended attempts' trainers' own time.")
+    attempts_ended: int | None = None
+
+
 class PretrainJobStatus(Spec):
     """Observed state of a PretrainJob, written only by the operator."""
 
@@ -790,6 +807,7 @@ class PretrainJobStatus(Spec):
         None, description="Time spent suspended, which activeDeadlineSeconds does not count."
     )
     progress: Progress | None = None
+    goodput: Goodput | None = Field(None, description="Where the job's wall time went, and the training ratio.")
     guard_events_reported: GuardProgress | None = Field(
         None, description="The loss-guard findings already told in an event (operator bookkeeping)."
     )

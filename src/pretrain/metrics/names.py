@@ -34,3 +34,7 @@ STALL_LIMIT = "pretrain_stall_limit_seconds"
 GUARD_EVENTS = "pretrain_guard_events_total"
 GUARD_KIND = "kind"
 GUARD_LAST_STEP = "pretrain_guard_last_step"
+#: Where a trainer's time went, by kind (label TIME_KIND: restart, training, recomputed,
+#: checkpoint, evaluation): the operator adds it up into status.goodput.
+TIME_SECONDS = "pretrain_time_seconds_total"
+TIME_KIND = "kind"

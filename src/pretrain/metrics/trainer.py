@@ -171,10 +171,16 @@ class TrainerMetrics:
         self._guard_events = Counter(names.GUARD_EVENTS, "Bad steps the loss guard found (non-finite, spike).",
                                      [*self._label_names, names.GUARD_KIND], registry=self.registry)  # fmt: skip
         self._guard_last_step = self._family(names.GUARD_LAST_STEP, "The last step the loss guard found bad.")
+        self._time = Counter(names.TIME_SECONDS, "Where this trainer's time went: restart, training, recomputed "
+                             "(steps trained again), checkpoint, evaluation.", [*self._label_names, names.TIME_KIND],
+                             registry=self.registry)  # fmt: skip
 
     def observe_guard(self, kind: str, step: int) -> None:
         self._guard_events.labels(**self._labels, **{names.GUARD_KIND: kind}).inc()
         self._guard_last_step.labels(**self._labels).set(step)
+
+    def observe_time(self, kind: str, seconds: float) -> None:
+        self._time.labels(**self._labels, **{names.TIME_KIND: kind}).inc(max(0.0, seconds))
 
     def observe_heartbeat(self, when: float, limit: float) -> None:
         self._heartbeat.labels(**self._labels).set(when)

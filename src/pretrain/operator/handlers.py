@@ -275,7 +275,12 @@ def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | No
         log.debug("progress scrape of %s failed: %s", target.url, e)
         return None
     prog, ckpt = progress_from(samples, now)
-    for key in ("storageRetrying", "heartbeat", "guard"):  # whose: a stale record of an earlier attempt means nothing
+    for key in (
+        "storageRetrying",
+        "heartbeat",
+        "guard",
+        "time",
+    ):  # whose: a stale record of an earlier attempt means nothing
         if key in prog:
             prog[key]["attempt"] = target.status.get("attempt")
     old = target.status.get("progress") or {}

@@ -22,6 +22,7 @@ from typing import Any
 from pretrain.api.spec import DISRUPTION_REASONS, INT32_MAX, Phase, PretrainJob
 from pretrain.api.validation import spec_warnings
 from pretrain.contract import STALLED, is_stalled, parse_done, parse_prepared
+from pretrain.operator import goodput
 from pretrain.operator.children import (
     CONFIG_KEY,
     LABEL_ATTEMPT,
@@ -324,6 +325,8 @@ class _Status:
     def phase(self, phase: Phase, reason: str, message: str, *, warning: bool = False) -> None:
         if self.s.get("phase") != phase.value or self.s.get("reason", reason) != reason:
             self.events.append(Event("Warning" if warning else "Normal", reason, message))
+        if self.s.get("phase") != phase.value:
+            goodput.enter_phase(self.s.setdefault("goodput", {}), self.s.get("phase"), self.now)
         self.s["phase"] = phase.value
         self.s["reason"] = reason
         self.s["message"] = message
@@ -539,6 +542,8 @@ def _shared_children(r: _Reconcile) -> None:
 
 def _start_attempt(r: _Reconcile, new_attempt: int, reason: str, message: str) -> None:
     st = r.st
+    if r.attempt:  # the attempt before ended (a restart, a resize, a resume): its trainer's time
+        goodput.end_attempt(st.s.setdefault("goodput", {}), r.attempt, st.s, None)
     if new_attempt == 1:
         st.events.extend(Event("Warning", "NoCheckpointStorage", w) for w in spec_warnings(r.job.spec))
         st.condition("Created", True, "Created", f"the job's first pods were created ({r.nodes} node(s))")
@@ -641,7 +646,10 @@ def _succeeded(r: _Reconcile, current: list[PodView]) -> None:
     r.st.phase(Phase.SUCCEEDED, "Completed", f"all {r.nodes} pod(s) succeeded")
     r.st.s["completionTime"] = rfc3339(r.now)
     node0 = next((p for p in current if p.rank == 0), None)
-    r.st.s.update(final_status(parse_done(node0.message) if node0 else None, r.job.spec.checkpoint.uri))
+    done = parse_done(node0.message) if node0 else None
+    r.st.s.update(final_status(done, r.job.spec.checkpoint.uri))
+    final = (done or {}).get("time")
+    goodput.end_attempt(r.st.s.setdefault("goodput", {}), r.attempt, r.st.s, final if isinstance(final, dict) else None)
     if r.job.spec.run_policy.clean_pod_policy == "All":
         r.delete_pods(current)
 
@@ -705,6 +713,7 @@ def _gang_failed(st: _Status, out: Plan, job: PretrainJob, verdict: Verdict, cur
         else:
             reason, tail = "RestartsExhausted", f"{restarts} of {rp.max_restarts} restarts used"
         st.phase(Phase.FAILED, reason, f"{verdict.why}; {tail}{by_rule}", warning=True)
+        goodput.end_attempt(st.s.setdefault("goodput", {}), int(st.s.get("attempt") or 0), st.s, None)
         return
     out.delete.extend(("Pod", p.name) for p in current)
     if verdict.counts:

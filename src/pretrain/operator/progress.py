@@ -27,6 +27,8 @@ def parse_metrics(text: str) -> dict[str, float]:
                     name = f"{name}:{sample.labels.get(names.EVAL_METRIC_LABEL, '')}"
                 elif name == names.SOURCE_TOKENS:
                     name = f"{name}:{sample.labels.get(names.SOURCE_LABEL, '')}"
+                elif name == names.TIME_SECONDS:
+                    name = f"{name}:{sample.labels.get(names.TIME_KIND, '')}"
                 elif name == names.GUARD_EVENTS:
                     name = f"{name}:{sample.labels.get(names.GUARD_KIND, '')}"
                 elif name == names.STORAGE_RETRYING_INFO:
@@ -87,6 +89,10 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     beat, limit = samples.get(names.HEARTBEAT), samples.get(names.STALL_LIMIT)
     if beat and limit:
         progress["heartbeat"] = {"time": rfc3339(datetime.fromtimestamp(beat, UTC)), "limitSeconds": round(limit)}
+    prefix = f"{names.TIME_SECONDS}:"
+    spent = {k[len(prefix) :]: round(v, 3) for k, v in samples.items() if k.startswith(prefix) and k != prefix}
+    if spent:
+        progress["time"] = spent | ({"stepSeconds": round(seconds / count, 4)} if seconds and count else {})
     prefix = f"{names.GUARD_EVENTS}:"
     guard_events = sum(int(v) for k, v in samples.items() if k.startswith(prefix))
     if guard_events:

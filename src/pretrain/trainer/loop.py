@@ -68,6 +68,10 @@ class Trainer:
         self.last_loss = float("nan")  # of the last step read back
         self.last_saved: int | None = None
         self.guard = LossGuard(self.spec.training.guard)
+        self.began = time.monotonic()  # the process's start: until the first step, restart overhead
+        #: Where this process's time went (goodput.py's trainer parts), for the metric and the summary.
+        self.spent: dict[str, float] = {}
+        self.max_step = 0  # the furthest step this process trained: a step at or below it is trained again
         self.fault = fault_from_env()  # tests only
         # Opened by run():
         self.checkpointer: Checkpointer
@@ -166,9 +170,10 @@ class Trainer:
     def train(self, parts: Parts) -> tuple[int, bool]:
         """Steps from `parts.start` to the last, or to an agreed stop; returns (step, stopped)."""
         t, ckpt = self.spec.training, self.spec.checkpoint
-        step = parts.start
+        step = self.max_step = parts.start
         self.last_saved = parts.start or None
         stop = False
+        self.spend("restart", time.monotonic() - self.began)
         while step < parts.steps and not stop:
             t0 = time.perf_counter()
             batches = parts.loader.next_step()
@@ -179,6 +184,8 @@ class Trainer:
             step += 1
             stop, sync = self.sync.exchange(self.stop_requested)
             seconds = time.perf_counter() - t0
+            self.spend("recomputed" if step <= self.max_step else "training", seconds)
+            self.max_step = max(self.max_step, step)
             self.progressed(seconds)
             if step == parts.start + 1 and compile_enabled(self.spec) and self.rank == 0:
                 log.info("compiled the model in its first step: %.1fs", seconds)
@@ -191,14 +198,18 @@ class Trainer:
                 self.report_steps(parts, rows)
                 finding = self.guard.check(rows)
                 if finding is not None and self.on_finding(parts, finding):
+                    t1 = time.monotonic()
                     step = self.roll_back(parts, finding)
+                    self.spend("restart", time.monotonic() - t1)
                     self.progressed()  # reloading a checkpoint is progress, however long it took
                     continue
             if evaluate:
                 self.evaluate(parts, step)
                 self.progressed()
             if save:
+                t1 = time.monotonic()
                 self.checkpointer.save(parts.engine, parts.loader, step)
+                self.spend("checkpoint", time.monotonic() - t1)
                 self.last_saved = step
                 self.progressed()
             self.checkpointer.report(self.metrics)
@@ -288,8 +299,20 @@ class Trainer:
             rss = resident_bytes()
             self.metrics.observe_memory(rss, rss)
 
+    def spend(self, kind: str, seconds: float) -> None:
+        """Time of this process by kind (goodput), as a metric and for the final summary."""
+        self.spent[kind] = self.spent.get(kind, 0.0) + seconds
+        self.metrics.observe_time(kind, seconds)
+
     def evaluate(self, parts: Parts, step: int) -> dict[str, float]:
         """Evaluate now and report it: log, train_log.jsonl and history, metrics."""
+        t0 = time.monotonic()
+        try:
+            return self._evaluate(parts, step)
+        finally:
+            self.spend("evaluation", time.monotonic() - t0)
+
+    def _evaluate(self, parts: Parts, step: int) -> dict[str, float]:
         scores = parts.evaluator(parts.engine)
         if not scores:
             return {}
@@ -311,10 +334,12 @@ class Trainer:
         final_eval = self.evaluate(parts, step)
         self.progressed()
         store = self.checkpointer.store
+        t0 = time.monotonic()
         if self.last_saved != step:
             self.checkpointer.save(parts.engine, parts.loader, step, background=False)
         self.watchdog.stop()  # the last upload may outlast any step; its own retries bound it
         store.close()
+        self.spend("checkpoint", time.monotonic() - t0)
         self.checkpointer.report(self.metrics)
         self.checkpointer.check_errors()
         self.history.close()
@@ -333,7 +358,8 @@ class Trainer:
         (self.workdir / "result.json").write_text(json.dumps(clean, allow_nan=False))
         stats = self.checkpointer.store.stats
         write_done({"step": step, "totalSteps": steps, "trainLoss": clean["train_loss"],
-                    "checkpointStep": stats.last_verified_step, "checkpointTime": from_epoch(stats.last_verified_time)})  # fmt: skip
+                    "checkpointStep": stats.last_verified_step, "checkpointTime": from_epoch(stats.last_verified_time),
+                    "time": {k: round(v, 3) for k, v in self.spent.items()}})  # fmt: skip
 
     def stop(self, step: int) -> int:
         """After the checkpoint a SIGTERM asked for: how long it took from the signal, against the
