@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,13 @@ def test_report_plots_what_the_runs_logged(tmp_path: Path) -> None:
     assert eval_line["y"] == pytest.approx([e["eval_loss"] for e in evals], rel=1e-6)
     lr_line = curves["lr"]["tiny-cpu (first): lr"]
     assert lr_line["y"] == pytest.approx([e["lr"] for e in first.log if "loss" in e], rel=1e-6)
+    # where the trainer's time went (goodput), cumulative: training grows with every step; the
+    # evaluation every 4 steps and the restart (setup) overhead are there too
+    training = curves["time"]["tiny-cpu (first): training"]
+    assert training["x"] == [float(s) for s in range(1, 13)] and all(b > a for a, b in pairwise(training["y"]))
+    steps = sum(e["seconds"] for e in first.log if "loss" in e)
+    assert training["y"][-1] == pytest.approx(steps, rel=0.01), "the steps' own seconds, as train_log.jsonl has them"
+    assert curves["time"]["tiny-cpu (first): restart"]["y"][0] > 0 and "tiny-cpu (first): evaluation" in curves["time"]
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

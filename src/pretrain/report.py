@@ -118,23 +118,36 @@ def load_run(arg: str) -> Run:
 
 
 SOURCE_PREFIX = "source_tokens:"
+TIME_PREFIX = "time_spent:"
 
 
 def _value(record: dict[str, Any], key: str) -> Any:
-    """A record's value for `key`; `source_tokens:<uri>` reads one source of its token count."""
-    if key.startswith(SOURCE_PREFIX):
-        by_source = record.get("source_tokens")
-        return by_source.get(key.removeprefix(SOURCE_PREFIX)) if isinstance(by_source, dict) else None
+    """A record's value for `key`; `source_tokens:<uri>` reads one source of its token count,
+    `time_spent:<kind>` one kind of the trainer's time."""
+    for prefix, field_name in ((SOURCE_PREFIX, "source_tokens"), (TIME_PREFIX, "time_spent")):
+        if key.startswith(prefix):
+            values = record.get(field_name)
+            return values.get(key.removeprefix(prefix)) if isinstance(values, dict) else None
     return record.get(key)
 
 
+def _keys_of(runs: list[Run], field_name: str) -> list[str]:
+    return sorted({str(k) for run in runs for r in run.records if isinstance(r.get(field_name), dict)
+                   for k in r[field_name]})  # fmt: skip
+
+
 def figures(runs: list[Run]) -> list[tuple[str, str, str, list[tuple[str, str]], bool]]:
-    """FIGURES, and the tokens each data source gave (one line per source) where logged."""
-    uris = sorted({str(u) for run in runs for r in run.records if isinstance(r.get("source_tokens"), dict)
-                   for u in r["source_tokens"]})  # fmt: skip
-    if not uris:
-        return FIGURES
-    return [*FIGURES, ("sources", "Tokens by data source", "tokens", [(SOURCE_PREFIX + u, u) for u in uris], False)]
+    """FIGURES; the tokens each data source gave (one line per source) and where the trainer's
+    time went (one line per kind, cumulative within an attempt: goodput), where logged."""
+    out = list(FIGURES)
+    uris = _keys_of(runs, "source_tokens")
+    if uris:
+        out.append(("sources", "Tokens by data source", "tokens", [(SOURCE_PREFIX + u, u) for u in uris], False))
+    kinds = _keys_of(runs, "time_spent")
+    if kinds:
+        out.append(("time", "Where the trainer's time went (cumulative in each attempt)", "seconds",
+                    [(TIME_PREFIX + k, k) for k in kinds], False))  # fmt: skip
+    return out
 
 
 def plot(runs: list[Run], out: Path) -> dict[str, dict[str, dict[str, list[float]]]]:

@@ -282,6 +282,7 @@ class Trainer:
                                   tokens_per_second=tokens / seconds)  # fmt: skip
                 self.history.log({"step": step, "loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
                                   "tokens_per_second": tokens / seconds, "mfu": mfu,
+                                  "time_spent": {k: round(v, 3) for k, v in self.spent.items()},
                                   **({"source_tokens": by_source} if by_source else {})})  # fmt: skip
         self.observe_memory()
 
