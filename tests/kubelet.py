@@ -10,6 +10,11 @@ waiting (the kubelet's reasons), running or terminated (exit code, reason Comple
 log tail as message when terminationMessagePolicy is FallbackToLogsOnError). A pod marked for
 deletion gets SIGTERM, SIGKILL after its grace period, then the kubelet's final delete with a zero
 grace period. It registers its Node and serves container logs for `pods/log` (kubelet_logs.py).
+It renews its node's Lease in kube-node-lease (the heartbeat the node lifecycle controller reads,
+tests/nodecontroller.py) and kills the containers of pods gone from the API. `die()` plays a node
+that is lost (powered off, cut off): its processes frozen, no heartbeat, nothing synced, so
+graceful deletions of its pods hang in Terminating; `revive()` brings it back as a kubelet
+restarting: the containers of pods deleted meanwhile killed, Ready again.
 
 What it substitutes, as a real node would differ from this machine: mount paths (to folders of
 its own), each pod's IP (127.0.0.<n>; node 0's DNS name is resolved as cluster DNS would, through
@@ -59,12 +64,17 @@ def signal_tree(pid: int, sig: int) -> None:
 
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)] if sig == signal.SIGKILL else [root]
+        whole = sig in (signal.SIGKILL, signal.SIGSTOP, signal.SIGCONT)  # a cgroup kill, freeze or thaw
+        procs = [root, *root.children(recursive=True)] if whole else [root]
     except psutil.NoSuchProcess:
         return
     for p in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             p.send_signal(sig)
+
+
+#: Where kubelets keep their nodes' heartbeat Leases.
+NODE_LEASE_NAMESPACE = "kube-node-lease"
 
 
 def _now() -> str:
@@ -113,6 +123,8 @@ class Kubelet:
     _creating: dict[str, float] = field(default_factory=dict)  # pod uid -> when its container is created
     _next_ip: int = 10
     _ports: dict[str, int] = field(default_factory=dict)  # gang (master address) -> rendezvous port
+    #: Seconds between renewals of the node's Lease (a kubelet's default: 10).
+    heartbeat_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         import kubernetes
@@ -121,10 +133,12 @@ class Kubelet:
         self.client = kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
         self.core = kubernetes.client.CoreV1Api(self.client)
         self._stop = threading.Event()
+        self._dead = threading.Event()
         self._lock = threading.Lock()
         self.log_server = LogServer(self._log_source)
         self._threads = [threading.Thread(target=self._watch, daemon=True, name="kubelet-watch"),
-                         threading.Thread(target=self._sync_loop, daemon=True, name="kubelet-sync")]  # fmt: skip
+                         threading.Thread(target=self._sync_loop, daemon=True, name="kubelet-sync"),
+                         threading.Thread(target=self._heartbeat_loop, daemon=True, name="kubelet-heartbeat")]  # fmt: skip
 
     # ------------------------------------------------------------------ threads
 
@@ -151,6 +165,51 @@ class Kubelet:
             if e.status != 409:
                 raise
         self.core.patch_node_status(self.node, {"status": node["status"]})
+
+    def _heartbeat_loop(self) -> None:
+        sync_until(self._stop, self._heartbeat, self.errors, "kubelet heartbeat", self.heartbeat_seconds)
+
+    def _heartbeat(self) -> None:
+        if not self._dead.is_set():
+            self._renew_lease()
+
+    def _renew_lease(self) -> None:
+        """Renew the node's Lease (kube-node-lease/<node>), creating it (and the namespace) first."""
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                 "metadata": {"name": self.node, "namespace": NODE_LEASE_NAMESPACE},
+                 "spec": {"holderIdentity": self.node, "leaseDurationSeconds": 40,
+                          "renewTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")}}  # fmt: skip
+        leases = self.k.client.CoordinationV1Api(self.client)
+        try:
+            leases.patch_namespaced_lease(self.node, NODE_LEASE_NAMESPACE, {"spec": lease["spec"]})
+        except self.k.client.ApiException as e:
+            if e.status != 404:
+                raise
+            with contextlib.suppress(self.k.client.ApiException):
+                self.core.create_namespace({"metadata": {"name": NODE_LEASE_NAMESPACE}})
+            leases.create_namespaced_lease(NODE_LEASE_NAMESPACE, lease)
+
+    def die(self) -> None:
+        """The node is lost: its processes frozen (as a machine that hangs or is cut off), no
+        heartbeat, nothing bound, started, reported or confirmed."""
+        self._dead.set()
+        for pp in list(self.processes.values()):
+            if pp.proc.poll() is None:
+                self._signal(pp, signal.SIGSTOP)
+
+    def revive(self) -> None:
+        """The node is back (a kubelet restarting): containers of pods no longer in the API are
+        killed, the rest thawed; Ready True again; syncing as before."""
+        with self._lock:
+            present = {n for n, p in self.pods.items() if p["metadata"].get("uid")}
+        for name, pp in list(self.processes.items()):
+            if pp.proc.poll() is None:
+                self._signal(pp, signal.SIGKILL if name not in present else signal.SIGCONT)
+        # the lease and Ready first, as a kubelet starting does: no pod is bound to a node that
+        # is not Ready (the scheduler keeps off its not-ready taint)
+        self._renew_lease()
+        self._register_node()
+        self._dead.clear()
 
     def stop(self) -> None:
         self._stop.set()
@@ -499,6 +558,8 @@ class Kubelet:
         pp.reported = True
 
     def sync(self) -> None:
+        if self._dead.is_set():
+            return
         with self._lock:
             pods = dict(self.pods)
         for name, pod in pods.items():
@@ -542,8 +603,12 @@ class Kubelet:
                     continue
                 with contextlib.suppress(self.k.client.ApiException):
                     self.core.delete_namespaced_pod(name, self.namespace, grace_period_seconds=0)
-        for name in [n for n, pp in self.processes.items() if n not in pods and pp.proc.poll() is not None]:
-            del self.processes[name]
+        for name in [n for n in self.processes if n not in pods]:  # deleted from the API (grace 0)
+            pp = self.processes[name]
+            if pp.proc.poll() is None:
+                self._signal(pp, signal.SIGKILL)
+            else:
+                del self.processes[name]
 
     def _bound(self, pods: dict[str, dict[str, Any]]) -> int:
         """Pods holding a place on this node: bound and not finished (a terminating one still holds it)."""

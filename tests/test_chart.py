@@ -12,7 +12,7 @@ import kubernetes_validate as kv
 import pytest
 import yaml
 
-from pretrain.operator.informer import WATCHED
+from pretrain.operator.informer import WATCHED, WATCHED_NODES
 from tests.conftest import ROOT
 from tests.operator.harness import Harness, job_body
 
@@ -159,10 +159,13 @@ def test_rbac_grants_exactly_what_the_operator_calls() -> None:
         assert verbs <= declared[key], (key, verbs)
     assert called == declared, "API_CALLS lists a call that no lifecycle path makes (or misses one)"
     expected = {key: declared.get(key, set()) | KOPF_JOB_RULES.get(key, set()) for key in {*declared, *KOPF_JOB_RULES}}
+    nodes = {WATCHED_NODES[:2]: set(WATCHED_NODES[2])}
     cluster = rbac_rules(template(VALUES["default"]), "ClusterRole")
-    assert cluster == {**expected, **KOPF_CLUSTER_RULES}
-    namespaced = rbac_rules(template(VALUES["ci-values"]), "Role")
-    assert namespaced == expected
+    assert cluster == {**expected, **KOPF_CLUSTER_RULES, **nodes}
+    namespaced = template(VALUES["ci-values"])  # nodeHealth off: no ClusterRole
+    assert rbac_rules(namespaced, "Role") == expected and rbac_rules(namespaced, "ClusterRole") == {}
+    with_nodes = template(["--set", "watchNamespaces={a}"])
+    assert rbac_rules(with_nodes, "ClusterRole") == nodes, "namespaced: nodes alone are read cluster-wide"
     for values in VALUES.values():
         objs = template(values)
         assert rbac_rules(objs, "Role", leader=True) == LEADER_ELECTION_RULES, "leases, and only those"

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import kubernetes
+
 from tests.kubeapi.harness import Kubectl, wait_for
 from tests.kubeapi.server import ApiServer
 from tests.kubelet import Kubelet
@@ -120,4 +122,45 @@ def test_a_followed_log_stops_when_the_client_goes(api: ApiServer, tmp_path: Pat
         assert threading.active_count() < before, "the stream's thread ended with its client"
         assert json.dumps(api.objects("pods")[0]["status"]["phase"]) == '"Running"'
     finally:
+        node.stop()
+
+
+def test_a_lost_node_turns_notready_and_its_pods_hang_in_terminating(api: ApiServer, tmp_path: Path) -> None:
+    """The stand-ins as a cluster behaves when a node is lost: the kubelet's heartbeat Lease
+    stops, the node lifecycle controller turns Ready Unknown and the pod's Ready False (its phase
+    stays Running), a graceful deletion hangs in Terminating (no kubelet confirms it), a forced
+    one (grace 0) removes the pod at once; the node back, the kubelet kills the container of the
+    pod deleted meanwhile and reports Ready again."""
+    from tests.nodecontroller import NodeController
+
+    node = Kubelet(api.kubeconfig, tmp_path / "node", heartbeat_seconds=0.3).start()
+    controller = NodeController(api.kubeconfig, grace_seconds=3).start()
+    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(config_file=str(api.kubeconfig)))
+    ready = lambda: next(c.status for c in core.read_node(node.node).status.conditions if c.type == "Ready")  # noqa: E731
+    try:
+        for name in ("p1", "p2"):
+            core.create_namespaced_pod(
+                "default", pod(name, "import time\ntime.sleep(600)\n", terminationGracePeriodSeconds=30)
+            )
+        wait_for(lambda: all(core.read_namespaced_pod(n, "default").status.phase == "Running" for n in ("p1", "p2")),
+                 20, "both running")  # fmt: skip
+        time.sleep(4)
+        assert ready() == "True", "heartbeats keep it Ready"
+        node.die()
+        wait_for(lambda: ready() == "Unknown", 10, "Ready Unknown")
+        p1 = core.read_namespaced_pod("p1", "default")
+        assert p1.status.phase == "Running" and {c.type: c.status for c in p1.status.conditions}["Ready"] == "False"
+        core.delete_namespaced_pod("p1", "default")
+        time.sleep(2)
+        assert core.read_namespaced_pod("p1", "default").metadata.deletion_timestamp, "still Terminating"
+        core.delete_namespaced_pod("p2", "default", grace_period_seconds=0)
+        assert [p.metadata.name for p in core.list_namespaced_pod("default").items] == ["p1"]
+        frozen = node.processes["p2"].proc
+        assert frozen.poll() is None, "its process lives on, frozen, on the lost node"
+        node.revive()
+        wait_for(lambda: frozen.poll() is not None, 10, "the deleted pod's container killed")
+        wait_for(lambda: not core.list_namespaced_pod("default").items, 20, "p1's deletion confirmed")
+        assert ready() == "True"
+    finally:
+        controller.stop()
         node.stop()

@@ -109,3 +109,65 @@ def test_a_watch_behind_the_history_lists_again(api: ApiServer) -> None:
         assert [p.name for p in cache.observe("default", "alpha").pods] == ["alpha-a1-n1"]
     finally:
         stop.set()
+
+
+def node(name: str, ready: str, heartbeat: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}, "status": {"conditions": [
+        {"type": "Ready", "status": ready, "reason": "KubeletReady" if ready == "True" else "NodeStatusUnknown",
+         "lastHeartbeatTime": heartbeat}]}}  # fmt: skip
+
+
+def test_a_node_turning_notready_queues_the_jobs_on_it(api: ApiServer) -> None:
+    """Issue 29 item 3: Nodes are listed and watched cluster-wide; a change of a node's conditions
+    queues every job with a pod bound there and shows in their observation; a heartbeat alone
+    (lastHeartbeatTime) queues nothing."""
+    c = client(api)
+    core = kubernetes.client.CoreV1Api(c)
+    core.create_node(node("n-1", "True"))
+    bound = pod("alpha", 1, 0)
+    bound["spec"]["nodeName"] = "n-1"
+    KubeCluster(c).create(bound)
+    KubeCluster(c).create(pod("beta", 1, 0))  # not bound
+    notified: list[str] = []
+    cache = ChildCache(notify=lambda ns, job: notified.append(job))
+    stop = threading.Event()
+    start_reflectors(cache, c, ["default"], stop)
+    try:
+        wait_for(lambda: cache.synced, 10, "the first lists")
+        assert cache.observe("default", "alpha").nodes["n-1"].conditions[0][:2] == ("Ready", "True")
+        assert cache.observe("default", "beta").nodes == {}
+        notified.clear()
+        core.patch_node_status("n-1", node("n-1", "True", heartbeat="2026-01-01T00:00:10Z"))
+        core.create_node(node("n-2", "True"))  # a change that queues no job: nobody runs there
+        wait_for(lambda: "n-2" in cache.nodes, 10, "the new node")
+        assert notified == [], "a heartbeat is no change"
+        core.patch_node_status("n-1", {"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+                                                                "reason": "NodeStatusUnknown"}]}})  # fmt: skip
+        wait_for(lambda: notified == ["alpha"], 10, "the job on the node queued")
+        assert cache.observe("default", "alpha").nodes["n-1"].conditions[0][:2] == ("Ready", "Unknown")
+    finally:
+        stop.set()
+
+
+def test_an_operator_that_may_not_read_nodes_runs_on(api: ApiServer, tmp_path: Any, caplog: Any) -> None:
+    """A namespaced install without the nodes ClusterRole (chart value nodeHealth off): the Node
+    list is refused (403), said once in the log, and the other caches still sync."""
+    from tests.kubeapi.harness import chart_rbac
+
+    user, rbac = chart_rbac("default", ("default",))
+    rbac = [o for o in rbac if not o["metadata"]["name"].endswith("-nodes")]
+    kubeconfig = api.kubeconfig_for(user, rbac, tmp_path / "kubeconfig")
+    c = kubernetes.config.new_client_from_config(config_file=str(kubeconfig))
+    with pytest.raises(kubernetes.client.ApiException) as refused:
+        kubernetes.client.CoreV1Api(c).list_node()
+    assert refused.value.status == 403
+    cache = ChildCache()
+    stop = threading.Event()
+    caplog.set_level("WARNING", logger="pretrain.operator.informer")
+    start_reflectors(cache, c, ["default"], stop)
+    try:
+        wait_for(lambda: cache.synced, 10, "the first lists without nodes")
+        said = [r.getMessage() for r in caplog.records if "may not list Nodes" in r.getMessage()]
+        assert len(said) == 1, caplog.records
+    finally:
+        stop.set()

@@ -785,3 +785,65 @@ def test_a_second_job_with_the_same_data_goes_straight_to_its_gang() -> None:
     other = h.cluster.add_job(job_body({**data, "data.sequenceLength": 64}, name="other"))
     handlers.reconcile_job("default", "other", h.cluster, h.cluster.now)
     assert ("Job", "default", "other-prepare") in h.cluster.objects and other["status"]["phase"] == "Preparing"
+
+
+def test_a_notready_node_ends_the_attempt_at_once() -> None:
+    """Issue 29 item 3: a pod still Running in the API on a node whose Ready turned Unknown (the
+    kubelet stopped posting) fails the gang at once, as a disruption (not counted); the node is
+    avoided; its pods are deleted with grace 0, since no kubelet there confirms a graceful
+    deletion and a Terminating pod would hold the next attempt back for good."""
+    h = Harness(job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0, "runPolicy.failedNodeAvoidanceSeconds": 600,
+                                      "runPolicy.badNodeConditions": ["KernelDeadlock"]})))  # fmt: skip
+    h.reconcile()
+    h.run_all()
+    for rank, node in ((0, "node-a"), (1, "node-b")):
+        h.cluster.set_node(node)
+        h.cluster.objects[("Pod", "default", f"tiny-a1-n{rank}")]["spec"]["nodeName"] = node
+    h.reconcile()
+    assert h.phase == "Running"
+    h.cluster.set_node("node-b", KernelDeadlock="False")  # a condition False is healthy
+    h.reconcile()
+    assert h.phase == "Running"
+    h.cluster.set_node("node-b", ready="Unknown")
+    h.reconcile()
+    assert h.phase == "Restarting" and h.status["restarts"] == 0 and h.status["uncountedRestarts"] == 1, h.status
+    assert (
+        "pod tiny-a1-n1 was disrupted (NodeNotReady): node node-b is NotReady: Ready is Unknown" in h.status["message"]
+    )
+    assert [n["node"] for n in h.status["avoidedNodes"]] == ["node-b"]
+    h.cluster.settle()  # node-a's kubelet confirms; node-b's pod was forced out
+    assert h.pod_names() == [] and not h.cluster.pods(), [p["metadata"] for p in h.cluster.pods()]
+    h.advance(5)
+    h.reconcile()
+    assert h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"], "the next attempt starts"
+    # placed on node-b, back, though this view of it lags: a pod made after the fault began
+    # cannot have been bound to it while it was bad, so the view is stale and nothing ends
+    h.run_all()
+    for rank in (0, 1):
+        h.cluster.objects[("Pod", "default", f"tiny-a2-n{rank}")]["spec"]["nodeName"] = "node-b"
+    h.reconcile()
+    assert h.phase == "Running" and h.status["uncountedRestarts"] == 1
+
+
+def test_a_bad_node_condition_ends_the_attempt_and_a_stuck_pod_is_forced() -> None:
+    """A condition named in runPolicy.badNodeConditions turning True ends the attempt too; a pod
+    already Terminating on a node gone NotReady (deleted before, gracefully) is forced out."""
+    h = Harness(
+        job_body(two_nodes(**{"runPolicy.restartBackoffSeconds": 0, "runPolicy.badNodeConditions": ["KernelDeadlock"]}))
+    )
+    h.reconcile()
+    h.run_all()
+    for rank, node in ((0, "node-a"), (1, "node-b")):
+        h.cluster.set_node(node)
+        h.cluster.objects[("Pod", "default", f"tiny-a1-n{rank}")]["spec"]["nodeName"] = node
+    h.cluster.set_node("node-a", KernelDeadlock="True")
+    h.reconcile()
+    assert h.phase == "Restarting" and "node node-a has condition KernelDeadlock" in h.status["message"], h.status
+    h.cluster.set_node("node-a", KernelDeadlock="False")
+    h.cluster.set_node("node-b", ready="False")  # gone bad after its pod was deleted gracefully
+    h.cluster.settle()
+    assert [p["metadata"]["name"] for p in h.cluster.pods()] == ["tiny-a1-n1"], "Terminating on a NotReady node"
+    h.reconcile()
+    assert not h.cluster.pods(), "forced"
+    h.reconcile()
+    assert h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"]

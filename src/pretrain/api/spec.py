@@ -497,6 +497,8 @@ class ResourcesSpec(Spec):
 FailureAction = Literal["FailJob", "RestartJob", "RestartJobIgnore"]
 
 #: Why a pod stopped without the trainer failing: evictions, preemption, a lost or drained node.
+#: The operator's reason for a pod whose node turned NotReady (or showed a bad condition).
+NODE_NOT_READY = "NodeNotReady"
 #: The default failure policy restarts the gang for these without counting against maxRestarts.
 DISRUPTION_REASONS = (
     "DisruptionTarget",  # pod condition set before an eviction, preemption or taint-based deletion
@@ -509,6 +511,7 @@ DISRUPTION_REASONS = (
     "Evicted",
     "Preempted",
     "NodeLost",
+    NODE_NOT_READY,
     "NodeShutdown",
     "Shutdown",
 )
@@ -576,6 +579,12 @@ class FailurePolicySpec(Spec):
     rules: list[FailurePolicyRule] = Field(default_factory=list, max_length=32, description="Rules, first match wins.")
 
 
+#: A node condition's type: a name, or a DNS-prefixed one (example.com/GPUHealthy); never Ready.
+NodeConditionType = Annotated[
+    str, Field(min_length=1, max_length=316, pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
+]
+
+
 class RunPolicySpec(Spec):
     """What happens on failure, over time, and at the end."""
 
@@ -610,11 +619,24 @@ class RunPolicySpec(Spec):
         "threads' stacks and exits, and the operator restarts a gang whose node 0 went this long without one "
         "(reason Stalled). Unset: 20x the longest step seen, at least 15 minutes (1 hour until the second step).",
     )  # fmt: skip
+    bad_node_conditions: list[NodeConditionType] = Field(
+        default_factory=list, max_length=16,
+        description="Node condition types that, True on a node of the running gang, end the attempt at once as a "
+        "NotReady node does (node-problem-detector's KernelDeadlock or ReadonlyFilesystem, a GPU health "
+        "condition). A node whose Ready condition turns False or Unknown always ends it (reason NodeNotReady).",
+    )  # fmt: skip
     scheduling_timeout_action: Literal["Wait", "FailJob", "Suspend"] = Field(
         "Wait",
         description="When the gang stays unschedulable past schedulingTimeoutSeconds: Wait (the condition only), "
         "FailJob, or Suspend (the operator sets runPolicy.suspend; unset it to try again).",
     )
+
+    @field_validator("bad_node_conditions")
+    @classmethod
+    def _not_ready_itself(cls, v: list[str]) -> list[str]:
+        if "Ready" in v:
+            raise ValueError("Ready is True on a healthy node (a NotReady node always ends the attempt)")
+        return v
 
 
 class MonitoringSpec(Spec):

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from pretrain.api.spec import GROUP, PLURAL, VERSION
 from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, controller_uid, service_name
+from pretrain.operator.nodes import node_fault, node_view
 from pretrain.operator.planner import Event, Observed, pod_view
 from pretrain.operator.preparation import PrepareView, prepare_job_name, prepare_view
 from pretrain.timestamps import rfc3339
@@ -57,7 +58,7 @@ class Cluster(Protocol):
     def pod_monitor_exists(self, namespace: str, job: str) -> bool: ...
     def create(self, obj: dict[str, Any]) -> None: ...
     def replace(self, obj: dict[str, Any]) -> None: ...
-    def delete(self, kind: str, namespace: str, name: str) -> None: ...
+    def delete(self, kind: str, namespace: str, name: str, grace: int | None = None) -> None: ...
     def event(self, namespace: str, job: str, uid: str, event: Event) -> None: ...
 
 
@@ -133,6 +134,8 @@ class InMemoryCluster:
         ]  # fmt: skip
         svc = self.objects.get(("Service", namespace, service_name(job)))
         cm = self.objects.get(("ConfigMap", namespace, configmap_name(job)))
+        bound = {p.node for p in pods if p.node}
+        nodes = {n: node_view(o) for (kind, _, n), o in self.objects.items() if kind == "Node" and n in bound}
         return Observed(
             pods=pods,
             service=svc is not None,
@@ -142,6 +145,7 @@ class InMemoryCluster:
             service_owner=controller_uid(svc["metadata"]) if svc else None,
             configmap_owner=controller_uid(cm["metadata"]) if cm else None,
             prepare_job=prepare_view(prep) if prep else None,
+            nodes=nodes,
         )
 
     def pod_monitor_exists(self, namespace: str, job: str) -> bool:
@@ -170,12 +174,12 @@ class InMemoryCluster:
             stored["status"] = {"phase": "Pending"}
         self.objects[key] = stored
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
+    def delete(self, kind: str, namespace: str, name: str, grace: int | None = None) -> None:
         self.calls.append(("delete", kind))
         key = (kind, namespace, name)
         if key not in self.objects:
             raise NotFound(f"{kind} {name} not found")
-        if kind == "Pod":  # pods terminate gracefully; `settle()` plays the kubelet finishing
+        if kind == "Pod" and grace != 0:  # pods terminate gracefully; `settle()` plays the kubelet finishing
             self.objects[key]["metadata"]["deletionTimestamp"] = rfc3339(self.now)
         else:
             del self.objects[key]
@@ -226,9 +230,25 @@ class InMemoryCluster:
         """A pod vanishing (node lost, evicted and garbage-collected)."""
         del self.objects[("Pod", namespace, name)]
 
+    def set_node(self, name: str, ready: str = "True", **conditions: str) -> None:
+        """A Node's conditions as its kubelet (Ready True), the node lifecycle controller
+        (Ready Unknown: the kubelet stopped posting) or node-problem-detector write them."""
+        since = rfc3339(self.now)
+        reason = "KubeletReady" if ready == "True" else "NodeStatusUnknown"
+        conds = [{"type": "Ready", "status": ready, "reason": reason, "lastTransitionTime": since}]
+        conds += [{"type": t, "status": s, "reason": t, "lastTransitionTime": since} for t, s in conditions.items()]
+        self.objects[("Node", "", name)] = {"metadata": {"name": name}, "status": {"conditions": conds}}
+
+    def _kubelet_answers(self, pod: dict[str, Any]) -> bool:
+        """A pod's kubelet can confirm its deletion: unbound, or its node is Ready."""
+        node = self.objects.get(("Node", "", pod["spec"].get("nodeName") or ""))
+        return node is None or node_fault(node_view(node), []) is None
+
     def settle(self) -> None:
-        """Finish every graceful deletion."""
-        for key in [k for k, o in self.objects.items() if o["metadata"].get("deletionTimestamp")]:
+        """Finish every graceful deletion a kubelet confirms: on a NotReady node none does, and
+        the pod stays Terminating (until a deletion with grace 0)."""
+        for key in [k for k, o in self.objects.items() if o["metadata"].get("deletionTimestamp")
+                    and (k[0] != "Pod" or self._kubelet_answers(o))]:  # fmt: skip
             del self.objects[key]
 
 
@@ -432,8 +452,9 @@ class KubeCluster:
                 raise NotFound(f"{kind}: {api_error(e)[1]}") from e
             raise
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        body = self.k.client.V1DeleteOptions(propagation_policy="Background")
+    def delete(self, kind: str, namespace: str, name: str, grace: int | None = None) -> None:
+        """Delete (Background propagation); `grace` 0 forces a pod out of the API at once."""
+        body = self.k.client.V1DeleteOptions(propagation_policy="Background", grace_period_seconds=grace)
         try:
             if kind == "Pod":
                 self.core.delete_namespaced_pod(name, namespace, body=body)

@@ -174,6 +174,9 @@ def apply_plan(body: Mapping[str, Any], p: Plan, cluster: Cluster, now: datetime
         _attempt(failures, f"update {obj['kind']} {obj['metadata']['name']}", partial(cluster.replace, obj))
     for kind, child in p.delete:
         _attempt(failures, f"delete {kind} {child}", partial(cluster.delete, kind, namespace, child), missing_ok=True)
+    for child in p.force_delete:
+        _attempt(failures, f"force-delete Pod {child} (its node is bad)",
+                 partial(cluster.delete, "Pod", namespace, child, grace=0), missing_ok=True)  # fmt: skip
     if p.suspend_job:
         _attempt(failures, "set spec.runPolicy.suspend", partial(cluster.suspend_job, namespace, name))
     for ev in p.events:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pretrain.operator.children import CONFIG_KEY, LABEL_JOB, configmap_name, controller_uid, service_name
+from pretrain.operator.nodes import NodeView, node_view
 from pretrain.operator.planner import Observed, PodView, pod_view
 from pretrain.operator.preparation import PrepareView, prepare_job_name, prepare_view
 
@@ -36,6 +37,11 @@ WATCHED: list[tuple[str, str, list[str]]] = [
     ("", "configmaps", ["list", "watch"]),
     ("batch", "jobs", ["list", "watch"]),
 ]
+#: Read cluster-wide when granted (chart value nodeHealth): a NotReady node ends its gang's
+#: attempt at once (nodes.py). Without the grant the operator runs on, told once in its log.
+WATCHED_NODES = ("", "nodes", ["list", "watch"])
+#: Seconds between tries to list Nodes after the API refused it (403).
+NODES_RETRY = 300.0
 #: Seconds a watch request lasts before it is renewed from the last resourceVersion seen.
 WATCH_TIMEOUT = 300
 
@@ -59,6 +65,7 @@ class ChildCache:
     services: dict[Key, str | None] = field(default_factory=dict)  # (ns, name) -> controller uid
     configmaps: dict[Key, tuple[str | None, str | None]] = field(default_factory=dict)  # -> (job.json, uid)
     jobs: dict[Key, PrepareView] = field(default_factory=dict)  # (ns, PretrainJob) -> its preparation Job
+    nodes: dict[str, NodeView] = field(default_factory=dict)  # every node, by name
     lock: threading.Lock = field(default_factory=threading.Lock)
     _listed: set[tuple[str, str | None]] = field(default_factory=set)
     _owner: dict[tuple[str, str, str], str] = field(default_factory=dict)  # (kind, ns, name) -> job
@@ -71,6 +78,7 @@ class ChildCache:
         """The children of one job as the caches hold them (same shape as KubeCluster.observe)."""
         with self.lock:
             pods = sorted(self.pods.get((namespace, job), {}).values(), key=lambda p: p.name)
+            nodes = {p.node: self.nodes[p.node] for p in pods if p.node and p.node in self.nodes}
             service_key, config_key = (namespace, service_name(job)), (namespace, configmap_name(job))
             config, config_owner = self.configmaps.get(config_key, (None, None))
             return Observed(
@@ -82,12 +90,16 @@ class ChildCache:
                 service_owner=self.services.get(service_key),
                 configmap_owner=config_owner,
                 prepare_job=self.jobs.get((namespace, job)),
+                nodes=nodes,
             )
 
     # ---- updates (from the reflectors)
 
     def replace(self, kind: str, items: list[dict[str, Any]], namespace: str | None) -> None:
         """A fresh list of `kind` (in `namespace`, or everywhere): the whole state of that kind."""
+        if kind == "nodes":
+            self._replace_nodes(items)
+            return
         with self.lock:
             gone = [k for k in self._owner if k[0] == kind and (namespace is None or k[1] == namespace)]
             touched = {(ns, job) for _, ns, name in gone if (job := self._remove(kind, ns, name))}
@@ -99,9 +111,40 @@ class ChildCache:
 
     def event(self, kind: str, type_: str, obj: dict[str, Any]) -> None:
         with self.lock:
-            touched = self._apply(kind, type_, obj)
+            touched = self._apply_node(type_, obj) if kind == "nodes" else self._apply(kind, type_, obj)
         for ns, job in touched:
             self.notify(ns, job)
+
+    def listed(self, kind: str, namespace: str | None = None) -> bool:
+        with self.lock:
+            return (kind, namespace) in self._listed
+
+    def listed_without(self, kind: str) -> None:
+        """`kind` cannot be listed (forbidden): count it as listed, so the rest is observed."""
+        with self.lock:
+            self._listed.add((kind, None))
+
+    def _replace_nodes(self, items: list[dict[str, Any]]) -> None:
+        with self.lock:
+            views = {v.name: v for v in map(node_view, items)}
+            changed = {n for n in set(views) | set(self.nodes) if views.get(n) != self.nodes.get(n)}
+            self.nodes = views
+            self._listed.add(("nodes", None))
+            touched = self._jobs_on(changed)
+        for ns, job in touched:
+            self.notify(ns, job)
+
+    def _apply_node(self, type_: str, obj: dict[str, Any]) -> set[Key]:
+        """A Node event, under the lock: the jobs with pods on it when its conditions changed (a
+        heartbeat alone changes nothing)."""
+        view = node_view(obj)
+        old = self.nodes.pop(view.name, None)
+        if type_ != "DELETED":
+            self.nodes[view.name] = view
+        return self._jobs_on({view.name}) if self.nodes.get(view.name) != old else set()
+
+    def _jobs_on(self, nodes: set[str]) -> set[Key]:
+        return {key for key, views in self.pods.items() if any(v.node in nodes for v in views.values())}
 
     def _remove(self, kind: str, ns: str, name: str) -> str | None:
         job = self._owner.pop((kind, ns, name), None)
@@ -159,7 +202,8 @@ class Reflector:
                  stop: threading.Event, retry: float = 1.0) -> None:  # fmt: skip
         self.cache, self.kind, self.list_call, self.namespace = cache, kind, list_call, namespace
         self.stop, self.retry = stop, retry
-        self.selector = LABEL_JOB  # every child carries the job's name label
+        # every child carries the job's name label; Nodes are all read
+        self.selector: str | None = None if kind == "nodes" else LABEL_JOB
         self.relists = 0
         self.watch_timeout = WATCH_TIMEOUT
 
@@ -205,10 +249,21 @@ class Reflector:
                 log.info("%s watch expired (%s); listing again", self.kind, e)
                 rv = None
             except Exception as e:  # a broken connection or an API error: list again after a pause
+                rv = None
+                if self.kind == "nodes" and getattr(e, "status", None) == 403:
+                    self._nodes_forbidden()
+                    continue
                 log.warning("%s watch failed (%s: %s); listing again in %.0fs", self.kind, type(e).__name__, e,
                             self.retry)  # fmt: skip
-                rv = None
                 self.stop.wait(self.retry)
+
+    def _nodes_forbidden(self) -> None:
+        """Nodes may not be read: told once, observed without them, tried again now and then."""
+        if not self.cache.listed("nodes"):
+            log.warning("the operator may not list Nodes (403): a NotReady node ends its gang's attempt only when "
+                        "its pods fail; grant nodes list and watch (chart value nodeHealth) to end it at once")  # fmt: skip
+            self.cache.listed_without("nodes")
+        self.stop.wait(NODES_RETRY)
 
     def start(self) -> Reflector:
         threading.Thread(target=self.run, name=f"reflector-{self.kind}-{self.namespace or 'all'}", daemon=True).start()
@@ -230,8 +285,8 @@ def start_reflectors(
         "jobs": (batch.list_namespaced_job, batch.list_job_for_all_namespaces),
     }
     scopes: list[str | None] = list(namespaces) if namespaces else [None]
-    cache.expected = {(kind, ns) for kind in KINDS for ns in scopes}
-    out = []
+    cache.expected = {(kind, ns) for kind in KINDS for ns in scopes} | {("nodes", None)}
+    out = [Reflector(cache, "nodes", core.list_node, None, stop).start()]
     for kind, (namespaced, everywhere) in calls.items():
         if namespaces:
             out += [Reflector(cache, kind, namespaced, ns, stop).start() for ns in namespaces]

@@ -41,6 +41,7 @@ from pretrain.operator.children import (
 )
 from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import POD_DELETED, FailedPod, Verdict, decide, decide_start_failure, first_failed
+from pretrain.operator.nodes import NODE_NOT_READY, NodeFault, NodeView, hit_by, node_fault
 from pretrain.operator.preparation import (
     PREPARATION_FAILED,
     PrepareView,
@@ -120,6 +121,9 @@ class Observed:
     #: Preparation key -> a job of the namespace whose stage prepared that data (read once, for
     #: a new job with data.prepare).
     prepared_elsewhere: dict[str, str] = field(default_factory=dict)
+    #: The nodes the job's pods are bound to, as the node cache knows them (absent: unknown, or
+    #: the operator may not read Nodes).
+    nodes: dict[str, NodeView] = field(default_factory=dict)
 
 
 def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
@@ -149,6 +153,7 @@ def own_children(observed: Observed, uid: str) -> tuple[Observed, list[str]]:
         prepare_job=prep if prep is not None and prep.owner == uid else None,
         prepare_workers=[p for p in observed.pods if p.role == ROLE_PREPARE and p.job_controller == prep_uid],
         prepared_elsewhere=observed.prepared_elsewhere,
+        nodes={n: v for n, v in observed.nodes.items() if any(p.node == n for p in pods)},
     )
     return own, others
 
@@ -168,6 +173,10 @@ class Plan:
     create: list[dict[str, Any]] = field(default_factory=list)
     replace: list[dict[str, Any]] = field(default_factory=list)
     delete: list[tuple[str, str]] = field(default_factory=list)  # (kind, name)
+    #: Pods deleted with a zero grace period: on a NotReady node no kubelet confirms a graceful
+    #: deletion, so it would hang in Terminating and hold the next attempt back for good. Safe:
+    #: a trainer still running there loses the checkpoint lease to the next attempt (storage/lease.py).
+    force_delete: list[str] = field(default_factory=list)
     status: dict[str, Any] = field(default_factory=dict)  # the whole new status
     events: list[Event] = field(default_factory=list)
     #: Seconds until something timed is due (backoff, scheduling timeout, deadline, TTL): the
@@ -184,7 +193,7 @@ class Plan:
 
     @property
     def empty(self) -> bool:
-        return not (self.create or self.replace or self.delete or self.events or self.delete_job)
+        return not (self.create or self.replace or self.delete or self.force_delete or self.events or self.delete_job)
 
 
 def _message_line(message: str) -> str:
@@ -378,11 +387,20 @@ class _Reconcile:
     #: resume when the job is suspended now (None otherwise).
     suspended: timedelta = timedelta(0)
     resumed_after: timedelta | None = None
+    #: Node name -> why it is bad (NotReady, or a condition of runPolicy.badNodeConditions).
+    bad_nodes: dict[str, NodeFault] = field(default_factory=dict)
 
     def delete_pods(self, pods: list[PodView]) -> None:
         self.out.delete.extend(("Pod", p.name) for p in pods)
 
     def done(self) -> Plan:
+        """The plan, with every deletion of a pod on a bad node made a forced one, and the pods
+        there already being deleted forced too."""
+        on_bad = {p.name for p in self.observed.pods if p.node in self.bad_nodes}
+        deleting = [p.name for p in self.observed.pods if p.name in on_bad and p.deleting]
+        planned = [name for kind, name in self.out.delete if kind == "Pod" and name in on_bad]
+        self.out.force_delete = list(dict.fromkeys(deleting + planned))
+        self.out.delete = [(k, n) for k, n in self.out.delete if not (k == "Pod" and n in on_bad)]
         return _finish(self.out, self.st)
 
 
@@ -412,6 +430,8 @@ def plan(
     nodes = int(st.s.get("nodes") or 0)  # the current attempt's size: an elastic job's changes
     r = _Reconcile(job, name, namespace, uid, now, st, out, observed, nodes if low <= nodes <= high
                    else job.spec.resources.nodes, st.s.get("phase"))  # fmt: skip
+    bad = job.spec.run_policy.bad_node_conditions
+    r.bad_nodes = {n: why for n, view in observed.nodes.items() if (why := node_fault(view, bad))}
     if r.phase in TERMINAL:
         _finished(r, live)
         return r.done()
@@ -609,8 +629,13 @@ def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodVie
     gone = [p for p in r.observed.pods if p.attempt == attempt and p.deleting and not p.standby]
     failed = [p for p in current if p.phase in ("Failed", "Unknown")] + gone
     missing = sorted(set(range(nodes)) - {p.rank for p in current} - {p.rank for p in gone})
-    if failed or (missing and r.phase == Phase.RUNNING.value):
+    on_bad = [p for p in current if p.node in r.bad_nodes and p.phase in ("Pending", "Running") and p not in failed
+              and hit_by(r.bad_nodes[p.node], p.created)]  # fmt: skip
+    if failed or on_bad or (missing and r.phase == Phase.RUNNING.value):
         first = first_failed([p.failed(deleted=p in gone) for p in failed]) if failed else None
+        if first is None and on_bad:
+            first = _on_bad_node(on_bad[0], r.bad_nodes)
+            failed = on_bad
         verdict = decide(rp.failure_policy, first, None if first else pod_name(r.name, attempt, missing[0]))
         _avoid_node(r, failed, first, verdict)
         _gang_failed(st, r.out, job, verdict, current, r.restarts, r.now)
@@ -673,6 +698,11 @@ def _unplaced(r: _Reconcile, current: list[PodView], scheduling_grace: timedelta
 NODE_FAULTS = ("PodFailed", STALLED)
 
 
+def _on_bad_node(pod: PodView, bad_nodes: dict[str, NodeFault]) -> FailedPod:
+    """A pod still Running (or Pending) in the API on a node gone bad, as a disrupted pod."""
+    return FailedPod(name=pod.name, exit_code=None, reasons=(NODE_NOT_READY,), message=bad_nodes[str(pod.node)].why)
+
+
 def avoided_nodes(status: dict[str, Any], now: datetime) -> tuple[str, ...]:
     """The nodes in status.avoidedNodes whose window has not passed."""
     out = []
@@ -691,7 +721,7 @@ def _avoid_node(r: _Reconcile, pods: list[PodView], first: FailedPod | None, ver
     view = next((p for p in pods if first is not None and p.name == first.name), None)
     if not seconds or first is None or view is None or not view.node:
         return
-    if verdict.reason not in NODE_FAULTS and "NodeLost" not in first.reasons:
+    if verdict.reason not in NODE_FAULTS and not {"NodeLost", NODE_NOT_READY} & set(first.reasons):
         return
     until = rfc3339(r.now + timedelta(seconds=seconds))
     kept = [n for n in r.st.s.get("avoidedNodes") or [] if isinstance(n, dict) and n.get("node") != view.node]
