@@ -7,12 +7,19 @@ heartbeat stopped): the node lifecycle controller turns its Ready condition Unkn
 pods stay Running in the API and their processes hang. The operator ends the attempt at once
 (reason NodeNotReady, a disruption: not counted), deletes the pods with grace 0 (a graceful
 deletion would hang in Terminating: no kubelet confirms it) and creates the next attempt; the
-node back, the job resumes from its checkpoint and succeeds."""
+node back, the job resumes from its checkpoint and succeeds.
+
+The job is driven as a user of `pretrain.client` would (issue 31): `pretrain submit` creates it,
+`watch` sees it run with progress, `logs -f` follows rank 0 of the second attempt until its pod
+ends, `wait` returns its success."""
 
 from __future__ import annotations
 
 import pytest
+from click.testing import CliRunner
 
+from pretrain.cli import main
+from pretrain.client import PretrainClient
 from tests.kubeapi.harness import wait_for
 from tests.nodecontroller import NodeController
 from tests.test_system import (
@@ -32,8 +39,13 @@ def test_a_lost_node_ends_the_attempt_at_once_and_the_job_resumes(cluster: Clust
     controller = NodeController(c.api.kubeconfig, grace_seconds=5).start()
     try:
         c.kubectl("apply", "-f", "-", stdin=secret_yaml(c.s3))
-        c.kubectl("apply", "-f", "-", stdin=job_yaml(c.bucket))
-        wait(lambda: c.status().get("phase") == "Running", 120, "phase Running")
+        (c.root / "job.yaml").write_text(job_yaml(c.bucket))
+        env = {"KUBECONFIG": str(c.api.kubeconfig)}
+        submitted = CliRunner().invoke(main, ["submit", str(c.root / "job.yaml")], env=env)
+        assert submitted.output == f"pretrainjob.pretrain.io/{JOB} created\n", submitted.output
+        client = PretrainClient(kubeconfig=str(c.api.kubeconfig))
+        seen = next(s for s in client.watch(JOB, timeout=180) if (s.get("progress") or {}).get("step"))
+        assert seen["phase"] == "Running" and seen["progress"]["totalSteps"] == 40, seen
         wait(lambda: f"{JOB}/step-00000010/manifest.json" in c.keys(f"{JOB}/step-"), 240, "the first checkpoint")
         frozen = [c.node.processes[f"{JOB}-a1-n{rank}"].proc for rank in (0, 1)]
         c.node.die()
@@ -52,11 +64,13 @@ def test_a_lost_node_ends_the_attempt_at_once_and_the_job_resumes(cluster: Clust
         wait(lambda: any("-a2-" in p["metadata"]["name"] for p in c.api.objects("pods")), 30, "attempt 2's pods")
         c.node.revive()
         wait(lambda: all(p.poll() is not None for p in frozen), 30, "the lost attempt's containers killed")
-        wait(lambda: c.status().get("phase") == "Succeeded", 300, "Succeeded")
+        wait(lambda: c.status().get("phase") == "Running" and c.status().get("attempt") == 2, 120, "attempt 2 runs")
+        followed = CliRunner().invoke(main, ["logs", JOB, "-f"], env=env)  # until rank 0's pod ends
+        assert followed.exit_code == 0 and "[rank 0]" in followed.output, followed.output[-2000:]
+        assert "resumed from" in followed.output and "(step 10)" in followed.output, followed.output[-2000:]
+        assert client.wait(JOB, timeout=120)["phase"] == "Succeeded"
     finally:
         controller.stop()
-    resumed = (c.root / "node" / f"{JOB}-a2-n0" / "container.log").read_text(errors="replace")
-    assert "resumed from" in resumed and "(step 10)" in resumed, resumed[-2000:]
     events = c.kubectl("get", "events", "-o", "custom-columns=REASON:.reason").stdout.split()
     assert "NodeAvoided" in events and "GangRestart" in events
     assert not controller.errors and not c.node.errors, (controller.errors, c.node.errors)

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from pretrain.api.validation import SpecError
+from pretrain.client import ClientError
 from pretrain.data.sources import DataError
 from pretrain.storage.fs import StorageError
 from pretrain.storage.paths import UnsafePath
@@ -38,6 +39,8 @@ def friendly_errors(func: F) -> F:
         except SpecError as e:
             fail(str(e))
         except UserError as e:
+            fail(str(e))
+        except ClientError as e:  # the cluster's answer, in one line
             fail(str(e))
         except (StorageError, DataError, UnsafePath) as e:  # their messages name what and why
             fail(str(e))

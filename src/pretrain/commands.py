@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import click
 
+from pretrain.client_cli import CLIENT_COMMANDS
 from pretrain.data.cli import data, tokenizer
 from pretrain.launch import evaluate, generate, run
 from pretrain.operator.cli import operator, render
 from pretrain.report import report
 from pretrain.storage.cli import checkpoints
 
-COMMANDS: list[click.Command] = [run, generate, evaluate, report, data, tokenizer, checkpoints, render, operator]
+COMMANDS: list[click.Command] = [run, generate, evaluate, report, data, tokenizer, checkpoints, *CLIENT_COMMANDS,
+                                 render, operator]  # fmt: skip

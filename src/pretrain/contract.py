@@ -32,6 +32,13 @@ ENV_ELASTIC_SHUTDOWN = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
 POD_ENV = (ENV_NODE_RANK, ENV_MASTER_ADDR, ENV_JOB_NAME, ENV_JOB_UID, ENV_ATTEMPT, ENV_TERMINATION_GRACE,
            ENV_WORKDIR, ENV_ELASTIC_SHUTDOWN)  # fmt: skip
 
+
+def pod_name(job: str, attempt: int, rank: int) -> str:
+    """The trainer pod of node `rank` in attempt `attempt` (the operator names it; clients find
+    rank 0's log by it)."""
+    return f"{job}-a{attempt}-n{rank}"
+
+
 #: Port of node 0's torchrun rendezvous inside a job.
 RENDEZVOUS_PORT = 29500
 #: Where the operator mounts the job's ConfigMap.

@@ -175,6 +175,11 @@ def load_job(
     check_backends: bool = True,
 ) -> PretrainJob:
     """Read, override and fully validate a job file."""
+    return parse_job(load_document(source, overrides), check_backends=check_backends)
+
+
+def load_document(source: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """A job file's document with the overrides applied (bounded read; not validated yet)."""
     path = Path(source)
     try:
         with open(path, "rb") as f:  # bounded: a device or a huge file is not read whole
@@ -186,8 +191,7 @@ def load_job(
         raise SpecError(str(path), "no such file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(str(path), f"cannot read: {e.__class__.__name__}") from None
-    doc = apply_overrides(read_document(text, str(path)), overrides)
-    return parse_job(doc, check_backends=check_backends)
+    return apply_overrides(read_document(text, str(path)), overrides)
 
 
 def parse_job(doc: dict[str, Any], *, check_backends: bool = True) -> PretrainJob:

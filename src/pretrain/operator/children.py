@@ -23,6 +23,7 @@ from pretrain.contract import (
     POD_CONFIG_PATH,
     POD_WORKDIR,
     RENDEZVOUS_PORT,
+    pod_name,
     trainer_command,
 )
 from pretrain.operator.elastic import termination_grace_seconds
@@ -58,10 +59,6 @@ LABEL_ROLE = "pretrain.io/role"
 ROLE_STANDBY = "standby"
 #: The role of a data preparation worker's pod (the stage's Job controls it, not the PretrainJob).
 ROLE_PREPARE = "prepare"
-
-
-def pod_name(job: str, attempt: int, rank: int) -> str:
-    return f"{job}-a{attempt}-n{rank}"
 
 
 def standby_name(job: str, attempt: int, rank: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 from pretrain.api.spec import DISRUPTION_REASONS, INT32_MAX, Phase, PretrainJob
 from pretrain.api.validation import spec_warnings
-from pretrain.contract import STALLED, is_stalled, parse_done, parse_prepared
+from pretrain.contract import STALLED, is_stalled, parse_done, parse_prepared, pod_name
 from pretrain.operator import goodput
 from pretrain.operator.children import (
     CONFIG_KEY,
@@ -37,7 +37,6 @@ from pretrain.operator.children import (
     build_service,
     build_standby_pod,
     controller_uid,
-    pod_name,
 )
 from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import POD_DELETED, FailedPod, Verdict, decide, decide_start_failure, first_failed
