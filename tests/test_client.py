@@ -64,11 +64,18 @@ def test_submit_status_suspend_wait_delete_from_the_terminal(api: ApiServer) -> 
     shown = cli(api, "status", "tiny-cpu").output.splitlines()
     assert shown == ["tiny-cpu: Running", "  attempt 1, restarts 0, nodes 2", "  step 3/7, loss 2.5, tokens/s 1200",
                      "  last checkpoint: step 2 at s3://b/tiny-cpu/step-00000002"], shown  # fmt: skip
+    table = CliRunner().invoke(main, ["top", "--once"], env={"KUBECONFIG": str(api.kubeconfig), "COLUMNS": "160"})
+    assert len(table.output.splitlines()) == 2, repr(table.output)
+    header, row = table.output.splitlines()
+    assert header.split() == ["NAME", "PHASE", "STEP", "LOSS", "TOKENS/S", "ETA", "RESTARTS", "GOODPUT", "AGE"]
+    assert row.split()[:8] == ["tiny-cpu", "Running", "3/7", "2.5000", "1,200", "-", "0", "-"], row
     late = cli(api, "wait", "tiny-cpu", "--timeout", "1.5")
     assert late.exit_code == 1 and "is Running after 1.5s, not Succeeded or Failed" in late.output, late.output
     threading.Timer(1.0, set_status, (api, "tiny-cpu", {"phase": "Succeeded", "reason": "Completed"})).start()
     done = cli(api, "wait", "tiny-cpu", "--timeout", "30")
     assert done.exit_code == 0 and done.output.startswith("tiny-cpu: Succeeded (Completed)\n"), done.output
+    no_history = cli(api, "report", "--job", "tiny-cpu")
+    assert no_history.output == "error: pretrainjob tiny-cpu has no checkpoint.uri: its history stayed in its pods\n"
     assert cli(api, "delete", "tiny-cpu").output == 'pretrainjob.pretrain.io "tiny-cpu" deleted\n'
     gone = cli(api, "delete", "tiny-cpu")
     assert gone.exit_code == 1 and "not found" in gone.output
@@ -111,6 +118,7 @@ def test_the_context_namespace_is_the_default(api: ApiServer, tmp_path: Path) ->
     assert wrong.exit_code == 1 and wrong.output == "error: context 'nope' is not in the kubeconfig\n"
 
 
+@pytest.mark.slow
 def test_logs_follow_rank_0_of_the_current_attempt(api: ApiServer, tmp_path: Path) -> None:
     """The pod of the attempt in status (`<job>-a<attempt>-n<rank>`), read through pods/log from
     the stand-in kubelet; -f ends when its container does."""
@@ -140,3 +148,30 @@ def test_logs_follow_rank_0_of_the_current_attempt(api: ApiServer, tmp_path: Pat
         assert "not found" in other.output and len(other.output.splitlines()) == 1, other.output
     finally:
         node.stop()
+
+
+def test_top_rows_say_what_the_status_says() -> None:
+    from datetime import datetime
+
+    from pretrain.client_top import top_row
+
+    now = datetime(2026, 12, 2, 12, 0)
+    job = {"metadata": {"name": "big", "creationTimestamp": "2026-11-30T09:30:00Z"}, "status": {
+        "phase": "Running", "restarts": 2, "uncountedRestarts": 1, "goodput": {"seconds": {"ratio": 0.874, "training": 9e4}},
+        "progress": {"step": 12000, "totalSteps": 100000, "loss": 2.71828, "tokensPerSecond": 1234567.8,
+                     "etaSeconds": 3 * 86400 + 7200}}}  # fmt: skip
+    assert top_row(job, now) == (
+        "big",
+        "Running",
+        "12000/100000",
+        "2.7183",
+        "1,234,568",
+        "3d2h",
+        "2 (+1)",
+        "87%",
+        "2d2h",
+    )
+    first = {**job, "status": {**job["status"], "goodput": {"seconds": {"ratio": 0.0, "training": 0.0}}}}
+    assert top_row(first, now)[7] == "-", "closed totals of a first attempt still running say nothing yet"
+    fresh = {"metadata": {"name": "new", "creationTimestamp": "2026-12-02T11:59:15Z"}}
+    assert top_row(fresh, now) == ("new", "-", "-", "-", "-", "-", "0", "-", "45s")

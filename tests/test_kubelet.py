@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import pytest
 
 from tests.kubeapi.harness import Kubectl, wait_for
 from tests.kubeapi.server import ApiServer
@@ -125,6 +126,7 @@ def test_a_followed_log_stops_when_the_client_goes(api: ApiServer, tmp_path: Pat
         node.stop()
 
 
+@pytest.mark.slow
 def test_a_lost_node_turns_notready_and_its_pods_hang_in_terminating(api: ApiServer, tmp_path: Path) -> None:
     """The stand-ins as a cluster behaves when a node is lost: the kubelet's heartbeat Lease
     stops, the node lifecycle controller turns Ready Unknown and the pod's Ready False (its phase

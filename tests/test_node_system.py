@@ -15,6 +15,8 @@ ends, `wait` returns its success."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from click.testing import CliRunner
 
@@ -71,6 +73,14 @@ def test_a_lost_node_ends_the_attempt_at_once_and_the_job_resumes(cluster: Clust
         assert client.wait(JOB, timeout=120)["phase"] == "Succeeded"
     finally:
         controller.stop()
+    # the report drawn from the job's history in its bucket, found through the API
+    drawn = CliRunner().invoke(
+        main, ["report", "--job", JOB, "--output", str(c.root / "report")], env={**env, **c.s3.env}
+    )
+    assert drawn.exit_code == 0, drawn.output
+    curves = json.loads((c.root / "report" / "curves.json").read_text())
+    trained = max(x for line in curves["loss"].values() for x in line["x"])
+    assert trained == 40, curves["loss"].keys()
     events = c.kubectl("get", "events", "-o", "custom-columns=REASON:.reason").stdout.split()
     assert "NodeAvoided" in events and "GangRestart" in events
     assert not controller.errors and not c.node.errors, (controller.errors, c.node.errors)

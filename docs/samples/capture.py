@@ -7,6 +7,7 @@
   real `pretrain operator` process and the stand-in node running the pods as processes (see
   docs/operations.md, "What is verified without a cluster"): `kubectl apply`, `get ptj` while
   the job trains and after it succeeded, `get pods`, `describe ptj`.
+- `client.txt`: the same with `pretrain submit`, `status`, `logs`, `wait` (pretrain.client).
 - `demo.txt`: what `pretrain run examples/tiny-cpu.yaml` followed by `pretrain generate` prints.
 
 Each file says when and how it was captured. tests/test_docs.py checks that every block marked
@@ -15,6 +16,7 @@ Each file says when and how it was captured. tests/test_docs.py checks that ever
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -107,6 +109,74 @@ def cluster() -> None:
     (OUT / "cluster.txt").write_text(text + "\n" + "\n".join(session))
 
 
+def top_screen(pretrain: str, env: dict[str, str]) -> str:
+    """What `pretrain top` draws in a real terminal: a tmux pane, captured."""
+    name = f"top-{os.getpid()}"
+    command = f"env KUBECONFIG={env['KUBECONFIG']} {pretrain} top --interval 1"  # a running tmux server has its own env
+    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "120", "-y", "8", command], env=env, check=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # its first frame (the interpreter starts in a few seconds)
+            time.sleep(1)
+            shot = subprocess.run(
+                ["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True, check=True
+            )
+            if "NAME" in shot.stdout:
+                break
+        time.sleep(3)  # a few redraws on
+        shot = subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True, check=True)
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", name], check=False)
+    return "\n".join(line.rstrip() for line in shot.stdout.splitlines() if line.strip()) + "\n"
+
+
+def client() -> None:
+    """`pretrain submit/status/logs/wait` (pretrain.client) against the emulator, as `cluster`."""
+    with tempfile.TemporaryDirectory(prefix="pretrain-client-") as tmp:
+        root = Path(tmp)
+        api = start_apiserver(root / "api")
+        operator = OperatorProcess(api, root / "operator.log", ["--progress-interval", "2"]).start()
+        node = Kubelet(api.kubeconfig, root / "node").start()
+        env = {**os.environ, "KUBECONFIG": str(api.kubeconfig)}
+        pretrain = str(Path(sys.executable).parent / "pretrain")
+        session: list[str] = []
+
+        def run(*args: str, ok: bool = True) -> str:
+            done = subprocess.run([pretrain, *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+            session.append(f"$ pretrain {' '.join(args)}\n{done.stdout}{done.stderr}")
+            if ok and done.returncode != 0:
+                raise SystemExit(f"pretrain {' '.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}")
+            return done.stdout
+
+        try:
+            doc = yaml.safe_load((ROOT / "examples" / "tiny-cpu.yaml").read_text())
+            doc["spec"]["resources"].update({"nodes": 1, "procsPerNode": 2})
+            doc["spec"]["training"].update({"maxSteps": 100, "evalInterval": 50, "logInterval": 20})
+            doc["spec"]["monitoring"] = {"metricsPort": free_port()}
+            (root / "tiny-cpu.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+            run("submit", "tiny-cpu.yaml", "--set", "training.maxSteps=-5", ok=False)
+            run("submit", "tiny-cpu.yaml")
+            job = lambda: (api.objects("pretrainjobs", "pretrain.io") or [{}])[0].get("status") or {}  # noqa: E731
+            wait_for(lambda: int((job().get("progress") or {}).get("step") or 0) >= 30, 600, "step 30")
+            run("status", "tiny-cpu")
+            session.append(
+                f"$ pretrain top    # in tmux, 120x8; the screen 3 s after its first frame (tmux capture-pane)\n{top_screen(pretrain, env)}"
+            )
+            run("logs", "tiny-cpu", "--tail", "3")
+            run("wait", "tiny-cpu", "--timeout", "900")
+            run("status", "nope", ok=False)
+        finally:
+            operator.stop()
+            node.stop()
+            api.stop()
+    text = header(
+        "`pretrain submit/status/logs/wait` against the tests' Kubernetes API emulator, the real\n"
+        "# `pretrain operator` process and the stand-in node; examples/tiny-cpu.yaml on 1 node of 2\n"
+        "# processes, 100 steps, no checkpoint storage."
+    )
+    (OUT / "client.txt").write_text(text + "\n" + "\n".join(session))
+
+
 def demo() -> None:
     with tempfile.TemporaryDirectory(prefix="pretrain-demo-") as tmp:
         out = Path(tmp) / "tiny-cpu"
@@ -130,7 +200,7 @@ def demo() -> None:
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["cluster", "demo"]
+    which = sys.argv[1:] or ["cluster", "client", "demo"]
     for name in which:
-        {"cluster": cluster, "demo": demo}[name]()
+        {"cluster": cluster, "client": client, "demo": demo}[name]()
         print(f"wrote {OUT / (name + '.txt')}")

@@ -112,6 +112,20 @@ class PretrainClient:
             raise ClientError(f"pretrainjobs in {ns}: {_api_message(e)}") from None
         return sorted(items, key=lambda o: o["metadata"]["name"])
 
+    def checkpoint_uri(self, name: str, namespace: str | None = None) -> str:
+        """Where the job's checkpoints and history (metrics.jsonl) are: spec.checkpoint.uri."""
+        uri = ((self.get(name, namespace).get("spec") or {}).get("checkpoint") or {}).get("uri")
+        if not uri:
+            raise ClientError(f"pretrainjob {name} has no checkpoint.uri: its history stayed in its pods")
+        return str(uri)
+
+    def report(self, name: str, output: str | Path, namespace: str | None = None) -> Path:
+        """`pretrain report` of the job's history (read with this machine's storage credentials):
+        the report.html written."""
+        from pretrain.report import write_report
+
+        return write_report([self.checkpoint_uri(name, namespace)], Path(output))
+
     def set_suspend(self, name: str, suspend: bool, namespace: str | None = None) -> None:
         """Suspend (the pods go, the job is held) or resume a job: spec.runPolicy.suspend."""
         ns = namespace or self.namespace

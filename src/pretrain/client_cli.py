@@ -28,33 +28,54 @@ def cluster_options(func: F) -> F:
     return click.option("-n", "--namespace", default=None, help="Default: the context's namespace, else default.")(func)
 
 
-def _client(namespace: str | None, context: str | None, kubeconfig: str | None) -> PretrainClient:
+def make_client(namespace: str | None, context: str | None, kubeconfig: str | None) -> PretrainClient:
     from pretrain.client import PretrainClient
 
     return PretrainClient(namespace, context=context, kubeconfig=kubeconfig)
 
 
+def duration(seconds: float) -> str:
+    """kubectl's short ages: 45s, 3m12s, 5h4m, 2d3h."""
+    s = int(max(seconds, 0))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    return f"{s // 86400}d{s % 86400 // 3600}h"
+
+
+def goodput_ratio(status: dict[str, Any]) -> float | None:
+    """status.goodput's ratio once it means something: its totals are closed ones (a phase or an
+    attempt counted when it ends), so a first attempt still running would show 0%."""
+    seconds = (status.get("goodput") or {}).get("seconds") or {}
+    ratio = seconds.get("ratio")
+    ended = status.get("phase") in ("Succeeded", "Failed")
+    return float(ratio) if isinstance(ratio, int | float) and (ended or seconds.get("training")) else None
+
+
 def summary(name: str, status: dict[str, Any]) -> str:
     """The status as a few lines a person reads: phase and why, progress, checkpoint, goodput."""
-    lines = [
-        f"{name}: {status.get('phase') or 'no phase yet'}" + (f" ({status['reason']})" if status.get("reason") else "")
-    ]
+    phase, reason = status.get("phase") or "no phase yet", status.get("reason")
+    lines = [f"{name}: {phase}" + (f" ({reason})" if reason and reason != phase else "")]
     if status.get("message"):
         lines.append(f"  {status['message']}")
-    lines.append(
-        f"  attempt {status.get('attempt', 0)}, restarts {status.get('restarts', 0)}, nodes {status.get('nodes', '-')}"
-    )
+    nodes = status.get("nodes", "-")
+    lines.append(f"  attempt {status.get('attempt', 0)}, restarts {status.get('restarts', 0)}, nodes {nodes}")
     p = status.get("progress") or {}
     if p.get("step") is not None:
         parts = [f"step {p['step']}" + (f"/{p['totalSteps']}" if p.get("totalSteps") else "")]
-        parts += [f"{label} {p[key]:g}" for key, label in (("loss", "loss"), ("tokensPerSecond", "tokens/s"),
-                                                           ("etaSeconds", "ETA s")) if isinstance(p.get(key), int | float)]  # fmt: skip
+        parts += [f"{label} {p[key]:g}" for key, label in (("loss", "loss"), ("tokensPerSecond", "tokens/s"))
+                  if isinstance(p.get(key), int | float)]  # fmt: skip
+        if phase == "Running" and isinstance(p.get("etaSeconds"), int | float):
+            parts.append(f"ETA {duration(p['etaSeconds'])}")
         lines.append("  " + ", ".join(parts))
     ckpt = status.get("lastCheckpoint") or {}
     if ckpt.get("step") is not None:
         lines.append(f"  last checkpoint: step {ckpt['step']}" + (f" at {ckpt['uri']}" if ckpt.get("uri") else ""))
-    ratio = ((status.get("goodput") or {}).get("seconds") or {}).get("ratio")
-    if isinstance(ratio, int | float):
+    ratio = goodput_ratio(status)
+    if ratio is not None:
         lines.append(f"  goodput: {ratio:.0%} of the wall time trained")
     return "\n".join(lines)
 
@@ -70,7 +91,7 @@ def summary(name: str, status: dict[str, Any]) -> str:
 def submit(file: Path, overrides: tuple[str, ...], namespace: str | None, context: str | None,
            kubeconfig: str | None, wait_: bool, follow: bool, timeout: float | None) -> None:  # fmt: skip
     """Validate a PretrainJob file and create it on the cluster."""
-    c = _client(namespace, context, kubeconfig)
+    c = make_client(namespace, context, kubeconfig)
     name = c.submit(file, overrides)
     click.echo(f"pretrainjob.pretrain.io/{name} created")
     if follow:
@@ -88,7 +109,7 @@ def submit(file: Path, overrides: tuple[str, ...], namespace: str | None, contex
 @friendly_errors
 def status(job: str, namespace: str | None, context: str | None, kubeconfig: str | None, output: str) -> None:
     """A job's phase, progress, last checkpoint and goodput."""
-    st = _client(namespace, context, kubeconfig).status(job)
+    st = make_client(namespace, context, kubeconfig).status(job)
     click.echo(json.dumps(st, indent=2, sort_keys=True) if output == "json" else summary(job, st))
 
 
@@ -102,7 +123,7 @@ def status(job: str, namespace: str | None, context: str | None, kubeconfig: str
 def logs(job: str, namespace: str | None, context: str | None, kubeconfig: str | None, rank: int, follow: bool,
          tail: int | None) -> None:  # fmt: skip
     """The log of a node's pod in the job's current attempt (rank 0 by default)."""
-    for line in _client(namespace, context, kubeconfig).logs(job, rank, follow=follow, tail=tail):
+    for line in make_client(namespace, context, kubeconfig).logs(job, rank, follow=follow, tail=tail):
         click.echo(line)
 
 
@@ -119,7 +140,7 @@ def wait(job: str, namespace: str | None, context: str | None, kubeconfig: str |
     from pretrain.client import FINAL_PHASES
 
     phases = FINAL_PHASES if until == "end" else (until,)
-    click.echo(summary(job, _client(namespace, context, kubeconfig).wait(job, timeout=timeout, until=phases)))
+    click.echo(summary(job, make_client(namespace, context, kubeconfig).wait(job, timeout=timeout, until=phases)))
 
 
 def _set_suspend(suspend: bool) -> click.Command:
@@ -130,7 +151,7 @@ def _set_suspend(suspend: bool) -> click.Command:
     @cluster_options
     @friendly_errors
     def command(job: str, namespace: str | None, context: str | None, kubeconfig: str | None) -> None:
-        _client(namespace, context, kubeconfig).set_suspend(job, suspend)
+        make_client(namespace, context, kubeconfig).set_suspend(job, suspend)
         click.echo(f"pretrainjob.pretrain.io/{job} {'suspended' if suspend else 'resumed'}")
 
     command.help = ("Suspend a job: its pods are deleted, the job held (runPolicy.suspend)." if suspend
@@ -144,7 +165,7 @@ def _set_suspend(suspend: bool) -> click.Command:
 @friendly_errors
 def delete(job: str, namespace: str | None, context: str | None, kubeconfig: str | None) -> None:
     """Delete a job (its pods, Service and ConfigMap go with it; checkpoints stay)."""
-    _client(namespace, context, kubeconfig).delete(job)
+    make_client(namespace, context, kubeconfig).delete(job)
     click.echo(f'pretrainjob.pretrain.io "{job}" deleted')
 
 
