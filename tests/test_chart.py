@@ -89,7 +89,7 @@ def test_deployment_hardening_and_values() -> None:
 RESOURCE = {"Pod": ("", "pods"), "Service": ("", "services"), "ConfigMap": ("", "configmaps"),
             "Event": ("", "events"), "PodMonitor": ("monitoring.coreos.com", "podmonitors"),
             "PretrainJob": ("pretrain.io", "pretrainjobs"), "PretrainJob/status": ("pretrain.io", "pretrainjobs/status"),
-            "Job": ("batch", "jobs")}  # fmt: skip
+            "Job": ("batch", "jobs"), "PodGroup": ("scheduling.volcano.sh", "podgroups")}  # fmt: skip
 #: What Kopf itself does (watch the jobs), what the children's caches do (list and watch pods,
 #: services and configmaps), and the permission blockOwnerDeletion needs; cluster-wide, Kopf
 #: also discovers namespaces and CRDs.
@@ -129,8 +129,15 @@ def calls_made_by_the_operator() -> dict[tuple[str, str], set[str]]:
     prepared.reconcile()  # creates the preparation Job
     prepared.cluster.set_job_status("tiny-prepare", complete=True, succeeded=2)
     prepared.reconcile()  # reads it, deletes it, starts the gang
+    volcano = Harness(job_body({"resources.schedulerName": "volcano", "runPolicy.restartBackoffSeconds": 0}))
+    volcano.reconcile()  # creates attempt 1's PodGroup
+    volcano.run_all()
+    volcano.cluster.set_phase("tiny-a1-n0", "Failed", exit_code=1)
+    volcano.reconcile()
+    volcano.cluster.settle()
+    volcano.reconcile()  # deletes it, creates attempt 2's
     rules: dict[tuple[str, str], set[str]] = {}
-    for verb, kind in h.cluster.calls + stuck.cluster.calls + prepared.cluster.calls:
+    for verb, kind in h.cluster.calls + stuck.cluster.calls + prepared.cluster.calls + volcano.cluster.calls:
         rules.setdefault(RESOURCE[kind], set()).add(verb)
     return rules
 

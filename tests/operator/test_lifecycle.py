@@ -847,3 +847,34 @@ def test_a_bad_node_condition_ends_the_attempt_and_a_stuck_pod_is_forced() -> No
     assert not h.cluster.pods(), "forced"
     h.reconcile()
     assert h.pod_names() == ["tiny-a2-n0", "tiny-a2-n1"]
+
+
+def test_volcano_gets_a_pod_group_per_attempt() -> None:
+    """Issue 29 item 4: with schedulerName volcano each attempt has a PodGroup (minMember = its
+    nodes, the job's Volcano Queue and priority class) created before its pods, which name it in
+    scheduling.k8s.io/group-name; the next attempt's replaces it. No Kueue labels.
+
+    Volcano's CRD cannot be fetched here, nor a copy committed; the fields set were checked
+    against its schema as read (volcano-sh/volcano config/crd/volcano/bases/
+    scheduling.volcano.sh_podgroups.yaml, commit 096235e1): spec.minMember an int32,
+    spec.queue and spec.priorityClassName strings, all optional."""
+    h = Harness(job_body(two_nodes(**{"resources.schedulerName": "volcano", "resources.queueName": "research",
+                                      "resources.priorityClassName": "training", "runPolicy.restartBackoffSeconds": 0})))  # fmt: skip
+    h.reconcile()
+    kinds = [k for k, _, _ in h.cluster.objects]
+    assert kinds.index("PodGroup") < kinds.index("Pod"), "the group before its pods"
+    group = h.cluster.objects[("PodGroup", "default", "tiny-a1")]
+    assert group["apiVersion"] == "scheduling.volcano.sh/v1beta1"
+    assert group["spec"] == {"minMember": 2, "queue": "research", "priorityClassName": "training"}
+    assert group["metadata"]["ownerReferences"][0]["controller"] is True
+    pod = h.cluster.objects[("Pod", "default", "tiny-a1-n0")]
+    assert pod["metadata"]["annotations"]["scheduling.k8s.io/group-name"] == "tiny-a1"
+    assert pod["spec"]["schedulerName"] == "volcano" and "kueue.x-k8s.io/queue-name" not in pod["metadata"]["labels"]
+    h.run_all()
+    h.cluster.set_phase("tiny-a1-n1", "Failed", exit_code=1)
+    h.reconcile()
+    h.cluster.settle()
+    h.reconcile()
+    assert [n for k, _, n in h.cluster.objects if k == "PodGroup"] == ["tiny-a2"]
+    assert h.cluster.objects[("Pod", "default", "tiny-a2-n0")]["metadata"]["annotations"][
+        "scheduling.k8s.io/group-name"] == "tiny-a2"  # fmt: skip

@@ -132,3 +132,5 @@ def test_kueue_places_the_gang_within_one_topology_domain() -> None:
             kv.validate(o, "1.35", strict=True)
     with pytest.raises(SpecError, match=r"spec.resources.topology: .* set spec.resources.queueName"):
         load_job(path, ["resources.queueName=null", "resources.topology.level=rack"], check_backends=False)
+    with pytest.raises(SpecError, match=r"spec.resources.topology: Kueue's topology placement; Volcano places"):
+        load_job(path, ["resources.schedulerName=volcano", "resources.topology.level=rack"], check_backends=False)

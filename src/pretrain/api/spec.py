@@ -453,11 +453,15 @@ class ResourcesSpec(Spec):
     tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
     affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
     priority_class_name: str | None = Field(None, max_length=253, description="Pod priorityClassName.")
-    scheduler_name: str | None = Field(None, max_length=253, description="Pod schedulerName (e.g. volcano).")
+    scheduler_name: str | None = Field(
+        None, max_length=253, description="Pod schedulerName. volcano: each attempt gets a Volcano PodGroup "
+        "(scheduling.volcano.sh/v1beta1, minMember = its nodes) that its pods name, so Volcano places the gang whole.",
+    )  # fmt: skip
     service_account_name: str | None = Field(None, max_length=253, description="Pod serviceAccountName.")
     queue_name: str | None = Field(
-        None, max_length=63, description="Kueue LocalQueue; becomes the kueue.x-k8s.io/queue-name label."
-    )
+        None, max_length=63, description="Kueue LocalQueue (the kueue.x-k8s.io/queue-name label); with schedulerName "
+        "volcano, the Volcano Queue of the attempt's PodGroup instead.",
+    )  # fmt: skip
     topology: TopologySpec | None = Field(
         None, description="Kueue Topology Aware Scheduling: the gang's pods placed within one domain of a node "
         "label (a rack, a block); needs queueName.",

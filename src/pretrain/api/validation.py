@@ -453,7 +453,10 @@ def _check_resources(spec: PretrainJobSpec) -> Iterator[SpecError]:
             # The API server refuses such a pod; the job would sit with ApplyFailed.
             yield SpecError(f"spec.resources.requests.{kind}", f"{want} is above limits.{kind} ({cap})")
     yield from _check_elastic(spec)
-    if r.topology is not None and not r.queue_name:
+    if r.topology is not None and r.scheduler_name == "volcano":
+        yield SpecError("spec.resources.topology", "Kueue's topology placement; Volcano places a PodGroup by its own "
+                        "networkTopology, which this field does not set")  # fmt: skip
+    elif r.topology is not None and not r.queue_name:
         yield SpecError("spec.resources.topology", "Kueue places by topology only the workloads it admits: set "
                         "spec.resources.queueName")  # fmt: skip
     rp = spec.run_policy

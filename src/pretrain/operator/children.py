@@ -66,8 +66,14 @@ def standby_name(job: str, attempt: int, rank: int) -> str:
 
 
 def pod_group_name(job: str, attempt: int) -> str:
-    """One Kueue pod group per attempt: a restarted gang is admitted afresh."""
+    """One Kueue pod group (or Volcano PodGroup) per attempt: a restarted gang is admitted afresh."""
     return f"{job}-a{attempt}"
+
+
+#: resources.schedulerName that makes the operator create a Volcano PodGroup per attempt.
+VOLCANO = "volcano"
+#: The annotation by which Volcano finds a pod's PodGroup.
+ANNOTATION_VOLCANO_GROUP = "scheduling.k8s.io/group-name"
 
 
 def service_name(job: str) -> str:
@@ -178,7 +184,9 @@ def _pod_meta(
         "prometheus.io/path": "/metrics",
         **r.annotations,
     }
-    if r.queue_name:
+    if r.scheduler_name == VOLCANO:
+        annotations[ANNOTATION_VOLCANO_GROUP] = pod_group_name(name, attempt)
+    elif r.queue_name:
         labels |= {LABEL_QUEUE: r.queue_name, LABEL_POD_GROUP: pod_group_name(name, attempt)}
         annotations |= {ANNOTATION_POD_GROUP_COUNT: str(nodes), ANNOTATION_RETRIABLE_IN_GROUP: "false"}
     if r.topology is not None:  # Kueue TAS: the pod group's one podset, placed within one domain
@@ -333,6 +341,23 @@ def build_standby_pod(job: PretrainJob, namespace: str, uid: str, attempt: int, 
     for key in ("ports", "envFrom", "terminationMessagePolicy"):
         container.pop(key, None)
     return pod
+
+
+def build_volcano_pod_group(job: PretrainJob, namespace: str, uid: str, attempt: int, nodes: int) -> dict[str, Any]:
+    """The attempt's Volcano PodGroup: Volcano binds none of its pods until all `nodes` fit
+    (minMember), in the job's Volcano Queue (resources.queueName) and priority class."""
+    r = job.spec.resources
+    spec: dict[str, Any] = {"minMember": nodes}
+    if r.queue_name:
+        spec["queue"] = r.queue_name
+    if r.priority_class_name:
+        spec["priorityClassName"] = r.priority_class_name
+    return {
+        "apiVersion": "scheduling.volcano.sh/v1beta1",
+        "kind": "PodGroup",
+        "metadata": _meta(job, pod_group_name(job.metadata.name, attempt), namespace, uid),
+        "spec": spec,
+    }
 
 
 def build_pod_monitor(job: PretrainJob, namespace: str, uid: str) -> dict[str, Any]:

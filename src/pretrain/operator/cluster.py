@@ -35,6 +35,8 @@ API_CALLS: list[tuple[str, str, list[str]]] = [
     ("monitoring.coreos.com", "podmonitors", ["create", "get"]),
     # the data preparation stage (data.prepare): created, read, deleted once it completed
     ("batch", "jobs", ["create", "delete", "get"]),
+    # resources.schedulerName volcano: a PodGroup per attempt, deleted when the next one starts
+    ("scheduling.volcano.sh", "podgroups", ["create", "delete"]),
 ]
 
 
@@ -443,6 +445,8 @@ class KubeCluster:
                 self.custom.create_namespaced_custom_object("monitoring.coreos.com", "v1", ns, "podmonitors", obj)
             elif kind == "Job":
                 self.batch.create_namespaced_job(ns, body)
+            elif kind == "PodGroup":
+                self.custom.create_namespaced_custom_object("scheduling.volcano.sh", "v1beta1", ns, "podgroups", obj)
             else:
                 raise ValueError(f"the operator does not create {kind}")
         except self.k.client.ApiException as e:
@@ -468,6 +472,10 @@ class KubeCluster:
                 )
             elif kind == "Job":  # Background: through the API a Job's pods are orphaned by default
                 self.batch.delete_namespaced_job(name, namespace, body=body)
+            elif kind == "PodGroup":
+                self.custom.delete_namespaced_custom_object(
+                    "scheduling.volcano.sh", "v1beta1", namespace, "podgroups", name, body=body
+                )
             else:
                 raise ValueError(f"the operator does not delete {kind}")
         except self.k.client.ApiException as e:

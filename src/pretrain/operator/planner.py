@@ -31,12 +31,15 @@ from pretrain.operator.children import (
     LABEL_ROLE,
     ROLE_PREPARE,
     ROLE_STANDBY,
+    VOLCANO,
     build_configmap,
     build_pod,
     build_pod_monitor,
     build_service,
     build_standby_pod,
+    build_volcano_pod_group,
     controller_uid,
+    pod_group_name,
 )
 from pretrain.operator.elastic import fit, size_range
 from pretrain.operator.failures import POD_DELETED, FailedPod, Verdict, decide, decide_start_failure, first_failed
@@ -576,6 +579,10 @@ def _start_attempt(r: _Reconcile, new_attempt: int, reason: str, message: str) -
         st.s["avoidedNodes"] = [n for n in st.s["avoidedNodes"] if n.get("node") in avoid]
     else:
         st.s.pop("avoidedNodes", None)
+    if r.job.spec.resources.scheduler_name == VOLCANO:  # the group first: Volcano waits for it
+        if r.attempt:
+            r.out.delete.append(("PodGroup", pod_group_name(r.name, r.attempt)))
+        r.out.create.append(build_volcano_pod_group(r.job, r.namespace, r.uid, new_attempt, r.nodes))
     for rank in range(r.nodes):
         r.out.create.append(build_pod(r.job, r.namespace, r.uid, new_attempt, rank, r.nodes, avoid))
     st.phase(Phase.PENDING, reason, message)
@@ -640,6 +647,8 @@ def _current_attempt(r: _Reconcile, current: list[PodView], standby: list[PodVie
         _gang_failed(st, r.out, job, verdict, current, r.restarts, r.now)
         return
     if missing:  # Pending and some pods not created yet (e.g. the operator stopped half-way)
+        if job.spec.resources.scheduler_name == VOLCANO:  # and maybe their PodGroup (AlreadyExists is fine)
+            r.out.create.append(build_volcano_pod_group(job, r.namespace, r.uid, attempt, nodes))
         for rank in missing:
             r.out.create.append(build_pod(job, r.namespace, r.uid, attempt, rank, nodes, avoided_nodes(st.s, r.now)))
         _check_scheduling(st, current, job, r.now, scheduling_grace)  # the new pods are not stuck
