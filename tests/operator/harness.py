@@ -8,9 +8,9 @@ from typing import Any
 import yaml
 
 from pretrain.operator import handlers
-from pretrain.operator.cluster import InMemoryCluster
 from tests.conftest import ROOT
 from tests.kubeapi.patches import merge_patch
+from tests.operator.memory_cluster import InMemoryCluster
 
 
 def job_manifest(name: str = "tiny", overrides: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -15,12 +15,13 @@ from typing import Any, Protocol
 import pytest
 
 from pretrain.operator.children import CONFIG_KEY, build_configmap
-from pretrain.operator.cluster import AlreadyExists, Cluster, InMemoryCluster, KubeCluster, NotFound
+from pretrain.operator.cluster import AlreadyExists, Cluster, KubeCluster, NotFound
 from pretrain.operator.handlers import job_from
 from pretrain.operator.planner import Event, Observed, plan
 from tests.kubeapi.harness import start_apiserver
 from tests.kubeapi.server import ApiServer
 from tests.operator.harness import job_body
+from tests.operator.memory_cluster import InMemoryCluster
 
 
 class Backend(Protocol):

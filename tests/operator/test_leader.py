@@ -173,9 +173,9 @@ def test_a_reconcile_running_when_the_lease_goes_writes_nothing_more() -> None:
     Service, ConfigMap and pods."""
     from datetime import datetime
 
-    from pretrain.operator.cluster import InMemoryCluster
     from pretrain.operator.handlers import Controller
     from tests.operator.harness import job_body
+    from tests.operator.memory_cluster import InMemoryCluster
 
     cluster = InMemoryCluster()
     cluster.add_job(job_body(name="fenced"))
