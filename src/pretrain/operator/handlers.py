@@ -8,9 +8,9 @@ the operator running or not). What timers did is the queue's: every job is reque
 `resync` seconds, and sooner when its plan says so (backoff expiry, scheduling timeout, deadline,
 TTL: `Plan.requeue_after`). A pod failure reaches the planner within a watch event's latency.
 
-Tests call `reconcile_job` and `progress_job` over an in-memory cluster (tests/operator/
-memory_cluster.py); `pretrain operator` runs
-the same functions under Kopf with a `KubeCluster`.
+Tests call `reconcile_job` and `progress_job` over an in-memory cluster
+(tests/operator/memory_cluster.py); `pretrain operator` runs the same functions under Kopf with a
+`KubeCluster`.
 """
 
 from __future__ import annotations
