@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 
@@ -92,3 +93,42 @@ def test_model_factory_builds_each_family(family: str) -> None:
     assert model.config.model_type == family
     assert model.config.vocab_size == 320  # 260 tokens padded to a multiple of 64
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+
+
+def test_wsd_holds_the_peak_then_decays_over_its_last_steps() -> None:
+    """Issue 32 item 3: warm-up, stable at the peak, then decaySteps (or decayFraction of the
+    steps) down to minLr, in the chosen shape."""
+    base = ("training.maxSteps=100", "training.schedule.warmupSteps=10", "training.optimizer.lr=0.001",
+            "training.schedule.minLr=0.0001", "training.schedule.decay=wsd")  # fmt: skip
+    m = [lr_multiplier(i, spec(*base, "training.schedule.decaySteps=20")) for i in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[9] == pytest.approx(1.0)
+    assert m[10:81] == [1.0] * 71, "stable until the decay's first step (step 80)"
+    assert m[90] == pytest.approx(0.1 + 0.9 * (1 - 10 / 19)) and m[99] == pytest.approx(0.1)
+    by_fraction = [lr_multiplier(i, spec(*base)) for i in range(100)]  # decayFraction 0.2 of 100
+    assert by_fraction == pytest.approx(m)
+    sqrt = [lr_multiplier(i, spec(*base, "training.schedule.decayShape=sqrt")) for i in (80, 90, 99)]
+    assert sqrt == pytest.approx([1.0, 0.1 + 0.9 * (1 - math.sqrt(10 / 19)), 0.1])
+    cosine = lr_multiplier(90, spec(*base, "training.schedule.decayShape=cosine"))
+    assert cosine == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 10 / 19)))
+
+
+def test_a_wsd_decay_branches_from_any_stable_step() -> None:
+    """The stable phase does not depend on where the run ends: a run resumed from a stable
+    checkpoint at step N with maxSteps N + D and decaySteps D has followed the same lr up to N,
+    and decays from there (docs/operations.md, "Branching a decay")."""
+    base = ("training.schedule.warmupSteps=10", "training.schedule.decay=wsd", "training.schedule.decaySteps=50")
+    long_run = spec(*base, "training.maxSteps=10000")
+    branch = spec(*base, "training.maxSteps=350")  # N = 300, D = 50
+    assert [lr_multiplier(i, branch) for i in range(300)] == [lr_multiplier(i, long_run) for i in range(300)]
+    floor = branch.training.schedule.min_lr / branch.training.optimizer.lr
+    assert lr_multiplier(300, branch) == 1.0 and lr_multiplier(349, branch) == pytest.approx(floor)
+
+
+def test_wsd_fields_are_checked() -> None:
+    from pretrain.api.validation import SpecError
+
+    with pytest.raises(SpecError, match=r"spec.training.schedule.decaySteps: only with decay wsd, not cosine"):
+        spec("training.schedule.decaySteps=5")
+    with pytest.raises(SpecError, match=r"decaySteps: 95 is more than the 100 steps leave after warmupSteps \(10\)"):
+        spec("training.maxSteps=100", "training.schedule.warmupSteps=10", "training.schedule.decay=wsd",
+             "training.schedule.decaySteps=95")  # fmt: skip

@@ -260,3 +260,29 @@ def test_init_from_an_exported_model(runs: dict[str, Run], tmp_path: Path) -> No
     trained_last = runs["stage0"].losses()[12]
     first = run.losses()[1]
     assert first < fresh_first - 0.5 and abs(first - trained_last) < 0.3, (first, fresh_first, trained_last)
+
+
+@pytest.mark.slow
+def test_a_wsd_decay_branches_from_a_stable_checkpoint(tmp_path: Path) -> None:
+    """Issue 32 item 3, as docs/operations.md says to do it: a wsd run holds the peak lr; its
+    stable checkpoint at step 6, copied to a new folder and resumed there with maxSteps 10 (= 6 +
+    decaySteps), decays over steps 7-10 to minLr, while the first run stays stable until its
+    own decay (steps 9-12)."""
+    import shutil
+
+    wsd = ["training.schedule.decay=wsd", "training.schedule.decaySteps=4", "checkpoint.intervalSteps=6",
+           "training.optimizer.lr=0.001", "training.schedule.minLr=0.0001"]  # fmt: skip
+    main = run_job(tmp_path / "main", wsd, nproc=1)
+    assert main.proc.returncode == 0, main.output[-3000:]
+    lr = lambda run: {e["step"]: e["lr"] for e in run.log if "lr" in e}  # noqa: E731
+    first = lr(main)
+    assert [first[s] for s in range(3, 9)] == [pytest.approx(0.001)] * 6, first
+    shutil.copytree(tmp_path / "main" / "checkpoints" / "step-00000006",
+                    tmp_path / "branch" / "checkpoints" / "step-00000006")  # fmt: skip
+    branch = run_job(tmp_path / "branch", [*wsd, "training.maxSteps=10", "checkpoint.resume=6"], nproc=1)
+    assert branch.proc.returncode == 0, branch.output[-3000:]
+    decayed = lr(branch)
+    assert sorted(decayed) == [7, 8, 9, 10], "resumed at step 6"
+    # the lr a step logs is the one the next step uses: the decay's 4 steps are 7-10 (1-based)
+    assert [decayed[s] for s in range(7, 11)] == pytest.approx([0.0007, 0.0004, 0.0001, 0.0001])
+    assert first[10] > 0.0001 and first[12] == pytest.approx(0.0001), "the first run decays at its own end"

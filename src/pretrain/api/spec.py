@@ -277,11 +277,22 @@ class OptimizerSpec(Spec):
 
 
 class ScheduleSpec(Spec):
-    """Linear warm-up then decay to minLr."""
+    """Linear warm-up then decay to minLr; or warm-up, stable, decay (wsd)."""
 
     warmup_steps: NonNegativeInt = Field(0, le=INT32_MAX, description="Steps of linear warm-up from 0.")
-    decay: Literal["cosine", "linear", "constant"] = Field("cosine", description="Shape of the decay.")
+    decay: Literal["cosine", "linear", "constant", "wsd"] = Field(
+        "cosine", description="Shape of the decay. wsd: warm-up, the peak lr held (stable), then a decay over the "
+        "last decaySteps (or decayFraction of the steps) shaped by decayShape; a decay can be branched from any "
+        "stable-phase checkpoint (docs/operations.md).",
+    )  # fmt: skip
     min_lr: float = Field(0.0, ge=0.0, le=10.0, description="Learning rate at the last step.")
+    decay_steps: PositiveInt | None = Field(
+        None, le=INT32_MAX, description="wsd: steps of the final decay (default: decayFraction of the steps)."
+    )
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: the decay's share of the steps.")
+    decay_shape: Literal["linear", "cosine", "sqrt"] = Field(
+        "linear", description="wsd: the decay's shape (sqrt: 1 - sqrt(progress), MiniCPM's and DeepSeek's)."
+    )
 
 
 class ZeroSpec(Spec):

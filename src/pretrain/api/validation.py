@@ -353,12 +353,25 @@ def _check_training(spec: PretrainJobSpec) -> Iterator[SpecError]:
         )
     if t.schedule.min_lr > t.optimizer.lr:
         yield SpecError("spec.training.schedule.minLr", f"{t.schedule.min_lr} is above optimizer.lr ({t.optimizer.lr})")
+    yield from _check_wsd(spec)
     if t.zero.offload_params and t.zero.stage != 3:
         yield SpecError("spec.training.zero.offloadParams", f"needs zero.stage 3, not {t.zero.stage}")
     if t.zero.offload_optimizer and t.zero.stage == 0:
         yield SpecError("spec.training.zero.offloadOptimizer", "needs zero.stage 1, 2 or 3")
     if t.precision == "fp16" and spec.resources.accelerator == "cpu":
         yield SpecError("spec.training.precision", "fp16 needs accelerator gpu; use bf16 or fp32 on cpu")
+
+
+def _check_wsd(spec: PretrainJobSpec) -> Iterator[SpecError]:
+    """decaySteps only with wsd, and room for it after the warm-up."""
+    sched, steps = spec.training.schedule, total_steps(spec)
+    if sched.decay_steps is None:
+        return
+    if sched.decay != "wsd":
+        yield SpecError("spec.training.schedule.decaySteps", f"only with decay wsd, not {sched.decay}")
+    elif steps is not None and sched.decay_steps > steps - sched.warmup_steps:
+        yield SpecError("spec.training.schedule.decaySteps", f"{sched.decay_steps} is more than the {steps} steps "
+                        f"leave after warmupSteps ({sched.warmup_steps})")  # fmt: skip
 
 
 def total_steps(spec: PretrainJobSpec) -> int | None:

@@ -83,20 +83,40 @@ def deepspeed_config(spec: PretrainJobSpec, world_size: int | None = None, *, gp
 
 def lr_multiplier(step: int, spec: PretrainJobSpec) -> float:
     """Learning rate at optimizer step `step` (0-based) as a multiple of the peak lr:
-    linear warm-up, then cosine/linear decay to minLr at the last step, or constant."""
+    linear warm-up, then cosine/linear decay to minLr at the last step, or constant; or wsd:
+    the peak held until the last decaySteps, which decay to minLr."""
     steps = total_steps(spec) or 1
     sched = spec.training.schedule
-    peak = spec.training.optimizer.lr
-    floor = sched.min_lr / peak
+    floor = sched.min_lr / spec.training.optimizer.lr
     warmup = min(sched.warmup_steps, max(steps - 1, 0))
     if step < warmup:
         return (step + 1) / warmup
     if sched.decay == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup) / max(1, steps - 1 - warmup))
-    if sched.decay == "linear":
-        return floor + (1.0 - floor) * (1.0 - progress)
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    start: int = warmup
+    shape: str = sched.decay
+    if sched.decay == "wsd":
+        start = max(warmup, steps - wsd_decay_steps(spec))
+        shape = sched.decay_shape
+        if step < start:
+            return 1.0
+    progress = min(1.0, (step - start) / max(1, steps - 1 - start))
+    return floor + (1.0 - floor) * _decayed(shape, progress)
+
+
+def wsd_decay_steps(spec: PretrainJobSpec) -> int:
+    """The steps of a wsd schedule's final decay: decaySteps, or decayFraction of the steps."""
+    sched = spec.training.schedule
+    return sched.decay_steps or max(1, round(sched.decay_fraction * (total_steps(spec) or 1)))
+
+
+def _decayed(shape: str, progress: float) -> float:
+    """What is left of (peak - floor) at `progress` (0 to 1) through a decay of `shape`."""
+    if shape == "linear":
+        return 1.0 - progress
+    if shape == "sqrt":
+        return 1.0 - math.sqrt(progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def model_flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
