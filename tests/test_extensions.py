@@ -55,3 +55,45 @@ def test_only_extension_builds_are_copied_and_never_the_cache_into_itself(tmp_pa
     assert seed_extension_cache(str(outer), str(outer / "ext")) == []
     # Run again: nothing more to copy.
     assert seed_extension_cache(str(source), str(cache)) == []
+
+
+def test_a_build_killed_midway_no_longer_hangs_every_later_launch(tmp_path: Path) -> None:
+    """torch's JIT build takes a `lock` file (its FileBaton) that only the builder removes; a
+    trainer killed mid-build left it in a CI run, and every later trainer waited on it forever.
+    build_cpu_op holds an flock while it builds, so a torch lock it finds is stale: removed, said,
+    and torch's own baton is then free for the build."""
+    from torch.utils.file_baton import FileBaton
+
+    from pretrain.trainer.extensions import build_cpu_op
+
+    cache = tmp_path / "ext"
+    (cache / "deepspeed_shm_comm").mkdir(parents=True)
+    lock = cache / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    assert not FileBaton(str(lock)).try_acquire(), "as torch finds it: it would wait forever"
+    took: list[bool] = []
+    removed = build_cpu_op(str(cache), load=lambda: took.append(FileBaton(str(lock)).try_acquire()))
+    assert removed == [lock] and took == [True]
+    assert (cache / ".pretrain-build.lock").exists()
+
+
+def test_builds_take_turns(tmp_path: Path) -> None:
+    """Two processes building at once: the second loads only once the first has finished."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, time\nfrom pretrain.trainer.extensions import build_cpu_op\n"
+        "def load():\n    print('start', time.monotonic(), flush=True)\n    time.sleep(1.0)\n"
+        "    print('end', time.monotonic(), flush=True)\n"
+        "build_cpu_op(sys.argv[1], load=load)\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    spans = []
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        marks = dict(line.split() for line in out.splitlines())
+        spans.append((float(marks["start"]), float(marks["end"])))
+    first, second = sorted(spans)
+    assert second[0] >= first[1], spans

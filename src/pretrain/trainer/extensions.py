@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("pretrain.trainer")
@@ -75,3 +76,46 @@ def seed_extension_cache(prebuilt: str | None = None, target: str | None = None)
             with contextlib.suppress(OSError):
                 shutil.rmtree(partial)
     return copied
+
+
+#: An flock beside the builds: every trainer builds (or loads) DeepSpeed's CPU op while holding it.
+BUILD_LOCK = ".pretrain-build.lock"
+
+
+def _load_shm_op() -> None:
+    """What deepspeed.init_distributed does first on CPU (comm/torch.py: build_shm_op)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None and deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        builder.load(verbose=False)
+
+
+def build_cpu_op(cache: str | None = None, load: Callable[[], None] = _load_shm_op) -> list[Path]:
+    """Build (or load) DeepSpeed's CPU op before deepspeed.init_distributed does, under an flock
+    in the cache; the stale torch lock files removed (returned).
+
+    torch guards a JIT build with a `lock` file that only its builder removes: a trainer killed
+    mid-build (a pod deleted in its first minute) leaves it, and every later launch on that cache
+    waits on it forever (a CI run hung so). An flock dies with its holder, so whoever holds this
+    one knows that a torch lock it finds belongs to no build still running (every build runs
+    under the flock; DeepSpeed's own load in init_distributed, after this, finds the op built and
+    takes torch's lock for a moment only). Not inside init_distributed: that joins the
+    rendezvous, and a rank holding the flock there would wait for one waiting on the flock."""
+    import fcntl
+
+    dest = cache or os.environ.get("TORCH_EXTENSIONS_DIR")
+    if not dest:
+        load()
+        return []
+    Path(dest).mkdir(parents=True, exist_ok=True)
+    with open(Path(dest) / BUILD_LOCK, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        stale = sorted(p for p in Path(dest).glob("*/lock") if p.is_file())
+        for lock in stale:
+            lock.unlink(missing_ok=True)
+            log.warning("removed %s: a build killed before it finished left it, and every later launch "
+                        "would have waited on it forever", lock)  # fmt: skip
+        load()
+    return stale

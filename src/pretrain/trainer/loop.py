@@ -33,7 +33,7 @@ from pretrain.metrics.trainer import Labels, TrainerMetrics
 from pretrain.storage.manifest import step_name
 from pretrain.timestamps import from_epoch
 from pretrain.trainer.checkpointer import Checkpointer, open_store
-from pretrain.trainer.extensions import seed_extension_cache
+from pretrain.trainer.extensions import build_cpu_op, seed_extension_cache
 from pretrain.trainer.guard import Finding, GuardError, LossGuard, fault_from_env
 from pretrain.trainer.progress import Progress
 from pretrain.trainer.setup import Parts, compile_enabled, setup
@@ -96,6 +96,7 @@ class Trainer:
             torch.cuda.set_device(self.world.local_rank)
         else:
             seed_extension_cache()  # DeepSpeed's CPU op, compiled into the image, instead of a 30 s build
+            build_cpu_op()  # or built here, one process at a time, past any build killed before
         import deepspeed
 
         deepspeed.init_distributed(verbose=False)
