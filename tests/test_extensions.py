@@ -97,3 +97,18 @@ def test_builds_take_turns(tmp_path: Path) -> None:
         spans.append((float(marks["start"]), float(marks["end"])))
     first, second = sorted(spans)
     assert second[0] >= first[1], spans
+
+
+def test_workers_run_the_ninja_beside_their_torch() -> None:
+    """`pretrain run` puts its interpreter's bin folder first on the workers' PATH: a system
+    ninja (1.11 here) and the venv's (1.13) read each other's build logs as foreign, and the
+    CPU op was rebuilt from scratch each time one took over from the other."""
+    import os
+    import sys
+
+    from pretrain.launch import interpreter_first
+
+    own = str(Path(sys.executable).parent)
+    assert interpreter_first("/usr/bin:/bin").split(os.pathsep) == [own, "/usr/bin", "/bin"]
+    assert interpreter_first(f"/usr/bin:{own}:/bin").split(os.pathsep) == [own, "/usr/bin", "/bin"], "once"
+    assert interpreter_first("") == own

@@ -99,7 +99,19 @@ def _worker_env(job: Any, out: Path, procs: int, reason_file: Path) -> dict[str,
     reason_file.parent.mkdir(parents=True, exist_ok=True)
     reason_file.unlink(missing_ok=True)
     env[ENV_TERMINATION_LOG] = str(reason_file)
+    env["PATH"] = interpreter_first(env.get("PATH", ""))
     return env
+
+
+def interpreter_first(path: str) -> str:
+    """PATH with this interpreter's bin folder first, as an activated venv has it: the workers'
+    JIT builds then run the ninja installed beside torch. A system ninja of another version
+    earlier on PATH reads the build's logs as foreign and rebuilds DeepSpeed's CPU op from
+    scratch, 1-3 minutes each time runs with and without the venv on PATH share one cache (ninja
+    1.11 and 1.13 alternated 6 times in one CI run)."""
+    own = str(Path(sys.executable).parent)
+    parts = [p for p in path.split(os.pathsep) if p and p != own]
+    return os.pathsep.join([own, *parts])
 
 
 def _report_end(job: Any, out: Path, code: int, hidden: int, reason_file: Path) -> None:
