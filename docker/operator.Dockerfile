@@ -13,14 +13,17 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY src ./src
-# The dependencies come from pyproject.toml's `operator` extra: no second list here.
+# The dependencies come from pyproject.toml's `operator` extra (no second list here), installed
+# before the source is copied: a source change rebuilds only the last layer (docker/requirements.py).
+COPY pyproject.toml docker/requirements.py ./
 # hadolint ignore=DL3013
 RUN python3 -m venv --upgrade-deps /opt/venv \
-    && pip install --no-compile '.[operator]' \
-    && rm -rf /src \
+    && python3 requirements.py pyproject.toml operator > requirements.txt \
+    && pip install --no-compile -r requirements.txt \
     && useradd --uid 1000 --create-home pretrain
+COPY README.md ./
+COPY src ./src
+RUN pip install --no-compile --no-deps . && rm -rf /src
 WORKDIR /home/pretrain
 USER 1000:1000
 EXPOSE 8080 9090

@@ -22,16 +22,15 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ ${dev:+"$dev"} \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY src ./src
-COPY examples /opt/pretrain/examples
-# The dependencies come from pyproject.toml's `trainer` extra: no second list here.
+# The dependencies come from pyproject.toml's `trainer` extra (no second list here), installed
+# before the source is copied: a source change rebuilds only the last layers (seconds), not
+# torch, DeepSpeed and the rest, nor DeepSpeed's CPU op (minutes). docker/requirements.py says so.
+COPY pyproject.toml docker/requirements.py ./
 # hadolint ignore=DL3013
 RUN python3 -m venv --upgrade-deps /opt/venv \
-    && torch="$(python3 -c 'import tomllib; print(next(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["trainer"] if r.startswith("torch=")))')" \
-    && pip install --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$torch" \
-    && pip install --no-compile '.[trainer]' \
-    && rm -rf /src \
+    && python3 requirements.py pyproject.toml trainer > requirements.txt \
+    && pip install --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$(grep '^torch==' requirements.txt)" \
+    && pip install --no-compile -r requirements.txt \
     && useradd --uid 1000 --create-home pretrain \
     && mkdir /workspace && chown 1000:1000 /workspace
 # DeepSpeed's CPU communication op, compiled once here; the trainer copies it into the pod's
@@ -40,6 +39,10 @@ ENV PRETRAIN_PREBUILT_EXTENSIONS=/opt/pretrain/torch_extensions
 RUN TORCH_EXTENSIONS_DIR="$PRETRAIN_PREBUILT_EXTENSIONS" python3 -c \
     "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" \
     && chmod -R a+rX "$PRETRAIN_PREBUILT_EXTENSIONS"
+COPY examples /opt/pretrain/examples
+COPY README.md ./
+COPY src ./src
+RUN pip install --no-compile --no-deps . && rm -rf /src
 USER 1000:1000
 WORKDIR /workspace
 ENV HOME=/workspace HF_HOME=/workspace/hf TORCH_EXTENSIONS_DIR=/workspace/torch_extensions \

@@ -20,17 +20,19 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential ${dev:+"$dev"} \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY src ./src
-# The dependencies come from pyproject.toml's `trainer` extra: no second list here.
+# The dependencies first, the source last: a source change rebuilds seconds, not torch
+# (docker/requirements.py, as in trainer-cpu.Dockerfile).
+COPY pyproject.toml docker/requirements.py ./
 # hadolint ignore=DL3013
 RUN python3 -m venv --upgrade-deps /opt/venv \
-    && torch="$(python3 -c 'import tomllib; print(next(r for r in tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["trainer"] if r.startswith("torch=")))')" \
-    && pip install --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$torch" \
-    && pip install --no-compile '.[trainer]' \
-    && rm -rf /src \
+    && python3 requirements.py pyproject.toml trainer > requirements.txt \
+    && pip install --no-compile ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "$(grep '^torch==' requirements.txt)" \
+    && pip install --no-compile -r requirements.txt \
     && useradd --uid 1000 --create-home pretrain \
     && mkdir /workspace && chown 1000:1000 /workspace
+COPY README.md ./
+COPY src ./src
+RUN pip install --no-compile --no-deps . && rm -rf /src
 USER 1000:1000
 WORKDIR /workspace
 ENV HOME=/workspace HF_HOME=/workspace/hf TORCH_EXTENSIONS_DIR=/workspace/torch_extensions

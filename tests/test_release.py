@@ -5,9 +5,13 @@ install from the project's metadata."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from importlib.metadata import requires
 from pathlib import Path
 
 import yaml
+from packaging.requirements import Requirement
 
 from pretrain.api.spec import ResourcesSpec
 from tests.conftest import ROOT
@@ -43,6 +47,24 @@ def test_images_install_from_the_project_metadata() -> None:
     for dockerfile in set(published().values()):
         text = Path(ROOT / dockerfile).read_text()
         assert re.search(r"^ARG BASE=\S+", text, re.M) and "FROM ${BASE}" in text, dockerfile
-        assert "pip install --no-compile '.[" in text, f"{dockerfile}: dependencies come from pyproject.toml"
+        assert re.search(r"requirements\.py pyproject\.toml (operator|trainer) > requirements\.txt", text), dockerfile
+        assert "pip install --no-compile -r requirements.txt" in text, f"{dockerfile}: dependencies from pyproject"
+        # the source last, into the layer above the dependencies: nothing installed twice
+        assert text.index("COPY src") > text.index("-r requirements.txt"), dockerfile
+        assert "pip install --no-compile --no-deps ." in text, dockerfile
         # no second list of pinned packages beside pyproject.toml
         assert not re.search(r"pip install[^\n]*\b(transformers|deepspeed|kopf)==", text), dockerfile
+
+
+def test_the_images_requirements_are_the_packages_own() -> None:
+    """docker/requirements.py prints what pip itself reads from the installed package's metadata."""
+
+    def normal(r: Requirement) -> tuple[str, str, frozenset[str]]:
+        return r.name.lower(), str(r.specifier), frozenset(r.extras)
+
+    meta = [Requirement(r) for r in requires("pretrain") or []]
+    for extra in ("operator", "trainer"):
+        printed = subprocess.run([sys.executable, str(ROOT / "docker" / "requirements.py"),
+                                  str(ROOT / "pyproject.toml"), extra], capture_output=True, text=True, check=True)  # fmt: skip
+        want = {normal(r) for r in meta if r.marker is None or r.marker.evaluate({"extra": extra})}
+        assert {normal(Requirement(line)) for line in printed.stdout.splitlines()} == want, extra
