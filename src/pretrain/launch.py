@@ -13,10 +13,11 @@ from typing import Any
 
 import click
 
-from pretrain import tasks
+from pretrain import objectives, tasks
 from pretrain.api.validation import load_job, parse_job
-from pretrain.clitools import UserError, friendly_errors, set_option, shown
+from pretrain.clitools import friendly_errors, set_option, shown
 from pretrain.contract import ENV_TERMINATION_LOG, trainer_command
+from pretrain.errors import UserError
 
 
 def free_port() -> int:
@@ -344,7 +345,7 @@ def generate(
 @click.option("--data", "data_uri", required=True, help="Path, glob or URI of the evaluation data.")
 @click.option(
     "--objective",
-    type=click.Choice(tasks.names()),
+    type=click.Choice(objectives.names()),
     required=True,
 )
 @click.option("--text-field", default="text", show_default=True)
@@ -387,7 +388,7 @@ def evaluate(
             obj = ObjectiveSpec(type=objective, label_field=label_field)
             names = [config.id2label[i] for i in range(len(config.id2label))] if task.has_labels else []
             rows = labeled.read_rows(data.sources)
-            split = labeled.build(obj, data, tok, rows, names, training=False)
+            split = tasks.build_split(obj, data, tok, rows, names, training=False)
             scores = evaluate_task(
                 model, split, obj, names, rank=0, world=1, micro_batch=batch_size,
                 to_device=World().to_device,

@@ -20,7 +20,7 @@ from typing import Any
 import click
 import yaml
 
-from pretrain.clitools import UserError, friendly_errors
+from pretrain.errors import UserError
 from pretrain.metrics.history import MAX_HISTORY_BYTES, METRICS_FILE, check_history, current_records
 from pretrain.storage.fs import is_local, local_path
 from pretrain.storage.manifest import step_name, total_bytes
@@ -246,29 +246,3 @@ def write_report(args: list[str], out: Path) -> Path:
     page = out / "report.html"
     page.write_text(_html(runs, out, list(drawn)))
     return page
-
-
-@click.command()
-@click.argument("runs", nargs=-1)
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Folder for the PNGs and report.html (default: <first run>/report, or ./report for a URI).")  # fmt: skip
-@click.option("--job", "jobs", multiple=True, metavar="NAME",
-              help="A PretrainJob on the cluster: its checkpoint.uri, read from the API (repeatable).")  # fmt: skip
-@click.option("-n", "--namespace", default=None, help="The jobs' namespace (default: the kubeconfig context's).")
-@friendly_errors
-def report(runs: tuple[str, ...], output: Path | None, jobs: tuple[str, ...], namespace: str | None) -> None:
-    """Plot the curves of one or more runs (overlaid) and write an HTML report.
-
-    RUNS are `pretrain run` folders or checkpoint locations (folders or s3://, gs://, ... URIs);
-    --job names a job on the cluster instead (its history lies beside its checkpoints)."""
-    if jobs:
-        from pretrain.client import PretrainClient
-
-        client = PretrainClient(namespace)
-        runs = (*runs, *(client.checkpoint_uri(j) for j in jobs))
-    if not runs:
-        raise click.UsageError("name a run folder, a checkpoint location or --job NAME")
-    if output is None:
-        output = local_path(runs[0]) / "report" if is_local(runs[0]) else Path("report")
-    page = write_report(list(runs), output)
-    click.echo(f"report: {page}")

@@ -532,7 +532,7 @@ def test_scheduling_timeout_action(action: str) -> None:
 
 def test_success_takes_the_final_progress_from_rank_0s_termination_message() -> None:
     """The last scrape comes before the last steps: the job's final status comes from the summary
-    rank 0 leaves as its termination message (src/pretrain/trainer/termination.py)."""
+    rank 0 leaves as its termination message (src/pretrain/termination.py)."""
     import json
 
     h = Harness(job_body(two_nodes()))

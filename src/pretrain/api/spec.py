@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from pretrain import tasks
+from pretrain import objectives
 
 GROUP = "pretrain.io"
 VERSION = "v1alpha1"
@@ -113,9 +113,9 @@ class ModelSpec(Spec):
 if TYPE_CHECKING:
     ObjectiveType = str
 else:
-    #: Every objective, one module of pretrain.tasks each (named from its files, none imported):
-    #: a Literal, so the CRD's enum and the errors list them.
-    ObjectiveType = Literal[tasks.names()]
+    #: Every objective, one module of pretrain.tasks each (pretrain.objectives reads their file
+    #: names, importing none): a Literal, so the CRD's enum and the errors list them.
+    ObjectiveType = Literal[objectives.names()]
 
 
 class ObjectiveSpec(Spec):
@@ -156,7 +156,7 @@ class ObjectiveSpec(Spec):
     @property
     def fine_tuning(self) -> bool:
         """Trained on labelled rows (a fine-tuning task) rather than packed text."""
-        return self.type is not None and self.type not in tasks.LANGUAGE_MODELLING  # no task module imported
+        return objectives.is_fine_tuning(self.type)
 
 
 class TokenizerSpec(Spec):

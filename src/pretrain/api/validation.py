@@ -21,6 +21,7 @@ from pretrain.api.presets import MissingDimension, resolve_dims
 from pretrain.api.quantity import quantity
 from pretrain.api.spec import PretrainJob, PretrainJobSpec
 from pretrain.contract import POD_ENV
+from pretrain.errors import UserError
 from pretrain.storage.paths import system_path
 
 #: Token ids a built-in byte tokenizer uses: 256 bytes and 4 special tokens.
@@ -40,7 +41,7 @@ _CREDENTIAL_WORDS = re.compile(
 )
 
 
-class SpecError(ValueError):
+class SpecError(UserError, ValueError):
     """An invalid job: `path` is the camelCase field path, `reason` says what is wrong."""
 
     def __init__(self, path: str, reason: str) -> None:

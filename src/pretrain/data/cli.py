@@ -10,8 +10,9 @@ from typing import Any
 import click
 
 from pretrain.api.validation import load_job
-from pretrain.clitools import UserError, friendly_errors, set_option
+from pretrain.clitools import friendly_errors, set_option
 from pretrain.data.sources import DataError
+from pretrain.errors import UserError
 
 
 @click.group()
@@ -138,7 +139,7 @@ def _prepare_one_part(job: Any, tok: Any, cache: Path, index: int, count: int, t
     from pretrain.data.prepare import commit_remote, part_summary, parts_folder, prepare_remote_part, remote_state
     from pretrain.data.tokenizer import fingerprint
     from pretrain.data.units import plan_units, resolve_inputs, units_of
-    from pretrain.trainer.termination import write_done
+    from pretrain.termination import write_done
 
     data = job.spec.data
     inputs = resolve_inputs(data, fingerprint(tok))

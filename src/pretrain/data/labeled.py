@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.api.spec import DataSourceSpec, DataSpec, ObjectiveSpec
+from pretrain.api.spec import DataSourceSpec
 from pretrain.data.order import Blocks, uniform_blocks
 from pretrain.data.sources import DataError, iter_rows, resolve_files
 
@@ -50,7 +50,7 @@ def read_rows(sources: list[DataSourceSpec]) -> list[tuple[str, dict[str, Any]]]
     return out
 
 
-def _split(rows: list[tuple[str, dict[str, Any]]], share: float, seed: int) -> tuple[list[Any], list[Any]]:
+def split_rows(rows: list[tuple[str, dict[str, Any]]], share: float, seed: int) -> tuple[list[Any], list[Any]]:
     """A deterministic held-out share, chosen by a hash of (seed, position)."""
     if share <= 0:
         return rows, []
@@ -69,48 +69,3 @@ def label_id(value: Any, names: list[str], where: str, what: str) -> int:
     if key not in names:
         raise DataError(f"{where}: {what} {key!r} is not one of {', '.join(names[:20])}")
     return names.index(key)
-
-
-def label_names(objective: ObjectiveSpec, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
-    """The spec's names, else the task's names from the training rows; none for a task without
-    labels."""
-    from pretrain import tasks
-
-    task = tasks.get_fine_tuning(str(objective.type))
-    if not task.has_labels:
-        return []
-    if objective.label_names:
-        return list(objective.label_names)
-    names = task.label_names(objective, rows)
-    if not names:
-        raise DataError("the training data has no labels")
-    return names
-
-
-def build(objective: ObjectiveSpec, data: DataSpec, tokenizer: Any, rows: list[tuple[str, dict[str, Any]]],
-          names: list[str], *, training: bool) -> LabeledSplit:  # fmt: skip
-    """The task's feature arrays of `rows` (see `pretrain.tasks`)."""
-    from pretrain import tasks
-
-    text_field = data.sources[0].text_field if data.sources else "text"
-    return tasks.get_fine_tuning(str(objective.type)).build(
-        objective, data.sequence_length, text_field, tokenizer, rows, names, training=training
-    )
-
-
-def load(objective: ObjectiveSpec, data: DataSpec, tokenizer: Any, seed: int,
-         names: list[str] | None = None) -> tuple[LabeledSplit, LabeledSplit, list[str]]:  # fmt: skip
-    """(train, validation, label names) for a fine-tuning job."""
-    rows = read_rows(data.sources)
-    if not rows:
-        raise DataError(f"{data.sources[0].uri}: no rows")
-    if data.validation_sources:
-        train_rows, val_rows = rows, read_rows(data.validation_sources)
-    else:
-        train_rows, val_rows = _split(rows, data.validation_split, seed)
-    if not train_rows:
-        raise DataError(f"{data.sources[0].uri}: no training rows left after the validation split")
-    names = names or label_names(objective, train_rows)
-    train = build(objective, data, tokenizer, train_rows, names, training=True)
-    val = build(objective, data, tokenizer, val_rows, names, training=False) if val_rows else LabeledSplit({}, [], [])
-    return train, val, names

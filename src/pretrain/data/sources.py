@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.api.spec import DataSourceSpec
+from pretrain.errors import UserError
 from pretrain.storage.paths import system_path
 
 #: Plain text is handed to the tokenizer in pieces of about this many characters.
@@ -29,7 +30,7 @@ TEXT_CHUNK_CHARS = 1 << 20
 MAX_RECORD_CHARS = 64 << 20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A source that cannot be read as asked; the message names it."""
 
 

@@ -28,54 +28,27 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pretrain.storage.fs import (
-    FULL_ERRNOS,
-    StorageError,
-    is_local,
-    is_transient,
-    local_path,
-    sha256_file,
-    upload_dir,
-    with_retries,
-)
+from pretrain.storage.fs import FULL_ERRNOS, local_path, sha256_file, upload_dir
 from pretrain.storage.lease import LEASE_FILE, CheckpointLease, LeaseError
-from pretrain.storage.manifest import MANIFEST, PARTS, STEP_DIR, Manifest, parse_manifest, step_name
+from pretrain.storage.location import CheckpointError, Location, LocationArgs
+from pretrain.storage.manifest import MANIFEST, Manifest, step_name
 from pretrain.storage.paths import UnsafePath, inside, relative_name
+from pretrain.storage.publish import background_priority, files_under, publish_part, staging_dir, write_manifest
+from pretrain.storage.retention import resume_order, retention_plan
 from pretrain.storage.uploader import UploaderProcess
+
+__all__ = ["INTERACTIVE_ATTEMPTS", "QUARANTINE", "CheckpointError", "CheckpointStore", "SaveStats"]
 
 log = logging.getLogger("pretrain.checkpoint")
 
 #: Where steps with a damaged manifest are moved, under the checkpoint location.
 QUARANTINE = "quarantine"
-
-
-#: Files uploaded at once, and the part size of multipart uploads.
-UPLOAD_THREADS = 2
-UPLOAD_BLOCK = 64 * 2**20
-
-
-def _background_priority() -> None:
-    """Lower this thread's CPU priority (Linux threads have their own nice value): checkpoint
-    hashing and uploading must not slow the training loop on a busy host."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-class CheckpointError(StorageError):
-    """A checkpoint that cannot be saved or loaded; the message says which and why."""
-
-
-def _files_under(root: Path) -> Iterator[Path]:
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and PARTS not in p.relative_to(root).parts and p.name != MANIFEST:
-            yield p
 
 
 @dataclass
@@ -114,87 +87,41 @@ class CheckpointStore:
         part_timeout: float = 3600.0,
         upload_process: bool = True,
     ) -> None:
-        self._kwargs: dict[str, Any] = {
-            "uri": uri, "workdir": workdir, "node_rank": node_rank, "nodes": nodes, "storage_options": storage_options,
-            "keep_last": keep_last, "keep_every": keep_every, "retry_attempts": retry_attempts,
-            "retry_base_delay": retry_base_delay, "part_timeout": part_timeout,
-        }  # fmt: skip
+        self.loc = Location(LocationArgs(uri, storage_options or {}, retry_attempts, retry_base_delay))
         # Hashing and uploading run in a separate, niced process, out of the stop signals' reach
         # (storage/uploader.py).
         self._uploader = UploaderProcess()
         self.upload_process = upload_process
-        self.local = is_local(uri)
-        self.uri = str(local_path(uri).resolve()) if self.local else uri.rstrip("/")
+        self.local, self.uri, self.options = self.loc.local, self.loc.uri, self.loc.options
         self.workdir = workdir
         self.node_rank, self.nodes = node_rank, nodes
-        self.options = storage_options or {}
         self.keep_last, self.keep_every = keep_last, keep_every
-        self.retry_attempts, self.retry_base_delay = retry_attempts, retry_base_delay
         self.part_timeout = part_timeout
         self.stats = SaveStats()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-upload")
         self._inflight: Future[None] | None = None
         self._lock = threading.Lock()
-        self._fs: Any = None
         self._lease: CheckpointLease | None = None
-
-    # ------------------------------------------------------------------ fsspec plumbing
 
     @property
     def fs(self) -> Any:
-        if self._fs is None:
-            import fsspec
-
-            self._fs, self._root = fsspec.core.url_to_fs(self.uri, **self.options)
-        return self._fs
+        return self.loc.fs
 
     @property
     def root(self) -> str:
-        _ = self.fs
-        return str(self._root)
+        """The location's path in its filesystem (the URI without its scheme)."""
+        return self.loc.root
 
-    def _join(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
+    def steps(self) -> list[int]:
+        """Steps that have a directory (complete or not), ascending."""
+        return self.loc.steps()
 
-    def _pipe(self, what: str, path: str, data: bytes) -> None:
-        """Write a small object (parents created on local stores, where they matter)."""
+    def exists(self, rel: str) -> bool:
+        return self.loc.exists(rel)
 
-        def put() -> None:
-            if self.local:
-                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(path, data)
-
-        self._retry(what, put)
-
-    def _retry(self, what: str, fn: Callable[[], Any]) -> Any:
-        """`fn` with transient errors retried; one that persists becomes a CheckpointError that
-        says so (other errors, FileNotFoundError among them, pass unchanged)."""
-        try:
-            return with_retries(what, fn, attempts=self.retry_attempts, base_delay=self.retry_base_delay)
-        except Exception as e:
-            if not is_transient(e):
-                raise
-            raise CheckpointError(
-                f"{what} in {self.uri} failed {self.retry_attempts} times ({e.__class__.__name__}: {e})"
-            ) from e
-
-    def _create_exclusive(self, path: str, data: bytes) -> None:
-        """Write a small object only where none is (FileExistsError otherwise), whole or not at
-        all: link() of a finished file on a local disk, a conditional put (If-None-Match) on S3."""
-        if self.local:
-            # Written whole under a name of its own, then linked into place: link() fails when the
-            # name exists, and no reader ever sees the file empty or half-written.
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.link(tmp, path)
-            finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
-            return
-        self.fs.pipe_file(path, data, mode="create")  # s3fs: If-None-Match, a 412 as FileExistsError
+    def manifest_state(self, rel: str) -> tuple[str, Manifest | None, str]:
+        """What is known of `<uri>/<rel>/manifest.json` (see `Location.manifest_state`)."""
+        return self.loc.manifest_state(rel)
 
     # ------------------------------------------------------------------ the lease (one writer at a time)
 
@@ -202,12 +129,12 @@ class CheckpointStore:
         """Take this location's lease for `holder` and keep renewing it (global rank 0, before
         anything is read or written here), or raise CheckpointError naming who holds it."""
         lease = CheckpointLease(
-            self.fs, self._join(LEASE_FILE), holder, exclusive_create=self._create_exclusive, duration=duration,
+            self.fs, self.loc.join(LEASE_FILE), holder, exclusive_create=self.loc.create_exclusive, duration=duration,
             settle=settle,
         )  # fmt: skip
         try:
             try:
-                self._retry("take the checkpoint lease", lease.acquire)
+                self.loc.retry("take the checkpoint lease", lease.acquire)
             except OSError as e:
                 # A full disk cannot take even the lease, and the debris of the save that filled
                 # it is what a rerun must remove. The lease was free when the write failed (it is
@@ -246,9 +173,7 @@ class CheckpointStore:
 
     def staging_dir(self, step: int) -> Path:
         """Where this node's ranks write checkpoint `step` (the final place for local URIs)."""
-        if self.local:
-            return local_path(self.uri) / step_name(step)
-        return self.workdir / "staging" / step_name(step)
+        return staging_dir(self.loc, self.workdir, step)
 
     def wait(self) -> None:
         """Block until the upload in flight (if any) is done. Call before the next save."""
@@ -274,13 +199,17 @@ class CheckpointStore:
             self.wait()
 
     def _commit(self, step: int, writes_manifest: bool, meta: dict[str, Any]) -> None:
-        _background_priority()
+        background_priority()
         t0 = time.monotonic()
         try:
-            nbytes = self._uploader.publish(self._kwargs, step) if self.upload_process else self._publish_part(step)
+            staging = self.staging_dir(step)
+            if self.upload_process:
+                nbytes = self._uploader.publish(self.loc.args, staging, step, self.node_rank)
+            else:
+                nbytes = publish_part(self.loc, staging, step, self.node_rank)
             if writes_manifest:
                 self._check_lease()  # the manifest is the commit: never one after the lease was lost
-                self._write_manifest(step, meta)
+                write_manifest(self.loc, step, self.nodes, self.part_timeout, meta)
                 self._retain()
             with self._lock:
                 self.stats.saves += 1
@@ -297,86 +226,7 @@ class CheckpointStore:
             log.error("checkpoint %s failed: %s: %s", step_name(step), e.__class__.__name__, e)
             raise
 
-    def _publish_part(self, step: int) -> int:
-        """Hash (and, for remote stores, upload) this node's files, reading each once, several
-        files at a time; then publish the node's part listing them."""
-        staging = self.staging_dir(step)
-        paths = list(_files_under(staging))
-        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS, thread_name_prefix="ckpt-file") as pool:
-            digests = list(pool.map(lambda p: self._publish_file(step, staging, p), paths))
-        files = {rel: {"size": size, "sha256": digest} for rel, size, digest in digests}
-        part = json.dumps({"node": self.node_rank, "files": files}).encode()
-        self._pipe("write part", self._join(step_name(step), PARTS, f"node-{self.node_rank}.json"), part)
-        if not self.local:
-            shutil.rmtree(staging, ignore_errors=True)
-        return sum(size for _, size, _ in digests)
-
-    def _publish_file(self, step: int, staging: Path, path: Path) -> tuple[str, int, str]:
-        _background_priority()
-        rel = path.relative_to(staging).as_posix()
-        if self.local:
-            return rel, path.stat().st_size, sha256_file(path)
-        target = self._join(step_name(step), rel)
-
-        def upload() -> tuple[int, str]:
-            h = hashlib.sha256()
-            size = 0
-            with open(path, "rb") as src, self.fs.open(target, "wb", block_size=UPLOAD_BLOCK) as dst:
-                for block in iter(lambda: src.read(UPLOAD_BLOCK), b""):
-                    h.update(block)
-                    dst.write(block)
-                    size += len(block)
-            return size, h.hexdigest()
-
-        size, digest = self._retry(f"upload {rel}", upload)
-        return rel, size, digest
-
-    def _write_manifest(self, step: int, meta: dict[str, Any]) -> None:
-        deadline = time.monotonic() + self.part_timeout
-        parts_dir = self._join(step_name(step), PARTS)
-        files: dict[str, Any] = {}
-        while True:
-            names = [
-                n for n in self._retry("list parts", functools.partial(self._ls, parts_dir)) if n.endswith(".json")
-            ]
-            if len(names) >= self.nodes:
-                break
-            if time.monotonic() > deadline:
-                raise CheckpointError(f"{step_name(step)}: only {len(names)} of {self.nodes} nodes finished uploading")
-            time.sleep(0.5)
-        for name in names:
-            part = json.loads(self._retry("read part", functools.partial(self.fs.cat_file, f"{parts_dir}/{name}")))
-            files.update(part["files"])
-        manifest = {
-            "step": step,
-            "time": datetime.now(UTC).isoformat(timespec="seconds"),
-            "files": files,
-            **meta,
-        }
-        self._pipe("write manifest", self._join(step_name(step), MANIFEST), json.dumps(manifest, indent=1).encode())
-
-    def _ls(self, path: str) -> list[str]:
-        self.fs.invalidate_cache(path)  # s3fs caches listings; other nodes write here too
-        try:
-            return [Path(p).name for p in self.fs.ls(path, detail=False)]
-        except FileNotFoundError:
-            return []
-
     # ------------------------------------------------------------------ reading
-
-    def exists(self, rel: str) -> bool:
-        self.fs.invalidate_cache()
-        return bool(self.fs.exists(self._join(rel)))
-
-    def steps(self) -> list[int]:
-        """Steps that have a directory (complete or not), ascending."""
-        self.fs.invalidate_cache()
-        out = []
-        for name in self._retry("list steps", functools.partial(self._ls, self.root)):
-            m = STEP_DIR.match(name)
-            if m:
-                out.append(int(m.group(1)))
-        return sorted(out)
 
     def manifest(self, step: int) -> Manifest | None:
         """The manifest of `step`, or None when it has none (incomplete) or it is damaged."""
@@ -386,29 +236,6 @@ class CheckpointStore:
         """The manifest of the folder `<uri>/<rel>` (a step, or a step's universal form), or
         None when it is absent or damaged; raises CheckpointError when it cannot be read."""
         return self.manifest_state(rel)[1]
-
-    def manifest_state(self, rel: str) -> tuple[str, Manifest | None, str]:
-        """What is known of `<uri>/<rel>/manifest.json`: ("complete", manifest, ""), ("absent",
-        None, "") on a NotFound, or ("damaged", None, why) when it is there but is no manifest.
-        Any other failure (throttling, 5xx, timeouts, a refused read), once retries are spent,
-        raises CheckpointError: nothing may be decided, let alone deleted, on a failed read."""
-        try:
-            data = self._retry(f"read {rel}/{MANIFEST}", functools.partial(self.fs.cat_file, self._join(rel, MANIFEST)))
-        except FileNotFoundError:
-            return "absent", None, ""
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}: nothing was deleted or loaded; run again once the storage answers") from None
-        except Exception as e:
-            raise CheckpointError(
-                f"cannot read {self.uri}/{rel}/{MANIFEST} ({e.__class__.__name__}: {e}): nothing was deleted or loaded"
-            ) from None
-        try:
-            manifest = parse_manifest(json.loads(data))
-        except ValueError as e:  # not UTF-8, not JSON
-            return "damaged", None, f"{MANIFEST} does not parse ({e.__class__.__name__}: {e})"
-        if manifest is None:
-            return "damaged", None, f"{MANIFEST} is not a manifest (fields missing or of the wrong type)"
-        return "complete", manifest, ""
 
     def complete_steps(self) -> list[int]:
         return [s for s in self.steps() if self.manifest_state(step_name(s))[0] == "complete"]
@@ -424,7 +251,7 @@ class CheckpointStore:
         m = self.folder_manifest(rel)
         if m is None:
             return "no complete manifest"
-        base = self._join(rel)
+        base = self.loc.join(rel)
         for rel_file, want in sorted(m["files"].items()):
             try:
                 relative_name(rel_file, f"{what}: manifest entry")
@@ -436,13 +263,13 @@ class CheckpointStore:
                     dest = inside(into, rel_file, f"{what}: manifest entry")
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     if not (self.local and dest.resolve() == local_path(src).resolve()):
-                        self._retry(f"download {rel_file}", functools.partial(self.fs.get_file, src, str(dest)))
+                        self.loc.retry(f"download {rel_file}", functools.partial(self.fs.get_file, src, str(dest)))
                     size, digest = dest.stat().st_size, sha256_file(dest)
                 elif self.local:
                     p = local_path(src) if src.startswith("file://") else Path(src)
                     size, digest = p.stat().st_size, sha256_file(p)
                 else:
-                    data = self._retry(f"read {rel_file}", functools.partial(self.fs.cat_file, src))
+                    data = self.loc.retry(f"read {rel_file}", functools.partial(self.fs.cat_file, src))
                     size, digest = len(data), hashlib.sha256(data).hexdigest()
             except FileNotFoundError:
                 return f"{rel_file} is missing"
@@ -460,20 +287,20 @@ class CheckpointStore:
         Returns the bytes published."""
         files: dict[str, dict[str, Any]] = {
             p.relative_to(local_dir).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in _files_under(local_dir)
+            for p in files_under(local_dir)
         }
         self._check_lease()  # the fence where the folder is its own destination (nothing is copied)
         manifest = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "files": files, **meta}
         (local_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
         upload_dir(local_dir, f"{self.uri}/{rel}", self.options, last=MANIFEST, before_last=self._check_lease,
-                   retry=self._retry)  # fmt: skip
+                   retry=self.loc.retry)  # fmt: skip
         return sum(int(f["size"]) for f in files.values())
 
     def remove_folder(self, rel: str) -> None:
         """Delete `<uri>/<rel>` (an unfinished derived folder) if it is there."""
         with contextlib.suppress(FileNotFoundError):
-            if self.fs.exists(self._join(rel)):
-                self._delete(rel)
+            if self.fs.exists(self.loc.join(rel)):
+                self.loc.delete(rel)
 
     def local_copy(self, step: int) -> Path:
         """Where `step`'s files are (local stores) or will be downloaded to (remote)."""
@@ -483,13 +310,9 @@ class CheckpointStore:
         """The step to resume from and the notes on newer checkpoints skipped. Downloads (and
         verifies) the chosen checkpoint into `local_copy(step)`. Called on one process per node."""
         notes: list[str] = []
-        if resume == "never":
-            return None, notes
-        candidates = sorted(self.steps(), reverse=True)
-        if isinstance(resume, int):
-            if resume not in candidates:
-                raise CheckpointError(f"checkpoint.resume: no checkpoint at step {resume} in {self.uri}")
-            candidates = [resume]
+        candidates = resume_order(self.steps(), resume)
+        if candidates is None:
+            raise CheckpointError(f"checkpoint.resume: no checkpoint at step {resume} in {self.uri}")
         for step in candidates:
             problem = self.verify(step, into=self.local_copy(step))
             if problem is None:
@@ -541,11 +364,11 @@ class CheckpointStore:
             state, _, why = self.manifest_state(step_name(s))
             if state == "damaged":
                 self.quarantine(s, why)
-            elif state == "absent" and MANIFEST not in self._retry(
-                "list", functools.partial(self._ls, self._join(step_name(s)))
+            elif state == "absent" and MANIFEST not in self.loc.retry(
+                "list", functools.partial(self.loc.ls, self.loc.join(step_name(s)))
             ):
                 log.warning("removing %s: an incomplete checkpoint (a save that did not finish)", step_name(s))
-                self._delete(step_name(s))
+                self.loc.delete(step_name(s))
                 gone.append(s)
         return gone
 
@@ -559,15 +382,11 @@ class CheckpointStore:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.rename(local_path(self.uri) / step_name(step), target)
         else:
-            src, dst = self._join(step_name(step)), self._join(dest)
-            self._retry("quarantine", functools.partial(self.fs.copy, src, dst, recursive=True))
-            self._delete(step_name(step))
+            src, dst = self.loc.join(step_name(step)), self.loc.join(dest)
+            self.loc.retry("quarantine", functools.partial(self.fs.copy, src, dst, recursive=True))
+            self.loc.delete(step_name(step))
         log.warning("%s is damaged (%s): moved to %s/%s, nothing deleted", step_name(step), why, self.uri, dest)
         return dest
-
-    def _delete(self, rel: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._retry("delete", functools.partial(self.fs.rm, self._join(rel), recursive=True))
 
     # ------------------------------------------------------------------ retention
 
@@ -580,22 +399,13 @@ class CheckpointStore:
         except CheckpointError as e:
             log.warning("retention skipped: %s", e)
             return
-        complete = [s for s, (state, _, _) in states.items() if state == "complete"]
-        if not complete:
-            return
-        newest = complete[-1]
-        keep = set(complete[-self.keep_last :]) | {newest}
-        if self.keep_every:
-            keep |= {s for s in complete if s % self.keep_every == 0}
-        for s, (state, _, why) in states.items():
-            # Older incomplete directories are debris of crashed saves; newer ones may be in flight.
-            if s in keep or s >= newest:
-                continue
-            if state == "damaged":
-                self.quarantine(s, why)
-            else:
-                log.info("retention: deleting %s", step_name(s))
-                self._delete(step_name(s))
+        delete, quarantine = retention_plan({s: state for s, (state, _, _) in states.items()}, self.keep_last,
+                                            self.keep_every)  # fmt: skip
+        for s in quarantine:
+            self.quarantine(s, states[s][2])
+        for s in delete:
+            log.info("retention: deleting %s", step_name(s))
+            self.loc.delete(step_name(s))
 
     # ------------------------------------------------------------------ exports
 

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain.errors import UserError
 from pretrain.storage.paths import UnsafePath, inside
 
 log = logging.getLogger("pretrain.storage")
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """A transfer that cannot be done; the message says which and why."""
 
 

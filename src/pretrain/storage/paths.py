@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path, PurePosixPath
 
+from pretrain.errors import UserError
 
-class UnsafePath(ValueError):
+
+class UnsafePath(UserError, ValueError):
     """A name from storage that would leave its folder; the message says which and why."""
 
 

@@ -23,9 +23,11 @@ import signal
 import subprocess
 import sys
 import threading
+from pathlib import Path
 from typing import IO, Any
 
 from pretrain.storage.fs import StorageError
+from pretrain.storage.location import LocationArgs
 
 #: The signals that ask a run to stop; the uploader ignores them (its trainer decides).
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -42,12 +44,14 @@ class UploaderProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
 
-    def publish(self, kwargs: dict[str, Any], step: int) -> int:
+    def publish(self, where: LocationArgs, staging: Path, step: int, node_rank: int) -> int:
+        """Publish this node's part of `step` from `staging` (publish.publish_part, in the child);
+        returns the bytes."""
         with self._lock:
             proc = self._start()
             assert proc.stdin is not None and proc.stdout is not None
             try:
-                pickle.dump((kwargs, step), proc.stdin)
+                pickle.dump((where, staging, step, node_rank), proc.stdin)
                 proc.stdin.flush()
                 kind, value = pickle.load(proc.stdout)
             except (OSError, EOFError, pickle.UnpicklingError):
@@ -112,16 +116,17 @@ def _child_setup() -> IO[bytes]:
 def serve() -> None:
     """The uploader's loop: publish each requested part until stdin closes."""
     replies = _child_setup()
-    from pretrain.storage.checkpoint import CheckpointStore
+    from pretrain.storage.location import Location
+    from pretrain.storage.publish import publish_part
 
     requests = sys.stdin.buffer
     while True:
         try:
-            kwargs, step = pickle.load(requests)
+            where, staging, step, node_rank = pickle.load(requests)
         except EOFError:
             return
         try:
-            reply: tuple[str, Any] = ("ok", CheckpointStore(**kwargs, upload_process=False)._publish_part(step))
+            reply: tuple[str, Any] = ("ok", publish_part(Location(where), staging, step, node_rank))
         except Exception as e:  # reported to the trainer, which counts and logs it
             reply = ("error", f"{e.__class__.__name__}: {e}")
         pickle.dump(reply, replies)

@@ -5,28 +5,24 @@ Each public module of this package is one task, named by its file (`extractive_q
 module (plus its tests): the spec's `objective.type` accepts it, the CRD lists it (after
 `make generate`), and training, `pretrain eval` and the export pick it up from here.
 
-Names come from the file names without importing the modules, so the API (and the operator
-image, which has no numpy or torch) can list them; a task's code loads when it is used.
+Names come from the file names without importing the modules (`pretrain.objectives`, a leaf),
+so the API (and the operator image, which has no numpy or torch) can list them; a task's code
+loads when it is used.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from abc import ABC, abstractmethod
-from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from pretrain.objectives import names
+
 if TYPE_CHECKING:
-    from pretrain.api.spec import ObjectiveSpec
+    from pretrain.api.spec import DataSpec, ObjectiveSpec
     from pretrain.data.labeled import LabeledSplit
 
 Rows = list[tuple[str, dict[str, Any]]]
-
-#: The objectives that train on packed text; every other task fine-tunes on labelled rows. Named
-#: here so that the API (and the operator, which has no numpy) knows without importing a task
-#: module; tests/test_tasks.py checks it against each module's `Task.fine_tuning`.
-LANGUAGE_MODELLING = ("clm", "mlm")
 
 
 class Task:
@@ -75,12 +71,6 @@ class FineTuningTask(Task, ABC):
         """Metrics of `predictions` against `gold`, over the whole validation split."""
 
 
-@cache
-def names() -> tuple[str, ...]:
-    """Every task's name, from this package's module files (none is imported)."""
-    return tuple(sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")))
-
-
 def get(name: str) -> Task:
     if name not in names():
         raise ValueError(f"unknown objective {name!r}: one of {', '.join(names())}")
@@ -93,3 +83,54 @@ def get_fine_tuning(name: str) -> FineTuningTask:
     if not isinstance(task, FineTuningTask):
         raise ValueError(f"objective {name!r} is not a fine-tuning task")
     return task
+
+
+def label_names(objective: ObjectiveSpec, rows: Rows) -> list[str]:
+    """The spec's names, else the task's names from the training rows; none for a task without
+    labels."""
+    from pretrain.data.sources import DataError
+
+    task = get_fine_tuning(str(objective.type))
+    if not task.has_labels:
+        return []
+    if objective.label_names:
+        return list(objective.label_names)
+    names = task.label_names(objective, rows)
+    if not names:
+        raise DataError("the training data has no labels")
+    return names
+
+
+def build_split(objective: ObjectiveSpec, data: DataSpec, tokenizer: Any, rows: Rows, names: list[str], *,
+                training: bool) -> LabeledSplit:  # fmt: skip
+    """The task's feature arrays of `rows`."""
+    text_field = data.sources[0].text_field if data.sources else "text"
+    return get_fine_tuning(str(objective.type)).build(
+        objective, data.sequence_length, text_field, tokenizer, rows, names, training=training
+    )
+
+
+def load_labeled(objective: ObjectiveSpec, data: DataSpec, tokenizer: Any, seed: int,
+                 names: list[str] | None = None) -> tuple[LabeledSplit, LabeledSplit, list[str]]:  # fmt: skip
+    """(train, validation, label names) of a fine-tuning job: its rows read (data.labeled), held
+    out as the spec says, and built into feature arrays by its task."""
+    from pretrain.data.labeled import LabeledSplit, read_rows, split_rows
+    from pretrain.data.sources import DataError
+
+    rows = read_rows(data.sources)
+    if not rows:
+        raise DataError(f"{data.sources[0].uri}: no rows")
+    if data.validation_sources:
+        train_rows, val_rows = rows, read_rows(data.validation_sources)
+    else:
+        train_rows, val_rows = split_rows(rows, data.validation_split, seed)
+    if not train_rows:
+        raise DataError(f"{data.sources[0].uri}: no training rows left after the validation split")
+    names = names or label_names(objective, train_rows)
+    train = build_split(objective, data, tokenizer, train_rows, names, training=True)
+    val = (
+        build_split(objective, data, tokenizer, val_rows, names, training=False)
+        if val_rows
+        else LabeledSplit({}, [], [])
+    )
+    return train, val, names

@@ -22,8 +22,8 @@ from pretrain.contract import ENV_WORKDIR
 from pretrain.data.sources import DataError
 from pretrain.proc import die_with_parent
 from pretrain.storage.fs import StorageError, is_local, local_path, out_of_space
+from pretrain.termination import write_reason
 from pretrain.trainer.guard import GuardError
-from pretrain.trainer.termination import write_reason
 
 log = logging.getLogger("pretrain.trainer")
 

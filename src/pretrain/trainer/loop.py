@@ -31,6 +31,7 @@ from pretrain.contract import ENV_METRICS_HOST, ENV_TERMINATION_GRACE
 from pretrain.metrics.history import RunHistory
 from pretrain.metrics.trainer import Labels, TrainerMetrics
 from pretrain.storage.manifest import step_name
+from pretrain.termination import write_done
 from pretrain.timestamps import from_epoch
 from pretrain.trainer.checkpointer import Checkpointer, open_store
 from pretrain.trainer.extensions import build_cpu_op, seed_extension_cache
@@ -38,7 +39,6 @@ from pretrain.trainer.guard import Finding, GuardError, LossGuard, fault_from_en
 from pretrain.trainer.progress import Progress
 from pretrain.trainer.setup import Parts, compile_enabled, setup
 from pretrain.trainer.step import StepResult, StepSync, train_step
-from pretrain.trainer.termination import write_done
 from pretrain.trainer.watchdog import Watchdog
 from pretrain.trainer.world import World
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrain import tasks
 from pretrain.api.quantity import quantity
 from pretrain.api.spec import PretrainJob, PretrainJobSpec
 from pretrain.api.validation import total_steps
-from pretrain.data import labeled
 from pretrain.data.collator import Collator
 from pretrain.data.loader import DistributedLoader, PackedSplit, Split, eval_batches
 from pretrain.data.prepare import prepare_cached, publish_prepared, text_sample
@@ -173,7 +173,7 @@ def build_data(
     if objective.fine_tuning:
         if not initialised and world.rank == 0:
             log.warning("objective %s without model.initFrom: the task trains from random weights", objective.type)
-        train, task_split, names = labeled.load(objective, spec.data, tokenizer, t.seed)
+        train, task_split, names = tasks.load_labeled(objective, spec.data, tokenizer, t.seed)
     else:
         train, val = packed_splits(spec, workdir, world, tokenizer)
         lm = eval_batches(val, rank=world.rank, world_size=world.size, micro_batch=plan.micro_batch, steps=t.eval_steps)

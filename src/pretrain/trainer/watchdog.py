@@ -106,7 +106,7 @@ class Watchdog:
 def end_stalled(reason: str, stacks: str) -> None:
     """Log the stall and the stacks, leave them as the termination message, and exit at once
     (the main thread is stuck: nothing it holds can be trusted to unwind)."""
-    from pretrain.trainer.termination import write_stalled
+    from pretrain.termination import write_stalled
 
     message = stalled_message(reason, stacks)
     log.error("%s\n%s", message.splitlines()[0], stacks)

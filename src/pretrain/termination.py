@@ -5,7 +5,8 @@ copies it into the job's condition, and `pretrain run` prints it as its last lin
 PRETRAIN_TERMINATION_LOG at a file of the run folder). A finished trainer (rank 0) leaves a
 one-line JSON summary there instead, `{"pretrainDone": {...}}` (DONE_KEY), from which the
 operator writes the job's final progress and last checkpoint: after the pods exit there is no
-metrics endpoint left to scrape.
+metrics endpoint left to scrape. The preparation's workers (`pretrain data prepare`) leave their
+summary there too, so this module lies beside `contract.py`, below both the trainer and the data.
 """
 
 from __future__ import annotations
