@@ -7,7 +7,8 @@ from typing import Any
 
 import yaml
 
-from pretrain.operator import handlers
+from pretrain.operator.progress import progress_job
+from pretrain.operator.reconcile import reconcile_job
 from tests.conftest import ROOT
 from tests.kubeapi.patches import merge_patch
 from tests.operator.memory_cluster import InMemoryCluster
@@ -43,8 +44,7 @@ def apply_merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
 class Harness:
     def __init__(self, body: dict[str, Any]) -> None:
         self.cluster = InMemoryCluster()
-        self.body = self.cluster.add_job(body)  # the handlers read it (and write its status) there
-        handlers.use_cluster(self.cluster, clock=lambda: self.cluster.now)
+        self.body = self.cluster.add_job(body)  # the reconciles read it (and write its status) there
 
     @property
     def status(self) -> dict[str, Any]:
@@ -55,10 +55,10 @@ class Harness:
         return self.status.get("phase")
 
     def reconcile(self) -> None:
-        handlers.reconcile_job("default", self.body["metadata"]["name"], self.cluster, self.cluster.now)
+        reconcile_job("default", self.body["metadata"]["name"], self.cluster, self.cluster.now)
 
     def progress(self) -> None:
-        handlers.progress_job("default", self.body["metadata"]["name"], self.cluster, self.cluster.now)
+        progress_job("default", self.body["metadata"]["name"], self.cluster, self.cluster.now)
 
     def advance(self, seconds: float) -> None:
         self.cluster.now += timedelta(seconds=seconds)

@@ -16,8 +16,8 @@ import pytest
 
 from pretrain.operator.children import CONFIG_KEY, build_configmap
 from pretrain.operator.cluster import AlreadyExists, Cluster, KubeCluster, NotFound
-from pretrain.operator.handlers import job_from
 from pretrain.operator.planner import Event, Observed, plan
+from pretrain.operator.reconcile import job_from
 from tests.kubeapi.harness import start_apiserver
 from tests.kubeapi.server import ApiServer
 from tests.operator.harness import job_body

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from pretrain.operator.cluster import Conflict, KubeCluster
-from pretrain.operator.handlers import apply_plan, job_from, observe_for, plan_for
+from pretrain.operator.reconcile import apply_plan, job_from, observe_for, plan_for
 from tests.kubeapi.harness import start_apiserver
 from tests.kubeapi.server import ApiServer
 from tests.operator.harness import job_manifest
@@ -71,7 +71,7 @@ class World:
         with contextlib.suppress(Conflict):  # the fenced status write refused a stale view: nothing done
             job, invalid = job_from(view)
             observed = observe_for(self.cluster, view, job)  # the pods as they are now; the status as read
-            apply_plan(view, plan_for(view, job, invalid, observed, self.now), self.cluster)
+            apply_plan(view, plan_for(view, job, invalid, observed, self.now), self.cluster, self.now)
         deleted = live_before - self.live()
         if stale:
             assert all(attempt < current for _, attempt in deleted), (

@@ -173,7 +173,7 @@ def test_a_reconcile_running_when_the_lease_goes_writes_nothing_more() -> None:
     Service, ConfigMap and pods."""
     from datetime import datetime
 
-    from pretrain.operator.handlers import Controller
+    from pretrain.operator.controller import Controller
     from tests.operator.harness import job_body
     from tests.operator.memory_cluster import InMemoryCluster
 

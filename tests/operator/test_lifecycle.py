@@ -158,10 +158,8 @@ def test_operator_restart_mid_job_duplicates_nothing() -> None:
     h.run_all()
     h.reconcile()
     before = dict(h.cluster.objects)
-    # A new operator process: new handler state, same cluster and job status.
-    from pretrain.operator import handlers
-
-    handlers.use_cluster(h.cluster, clock=lambda: h.cluster.now)
+    # A new operator process: nothing carried over but the cluster and the job's status (a
+    # reconcile holds no state of its own)
     h.reconcile()
     h.reconcile()
     assert h.cluster.objects.keys() == before.keys()
@@ -766,7 +764,7 @@ def test_a_second_job_with_the_same_data_goes_straight_to_its_gang() -> None:
     """Issue 28: a job whose preparation stage completed names its data (status.preparation.key);
     a later job of the namespace with the same sources, tokenizer, packing and cacheUri runs no
     stage. Other data (here another sequence length) still gets its own."""
-    from pretrain.operator import handlers
+    from pretrain.operator.reconcile import reconcile_job
 
     data = {"data.prepare": {"workers": 2}, "data.cacheUri": "s3://b/cache"}
     h = Harness(job_body(data, name="first"))
@@ -775,15 +773,15 @@ def test_a_second_job_with_the_same_data_goes_straight_to_its_gang() -> None:
     h.reconcile()
     assert h.status["preparation"]["done"] and h.status["preparation"]["key"]
     second = h.cluster.add_job(job_body(data, name="second"))
-    handlers.reconcile_job("default", "second", h.cluster, h.cluster.now)
+    reconcile_job("default", "second", h.cluster, h.cluster.now)
     assert ("Job", "default", "second-prepare") not in h.cluster.objects
     assert second["status"]["preparation"]["reusedFrom"] == "first" and second["status"]["phase"] == "Pending"
     assert any(k == "Pod" and n == "second-a1-n0" for k, _, n in h.cluster.objects)
     calls = len([c for c in h.cluster.calls if c == ("list", "PretrainJob")])
-    handlers.reconcile_job("default", "second", h.cluster, h.cluster.now)
+    reconcile_job("default", "second", h.cluster, h.cluster.now)
     assert len([c for c in h.cluster.calls if c == ("list", "PretrainJob")]) == calls, "listed once, at its start"
     other = h.cluster.add_job(job_body({**data, "data.sequenceLength": 64}, name="other"))
-    handlers.reconcile_job("default", "other", h.cluster, h.cluster.now)
+    reconcile_job("default", "other", h.cluster, h.cluster.now)
     assert ("Job", "default", "other-prepare") in h.cluster.objects and other["status"]["phase"] == "Preparing"
 
 

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pretrain.operator.children import LABEL_ATTEMPT
-from pretrain.operator.handlers import job_from, reconcile_job
 from pretrain.operator.planner import plan
+from pretrain.operator.reconcile import job_from, reconcile_job
 from tests.operator.harness import Harness, job_body
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

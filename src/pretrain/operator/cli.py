@@ -98,7 +98,7 @@ def operator(namespaces: tuple[str, ...], all_namespaces: bool, health_port: int
     )
     if metrics_port:
         start_http_server(metrics_port, registry=REGISTRY)
-    pretrain.operator.handlers.STATE.namespaces = list(namespaces)
+    pretrain.operator.handlers.SETTINGS.namespaces = list(namespaces)
     elector = None
     if leader_elect:
         if not lease_duration > renew_deadline > retry_period:
@@ -138,6 +138,6 @@ def _start_election(namespace: str | None, lease_name: str, timing: Timing) -> L
     identity = f"{os.environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     lock = LeaseLock(kubernetes.client.ApiClient(), namespace, lease_name)
     elector = LeaderElector(lock, identity, timing, on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
-    handlers.STATE.gate = elector.leading
+    handlers.SETTINGS.gate = elector.leading
     click.echo(f"leader election: lease {namespace}/{lease_name} as {identity}", err=True)
     return elector.start()

@@ -1,15 +1,26 @@
-"""Reading a job's progress from node 0's Prometheus endpoint, for `status.progress`."""
+"""A job's progress: node 0's Prometheus endpoint scraped and read into `status.progress`, the
+last checkpoint and the evaluation; a scrape that fails changes nothing (it never fails a job)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from pretrain.api.spec import Phase, PretrainJob
 from pretrain.metrics import names
+from pretrain.operator.cluster import Cluster
+from pretrain.operator.planner import Observed
+from pretrain.operator.reconcile import job_from, observe_for, plain
+from pretrain.storage.manifest import step_name
 from pretrain.timestamps import rfc3339
+
+log = logging.getLogger("pretrain.operator")
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -106,3 +117,77 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
     if ck_step is not None and ck_time:
         ckpt = {"step": int(ck_step), "time": rfc3339(datetime.fromtimestamp(ck_time, UTC))}
     return progress, ckpt
+
+
+@dataclass(frozen=True)
+class ProgressTarget:
+    """Where a running job's progress is read, and the status it would update."""
+
+    url: str
+    checkpoint_uri: str | None
+    status: dict[str, Any]
+
+
+def progress_target(job: PretrainJob | None, status: Mapping[str, Any], observed: Observed) -> ProgressTarget | None:
+    if job is None or status.get("phase") not in (Phase.RUNNING.value, Phase.PENDING.value):
+        return None
+    node0 = [p for p in observed.pods
+             if p.attempt == status.get("attempt") and p.rank == 0 and p.phase == "Running" and p.ip and not p.deleting]  # fmt: skip
+    if not node0:
+        return None
+    url = f"http://{node0[0].ip}:{job.spec.monitoring.metrics_port}/metrics"
+    return ProgressTarget(url, job.spec.checkpoint.uri, dict(status))
+
+
+def progress_patch(target: ProgressTarget, now: datetime) -> dict[str, Any] | None:
+    """The status patch of one scrape of node 0 (step, loss, tokens/s, ETA, last checkpoint, task
+    metrics), or None when the scrape failed (the old values stay: a scrape never fails a job)."""
+    try:
+        samples = scrape(target.url)
+    except OSError as e:
+        log.debug("progress scrape of %s failed: %s", target.url, e)
+        return None
+    prog, ckpt = progress_from(samples, now)
+    for key in (
+        "storageRetrying",
+        "heartbeat",
+        "guard",
+        "time",
+    ):  # whose: a stale record of an earlier attempt means nothing
+        if key in prog:
+            prog[key]["attempt"] = target.status.get("attempt")
+    old = target.status.get("progress") or {}
+    if names.STEP not in samples:  # still setting up: only the storage's state is news
+        if "storageRetrying" in prog or old.get("storageRetrying"):
+            return {"progress": {"storageRetrying": prog.get("storageRetrying"), "updatedTime": prog["updatedTime"]}}
+        return None
+    # A merge patch merges into the old progress: fields this scrape lacks are cleared explicitly.
+    patch: dict[str, Any] = {"progress": {**{k: None for k in old if k not in prog}, **prog}}
+    evaluation = evaluation_from(samples)
+    if evaluation:
+        patch["evaluation"] = evaluation
+    if ckpt is not None:
+        if target.checkpoint_uri:
+            ckpt["uri"] = f"{target.checkpoint_uri.rstrip('/')}/{step_name(ckpt['step'])}"
+        patch["lastCheckpoint"] = ckpt
+    return patch
+
+
+def progress_job(
+    namespace: str, name: str, cluster: Cluster, now: datetime, target: ProgressTarget | None = None
+) -> bool:
+    """Scrape node 0 and write the progress into the status (merge patch, no precondition: it
+    only touches the fields it owns). Without a cached target, the job and its pods are read."""
+    if target is None:
+        body = cluster.read_job(namespace, name)
+        if body is None:
+            return False
+        job, _invalid = job_from(body)
+        target = progress_target(job, plain(body.get("status")) or {}, observe_for(cluster, body, job))
+    if target is None:
+        return False
+    patch = progress_patch(target, now)
+    if patch is None:
+        return False
+    cluster.write_status(namespace, name, patch, None)
+    return True
