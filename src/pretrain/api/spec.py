@@ -295,6 +295,18 @@ class ScheduleSpec(Spec):
     )
 
 
+class SelectiveRecomputeSpec(Spec):
+    """Recompute in the backward only part of the activations: every k-th layer, or only the
+    attention of those layers (less memory saved than full recomputation, less time lost)."""
+
+    every: PositiveInt = Field(
+        2, le=1000, description="Recompute layers 0, every, 2 x every, ... (1: every layer, as gradientCheckpointing)."
+    )
+    part: Literal["layer", "attention"] = Field(
+        "layer", description="What of each chosen layer is recomputed: all of it, or its attention block only."
+    )
+
+
 class ZeroSpec(Spec):
     """DeepSpeed ZeRO partitioning."""
 
@@ -343,6 +355,9 @@ class TrainingSpec(Spec):
     zero: ZeroSpec = Field(default_factory=ZeroSpec, description="ZeRO settings.")
     grad_clip: float = Field(1.0, ge=0.0, le=1e6, description="Clip the gradient norm to this (0 turns it off).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    selective_recompute: SelectiveRecomputeSpec | None = Field(
+        None, description="Recompute only some layers, or only their attention (instead of gradientCheckpointing)."
+    )
     compile: bool | None = Field(
         None,
         description="torch.compile the model (DeepSpeed's engine.compile). Unset: on with GPUs, off on CPU, where "

@@ -355,6 +355,8 @@ def _check_training(spec: PretrainJobSpec) -> Iterator[SpecError]:
     if t.schedule.min_lr > t.optimizer.lr:
         yield SpecError("spec.training.schedule.minLr", f"{t.schedule.min_lr} is above optimizer.lr ({t.optimizer.lr})")
     yield from _check_wsd(spec)
+    if t.selective_recompute is not None and t.gradient_checkpointing:
+        yield SpecError("spec.training.selectiveRecompute", "set it or gradientCheckpointing (every layer), not both")
     if t.zero.offload_params and t.zero.stage != 3:
         yield SpecError("spec.training.zero.offloadParams", f"needs zero.stage 3, not {t.zero.stage}")
     if t.zero.offload_optimizer and t.zero.stage == 0:

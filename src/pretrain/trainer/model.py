@@ -8,6 +8,7 @@ from typing import Any
 from pretrain.api.presets import resolve_dims
 from pretrain.api.spec import PretrainJobSpec
 from pretrain.tasks import get as get_task
+from pretrain.trainer.recompute import apply_recompute
 
 
 def padded_vocab(n: int, multiple: int = 64) -> int:
@@ -79,8 +80,7 @@ def build_model(
     loss_type = get_task(objective).loss_type
     if loss_type:
         model.loss_type = loss_type
-    if spec.training.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    apply_recompute(model, spec.training)
     return model
 
 
