@@ -110,3 +110,40 @@ def test_spikes_past_the_bound_fail_the_run_in_one_line(tmp_path: Path) -> None:
     assert reason.startswith("training.guard: spike loss at step 9 (loss ") and reason.endswith(
         "1 rollbacks within 1000 steps already (training.guard.maxRollbacks 1): failing"), reason  # fmt: skip
     assert "Traceback" not in run.output.split("training.guard: spike loss at step 9")[-1]
+
+
+@pytest.mark.slow
+def test_a_skipped_nan_step_leaves_the_weights_as_they_were(tmp_path: Path) -> None:
+    """Step 7's loss is NaN under ZeRO-0 (no overflow check of DeepSpeed's in the way). With
+    action warn its NaN gradients reach the weights and every later loss is NaN; with action skip
+    the device leaves step 7's update out, the run trains on, steps 1-12 once each, all finite
+    but step 7, and says so."""
+    zero0 = ["training.zero.stage=0"]
+    warned = faulty_run(tmp_path / "warn", "7:nan", [*zero0, "training.guard.action=warn"])
+    assert warned.proc.returncode == 0, warned.output[-3000:]
+    assert all(math.isnan(e["loss"]) for e in warned.log if "loss" in e and e["step"] > 7), "NaN poisons the weights"
+    run = faulty_run(tmp_path / "skip", "7:nan", [*zero0, "training.guard.action=skip"])
+    assert run.proc.returncode == 0, run.output[-3000:]
+    steps = [e["step"] for e in run.log if "loss" in e]
+    assert steps == list(range(1, 13)), steps
+    assert all(math.isfinite(e["loss"]) for e in run.log if "loss" in e and e["step"] != 7)
+    events = [e for e in history(run) if e.get("event") in ("guard", "rollback")]
+    assert [(e["event"], e["step"], e["kind"], e["action"]) for e in events] == [("guard", 7, "nonfinite", "skip")]
+    assert "training.guard: nonfinite loss at step 7 (loss nan, gradient norm None); its update was left out" in (
+        run.output
+    )
+
+
+@pytest.mark.slow
+def test_skipped_spikes_are_bounded_too(tmp_path: Path) -> None:
+    """Every step from 9 on is a spike (loss x50) with action skip: step 9 is left out and the
+    run goes on; step 10, one more than maxRollbacks allows, fails the run in one line."""
+    sets = ["training.guard.action=skip", "training.guard.spikeZScore=6", "training.guard.minHistorySteps=5",
+            "training.guard.maxRollbacks=1"]  # fmt: skip
+    run = faulty_run(tmp_path / "spikes", "9+:50", sets)
+    assert run.proc.returncode != 0
+    assert [(e["event"], e["step"], e["kind"]) for e in history(run) if e.get("event") == "guard"] == [
+        ("guard", 9, "spike"), ("guard", 10, "spike")]  # fmt: skip
+    reason = (run.out / "work" / "termination.log").read_text().strip()
+    assert reason.startswith("training.guard: spike loss at step 10 (loss ") and reason.endswith(
+        "1 skipped steps within 1000 steps already (training.guard.maxRollbacks 1): failing"), reason  # fmt: skip

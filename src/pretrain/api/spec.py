@@ -319,10 +319,11 @@ class GuardSpec(Spec):
     """The loss guard: a non-finite loss or gradient norm, or a loss spike (its z-score over the
     recent steps' losses), found where the losses are read back anyway (no host sync per step)."""
 
-    action: Literal["rollback", "fail", "warn"] = Field(
+    action: Literal["rollback", "skip", "fail", "warn"] = Field(
         "rollback",
         description="rollback: reload the last checkpoint and skip the data trained on since (through the bad "
-        "step); fail: end the job with one line; warn: log, count and go on.",
+        "step); skip: leave the bad step's update out (decided on the device before the optimizer steps; not "
+        "with zero.offloadOptimizer); fail: end the job with one line; warn: log, count and go on.",
     )
     spike_z_score: float = Field(
         0.0, ge=0.0, le=1000.0, description="A loss this many standard deviations above the recent mean is a spike "
@@ -331,8 +332,9 @@ class GuardSpec(Spec):
     window_steps: int = Field(200, ge=10, le=100_000, description="Recent steps whose losses the z-score is over.")
     min_history_steps: int = Field(50, ge=2, le=100_000, description="Steps seen before spikes are checked.")
     max_rollbacks: NonNegativeInt = Field(
-        3, le=1000, description="Rollbacks allowed within rollbackPeriodSteps; one more fails the job."
-    )
+        3, le=1000, description="Rollbacks (skipped steps, with action skip) allowed within rollbackPeriodSteps; "
+        "one more fails the job.",
+    )  # fmt: skip
     rollback_period_steps: PositiveInt = Field(1000, le=INT32_MAX, description="The period maxRollbacks counts over.")
 
 

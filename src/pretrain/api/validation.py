@@ -357,6 +357,9 @@ def _check_training(spec: PretrainJobSpec) -> Iterator[SpecError]:
     yield from _check_wsd(spec)
     if t.selective_recompute is not None and t.gradient_checkpointing:
         yield SpecError("spec.training.selectiveRecompute", "set it or gradientCheckpointing (every layer), not both")
+    if t.guard.action == "skip" and t.zero.offload_optimizer:
+        yield SpecError("spec.training.guard.action", "skip needs the trainer's AdamW; zero.offloadOptimizer "
+                        "steps DeepSpeed's CPU Adam, which cannot leave a step out")  # fmt: skip
     if t.zero.offload_params and t.zero.stage != 3:
         yield SpecError("spec.training.zero.offloadParams", f"needs zero.stage 3, not {t.zero.stage}")
     if t.zero.offload_optimizer and t.zero.stage == 0:

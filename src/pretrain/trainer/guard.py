@@ -5,7 +5,9 @@ run needs is to notice within seconds and go back. The guard reads the losses `S
 back anyway (averaged over every rank, so every rank decides alike, and no host sync is added),
 and finds the first bad step among them: a non-finite loss or gradient norm, or a loss more than
 `spikeZScore` standard deviations above the mean of the last `windowSteps` good steps (after
-`minHistorySteps`). The loop then warns, fails, or rolls back: it reloads the newest checkpoint
+`minHistorySteps`). With action skip the same rule was applied on the device before the update
+(skipstep.py) and the guard only says which steps were left out. The loop then warns, fails, or
+rolls back: it reloads the newest checkpoint
 and moves the loader past the data trained on since (through the bad step), as OLMo and PaLM
 skip the batches around a spike; more than `maxRollbacks` within `rollbackPeriodSteps` fails the
 job in one line. Pure: the loop (loop.py) does the reloading.
@@ -53,6 +55,21 @@ class LossGuard:
             self.recent.append(float(row["loss"]))
         return None
 
+    def skipped(self, rows: list[dict[str, Any]]) -> list[Finding]:
+        """With action skip (the device decided, skipstep.py): a finding for each step left out,
+        said as this guard would judge it (the same rule over the same losses), or non-finite
+        gradients when the loss was good; the other losses join the window."""
+        found = []
+        for row in rows:
+            step, loss = int(row["step"]), float(row["loss"])
+            if row.get("skipped"):
+                found.append(
+                    self._judge(step, loss, None) or Finding(step, "nonfinite", loss, "a gradient is not finite")
+                )
+            else:
+                self.recent.append(loss)
+        return found
+
     def _judge(self, step: int, loss: float, grad_norm: float | None) -> Finding | None:
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             return Finding(step, "nonfinite", loss, f"loss {loss}, gradient norm {grad_norm}")
@@ -68,11 +85,13 @@ class LossGuard:
         return None
 
     def allow_rollback(self, step: int) -> str | None:
-        """None when one more rollback at `step` is within bounds, else why not (and it is not counted)."""
+        """None when one more rollback (or skipped step) at `step` is within bounds, else why not
+        (and it is not counted)."""
         period = self.spec.rollback_period_steps
         recent = [s for s in self.rollbacks if s > step - period]
         if len(recent) >= self.spec.max_rollbacks:
-            return (f"{len(recent)} rollbacks within {period} steps already (training.guard.maxRollbacks "
+            what = "skipped steps" if self.spec.action == "skip" else "rollbacks"
+            return (f"{len(recent)} {what} within {period} steps already (training.guard.maxRollbacks "
                     f"{self.spec.max_rollbacks})")  # fmt: skip
         self.rollbacks.append(step)
         return None

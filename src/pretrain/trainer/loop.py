@@ -38,7 +38,7 @@ from pretrain.trainer.extensions import build_cpu_op, seed_extension_cache
 from pretrain.trainer.guard import Finding, GuardError, LossGuard, fault_from_env
 from pretrain.trainer.progress import Progress
 from pretrain.trainer.setup import Parts, compile_enabled, setup
-from pretrain.trainer.step import StepResult, StepSync, train_step
+from pretrain.trainer.step import StepCall, StepResult, StepSync, train_step
 from pretrain.trainer.watchdog import Watchdog
 from pretrain.trainer.world import World
 
@@ -179,9 +179,9 @@ class Trainer:
             t0 = time.perf_counter()
             batches = parts.loader.next_step()
             self.metrics.data_wait.inc(time.perf_counter() - t0)
-            loss = train_step(parts.engine, batches, parts.collate, step=step, rank=self.rank,
-                              to_device=self.world.to_device,
-                              fault=self.fault.factor_at(step + 1) if self.fault else None)  # fmt: skip
+            call = StepCall(step, self.rank, self.world.to_device, self.fault.factor_at(step + 1) if self.fault else None,
+                            self.skip_judge(parts))  # fmt: skip
+            loss = train_step(parts.engine, batches, parts.collate, call)
             step += 1
             stop, sync = self.sync.exchange(self.stop_requested)
             seconds = time.perf_counter() - t0
@@ -191,18 +191,16 @@ class Trainer:
             if step == parts.start + 1 and compile_enabled(self.spec) and self.rank == 0:
                 log.info("compiled the model in its first step: %.1fs", seconds)
             self.sync.add(StepResult(step, loss, parts.engine.get_lr()[0], parts.engine.get_global_grad_norm(),
-                                     seconds, parts.loader.epoch, dict(parts.loader.source_rows)))  # fmt: skip
+                                     seconds, parts.loader.epoch, dict(parts.loader.source_rows),
+                                     parts.gate.skipped() if parts.gate else None))  # fmt: skip
             evaluate = bool(t.eval_interval) and step % t.eval_interval == 0 and step < parts.steps
             save = step % ckpt.interval_steps == 0 or stop
             if sync or stop or evaluate or save or step % t.log_interval == 0 or step == parts.steps:
                 rows = self.sync.flush()
                 self.report_steps(parts, rows)
-                finding = self.guard.check(rows)
-                if finding is not None and self.on_finding(parts, finding):
-                    t1 = time.monotonic()
-                    step = self.roll_back(parts, finding)
-                    self.spend("restart", time.monotonic() - t1)
-                    self.progressed()  # reloading a checkpoint is progress, however long it took
+                back_to = self.guarded(parts, rows)
+                if back_to is not None:
+                    step = back_to
                     continue
             if evaluate:
                 self.evaluate(parts, step)
@@ -215,6 +213,30 @@ class Trainer:
                 self.progressed()
             self.checkpointer.report(self.metrics)
         return step, stop
+
+    def skip_judge(self, parts: Parts) -> Callable[[Any], None] | None:
+        """With action skip: what judges a step's local mean loss before its update (averaged over
+        every rank first, on the device: every rank decides alike)."""
+        gate, world = parts.gate, self.world
+        if gate is None:
+            return None
+        return lambda local: gate.judge(world.all_reduce(local.clone()) / world.size)
+
+    def guarded(self, parts: Parts, rows: list[dict[str, Any]]) -> int | None:
+        """The loss guard over read-back rows: each skipped step said (action skip), or the first
+        bad step acted on; the step to go on from after a rollback, else None."""
+        if self.spec.training.guard.action == "skip":
+            for skipped in self.guard.skipped(rows):
+                self.on_finding(parts, skipped)
+            return None
+        finding = self.guard.check(rows)
+        if finding is None or not self.on_finding(parts, finding):
+            return None
+        t1 = time.monotonic()
+        step = self.roll_back(parts, finding)
+        self.spend("restart", time.monotonic() - t1)
+        self.progressed()  # reloading a checkpoint is progress, however long it took
+        return step
 
     def on_finding(self, parts: Parts, finding: Finding) -> bool:
         """Report what the loss guard found, everywhere; True when the run rolls back (else it
@@ -232,6 +254,9 @@ class Trainer:
         refused = self.guard.allow_rollback(finding.step)
         if refused:
             raise GuardError(f"{what}; {refused}: failing")
+        if action == "skip":
+            log.warning("%s; its update was left out (action skip)", what)
+            return False
         return True
 
     def roll_back(self, parts: Parts, finding: Finding) -> int:

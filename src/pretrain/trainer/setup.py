@@ -31,6 +31,7 @@ from pretrain.trainer.checkpointer import Checkpointer
 from pretrain.trainer.evaluator import Evaluator
 from pretrain.trainer.model import build_model, parameter_groups
 from pretrain.trainer.recipe import BatchPlan, batch_plan, deepspeed_config, lr_multiplier, model_flops_per_token
+from pretrain.trainer.skipstep import SkipStepAdamW, StepGate
 from pretrain.trainer.world import World
 
 log = logging.getLogger("pretrain.trainer")
@@ -50,6 +51,8 @@ class Parts:
     #: Model FLOPs per token (for MFU), and the device's peak FLOP/s when known.
     flops_per_token: float
     peak_flops: float | None
+    #: The skip-step judge of `training.guard.action: skip` (its optimizer reads it), else None.
+    gate: StepGate | None = None
 
 
 def compile_enabled(spec: PretrainJobSpec) -> bool:
@@ -67,12 +70,13 @@ def setup(job: PretrainJob, workdir: Path, world: World, checkpointer: Checkpoin
     model = build_model(spec, tokenizer, init_dir, evaluator.label_names or None)
     n_params = sum(p.numel() for p in model.parameters())
     mode = checkpointer.resume_mode(start_choice)
-    engine, groups = build_engine(spec, model, world, load_universal=mode == "universal")
+    gate = StepGate(spec.training.guard, world.device()) if spec.training.guard.action == "skip" else None
+    engine, groups = build_engine(spec, model, world, gate, load_universal=mode == "universal")
     start = checkpointer.load(engine, loader, start_choice, mode, groups)
     cfg, seq = model.config, spec.data.sequence_length
     flops = model_flops_per_token(n_params, cfg.num_hidden_layers, cfg.hidden_size, seq)
     return Parts(tokenizer, loader, collate, evaluator, engine, plan, total_steps(spec) or 1, start, n_params, flops,
-                 peak_flops(spec, world))  # fmt: skip
+                 peak_flops(spec, world), gate)  # fmt: skip
 
 
 def peak_flops(spec: PretrainJobSpec, world: World) -> float | None:
@@ -193,9 +197,10 @@ def build_data(
 
 
 def build_engine(
-    spec: PretrainJobSpec, model: Any, world: World, *, load_universal: bool = False
+    spec: PretrainJobSpec, model: Any, world: World, gate: StepGate | None = None, *, load_universal: bool = False
 ) -> tuple[Any, list[dict[str, Any]]]:
-    """The DeepSpeed engine over `model`, and its param groups' settings (without params)."""
+    """The DeepSpeed engine over `model`, and its param groups' settings (without params). With
+    a skip-step `gate`, the optimizer is AdamW that leaves out the steps the gate skips."""
     import deepspeed
     import torch
 
@@ -208,11 +213,12 @@ def build_engine(
     def schedule(optimizer: Any) -> Any:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, spec))
 
-    optimizer = None
-    if "optimizer" not in cfg:  # DeepSpeed's CPU Adam with offload; else torch's, fused on CUDA
-        optimizer = torch.optim.AdamW(
-            groups, lr=o.lr, betas=(o.betas[0], o.betas[1]), eps=o.eps, fused=True if world.gpu else None
-        )
+    optimizer: Any = None
+    betas = (o.betas[0], o.betas[1])
+    if gate is not None:  # validation refuses skip with offloadOptimizer (DeepSpeed's own CPU Adam)
+        optimizer = SkipStepAdamW(groups, gate, lr=o.lr, betas=betas, eps=o.eps)
+    elif "optimizer" not in cfg:  # DeepSpeed's CPU Adam with offload; else torch's, fused on CUDA
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=True if world.gpu else None)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=groups, optimizer=optimizer, lr_scheduler=schedule, config=cfg
     )

@@ -25,22 +25,34 @@ from pretrain.trainer.world import World, distributed
 SYNC_SECONDS = 1.0
 
 
-def train_step(
-    engine: Any, batches: Sequence[np.ndarray[Any, Any]], collate: Collator, *, step: int, rank: int,
-    to_device: Callable[[dict[str, np.ndarray[Any, Any]]], dict[str, Any]], fault: float | None = None,
-) -> Any:  # fmt: skip
+@dataclass(frozen=True)
+class StepCall:
+    """What one step runs with, beside the engine and its batches."""
+
+    step: int
+    rank: int
+    to_device: Callable[[dict[str, np.ndarray[Any, Any]]], dict[str, Any]]
+    #: Tests only (guard.FAULT_ENV): multiplies the loss before its backward, a NaN or a spike.
+    fault: float | None = None
+    #: Given the step's local mean loss (a device tensor) just before the optimizer steps: the
+    #: skip-step judge (skipstep.py) of `training.guard.action: skip`.
+    before_update: Callable[[Any], None] | None = None
+
+
+def train_step(engine: Any, batches: Sequence[np.ndarray[Any, Any]], collate: Collator, call: StepCall) -> Any:
     """Forward and backward over one step's micro-batches (the engine steps the optimizer at
-    the accumulation boundary); the local mean loss, as a device tensor. `fault` (tests only,
-    guard.FAULT_ENV) multiplies the loss before its backward: a NaN or a spike, for real."""
+    the accumulation boundary, after the last); the local mean loss, as a device tensor."""
     total: Any = None
     for micro, rows in enumerate(batches):
-        out = engine(**to_device(collate(rows, step=step, rank=rank, micro=micro)))
-        if fault is not None:
-            out.loss = out.loss * fault
+        out = engine(**call.to_device(collate(rows, step=call.step, rank=call.rank, micro=micro)))
+        if call.fault is not None:
+            out.loss = out.loss * call.fault
         engine.backward(out.loss)
-        engine.step()
         loss = out.loss.detach().double()  # summed as the host would: float64
         total = loss if total is None else total + loss
+        if call.before_update is not None and micro == len(batches) - 1:
+            call.before_update(total / len(batches))
+        engine.step()
     return total / len(batches)
 
 
@@ -56,6 +68,19 @@ class StepResult:
     epoch: int
     #: Rows trained on by source since the run began, as of this step (the loader's count).
     source_rows: dict[int, int] | None = None
+    #: 1.0 on the device when the step's update was left out (guard action skip), else None.
+    skipped: Any = None
+
+
+def _skipped_flags(pending: list[StepResult]) -> dict[int, bool]:
+    """Step -> whether its update was left out, for the steps the skip-step judge saw."""
+    import torch
+
+    gated = [r for r in pending if r.skipped is not None]
+    if not gated:
+        return {}
+    flags = torch.stack([r.skipped for r in gated]).tolist()  # read with the losses: no sync of its own
+    return {r.step: bool(f) for r, f in zip(gated, flags, strict=True)}
 
 
 class StepSync:
@@ -85,9 +110,11 @@ class StepSync:
             return []
         losses = torch.stack([r.loss for r in self.pending]).to(torch.float64)
         values = (self.world.all_reduce(losses) / self.world.size).tolist()
+        skipped = _skipped_flags(self.pending)
         rows = [
             {"step": r.step, "loss": loss, "lr": r.lr, "grad_norm": None if r.grad_norm is None else float(r.grad_norm),
-             "seconds": r.seconds, "epoch": r.epoch, "source_rows": r.source_rows}
+             "seconds": r.seconds, "epoch": r.epoch, "source_rows": r.source_rows,
+             **({"skipped": bool(skipped[r.step])} if r.step in skipped else {})}
             for r, loss in zip(self.pending, values, strict=True)
         ]  # fmt: skip
         self.pending = []
