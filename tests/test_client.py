@@ -67,8 +67,8 @@ def test_submit_status_suspend_wait_delete_from_the_terminal(api: ApiServer) -> 
     table = CliRunner().invoke(main, ["top", "--once"], env={"KUBECONFIG": str(api.kubeconfig), "COLUMNS": "160"})
     assert len(table.output.splitlines()) == 2, repr(table.output)
     header, row = table.output.splitlines()
-    assert header.split() == ["NAME", "PHASE", "STEP", "LOSS", "TOKENS/S", "ETA", "RESTARTS", "GOODPUT", "AGE"]
-    assert row.split()[:8] == ["tiny-cpu", "Running", "3/7", "2.5000", "1,200", "-", "0", "-"], row
+    assert header.split() == ["NAME", "PHASE", "STEP", "LOSS", "TOKENS/S", "MFU", "ETA", "RESTARTS", "GOODPUT", "AGE"]
+    assert row.split()[:9] == ["tiny-cpu", "Running", "3/7", "2.5000", "1,200", "-", "-", "0", "-"], row
     late = cli(api, "wait", "tiny-cpu", "--timeout", "1.5")
     assert late.exit_code == 1 and "is Running after 1.5s, not Succeeded or Failed" in late.output, late.output
     threading.Timer(1.0, set_status, (api, "tiny-cpu", {"phase": "Succeeded", "reason": "Completed"})).start()
@@ -159,19 +159,20 @@ def test_top_rows_say_what_the_status_says() -> None:
     job = {"metadata": {"name": "big", "creationTimestamp": "2026-11-30T09:30:00Z"}, "status": {
         "phase": "Running", "restarts": 2, "uncountedRestarts": 1, "goodput": {"seconds": {"ratio": 0.874, "training": 9e4}},
         "progress": {"step": 12000, "totalSteps": 100000, "loss": 2.71828, "tokensPerSecond": 1234567.8,
-                     "etaSeconds": 3 * 86400 + 7200}}}  # fmt: skip
+                     "mfu": 0.4123, "etaSeconds": 3 * 86400 + 7200}}}  # fmt: skip
     assert top_row(job, now) == (
         "big",
         "Running",
         "12000/100000",
         "2.7183",
         "1,234,568",
+        "41.2%",
         "3d2h",
         "2 (+1)",
         "87%",
         "2d2h",
     )
     first = {**job, "status": {**job["status"], "goodput": {"seconds": {"ratio": 0.0, "training": 0.0}}}}
-    assert top_row(first, now)[7] == "-", "closed totals of a first attempt still running say nothing yet"
+    assert top_row(first, now)[8] == "-", "closed totals of a first attempt still running say nothing yet"
     fresh = {"metadata": {"name": "new", "creationTimestamp": "2026-12-02T11:59:15Z"}}
-    assert top_row(fresh, now) == ("new", "-", "-", "-", "-", "-", "0", "-", "45s")
+    assert top_row(fresh, now) == ("new", "-", "-", "-", "-", "-", "-", "0", "-", "45s")

@@ -1,5 +1,5 @@
 """`pretrain top`: a live table of the namespace's PretrainJobs (phase, step of total, loss,
-tokens/s, ETA, restarts, goodput, age), redrawn every few seconds, as `kubectl get ptj -w` would
+tokens/s, MFU, ETA, restarts, goodput, age), redrawn every few seconds, as `kubectl get ptj -w` would
 be if it redrew in place. `--once` prints the table once (for scripts and logs)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pretrain.client_cli import cluster_options, duration, goodput_ratio, make_c
 from pretrain.clitools import friendly_errors
 from pretrain.timestamps import parse_time
 
-COLUMNS = ("NAME", "PHASE", "STEP", "LOSS", "TOKENS/S", "ETA", "RESTARTS", "GOODPUT", "AGE")
+COLUMNS = ("NAME", "PHASE", "STEP", "LOSS", "TOKENS/S", "MFU", "ETA", "RESTARTS", "GOODPUT", "AGE")
 
 
 def utcnow() -> datetime:
@@ -29,6 +29,7 @@ def top_row(job: dict[str, Any], now: datetime) -> tuple[str, ...]:
     step = "-" if p.get("step") is None else f"{p['step']}" + (f"/{p['totalSteps']}" if p.get("totalSteps") else "")
     loss = f"{p['loss']:.4f}" if isinstance(p.get("loss"), int | float) else "-"
     tps = f"{p['tokensPerSecond']:,.0f}" if isinstance(p.get("tokensPerSecond"), int | float) else "-"
+    mfu = f"{p['mfu']:.1%}" if isinstance(p.get("mfu"), int | float) else "-"
     running = st.get("phase") == "Running"
     eta = duration(p["etaSeconds"]) if running and isinstance(p.get("etaSeconds"), int | float) else "-"
     ratio = goodput_ratio(st)
@@ -36,7 +37,7 @@ def top_row(job: dict[str, Any], now: datetime) -> tuple[str, ...]:
     restarts = str(st.get("restarts", 0)) + (f" (+{st['uncountedRestarts']})" if st.get("uncountedRestarts") else "")
     created = parse_time(job["metadata"].get("creationTimestamp"))  # naive UTC, as `now` is
     age = duration((now - created).total_seconds()) if created else "-"
-    return (job["metadata"]["name"], st.get("phase") or "-", step, loss, tps, eta, restarts, goodput, age)
+    return (job["metadata"]["name"], st.get("phase") or "-", step, loss, tps, mfu, eta, restarts, goodput, age)
 
 
 def top_table(jobs: list[dict[str, Any]], now: datetime) -> Any:
@@ -58,7 +59,7 @@ def top_table(jobs: list[dict[str, Any]], now: datetime) -> Any:
 @click.option("--once", is_flag=True, help="Print the table once and exit.")
 @friendly_errors
 def top(namespace: str | None, context: str | None, kubeconfig: str | None, interval: float, once: bool) -> None:
-    """A live table of the namespace's jobs: phase, step, loss, tokens/s, ETA, restarts, goodput."""
+    """A live table of the namespace's jobs: phase, step, loss, tokens/s, MFU, ETA, restarts, goodput."""
     from rich.console import Console
     from rich.live import Live
 

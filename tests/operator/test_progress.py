@@ -24,6 +24,9 @@ def test_the_operator_reads_what_the_trainer_serves() -> None:
     progress, checkpoint = progress_from(samples, datetime(2026, 1, 1))
     assert progress["step"] == 41 and progress["totalSteps"] == 100 and progress["percent"] == 41.0
     assert progress["loss"] == 2.25 and progress["etaSeconds"] == 59.0, "mean step 1 s x 59 steps left"
+    assert "mfu" not in progress, "no MFU where the device's peak is unknown"
+    m.observe_step(step=42, loss=2.0, lr=1e-3, grad_norm=1.0, tokens=4096, samples=32, seconds=1.0, mfu=0.3817)
+    assert progress_from(parse_metrics(generate_latest(m.registry).decode()), datetime(2026, 1, 1))[0]["mfu"] == 0.3817
     assert checkpoint == {"step": 40, "time": "2023-11-14T22:13:20Z"}
     assert evaluation_from(samples) == {"accuracy": 0.75, "macro_f1": 0.5}
     assert progress["sourceTokens"] == {"s3://b/web/*.jsonl": 3072, 'gs://b/code "x"': 1024}

@@ -765,6 +765,8 @@ class Progress(Spec):
     total_steps: int | None = None
     loss: float | None = None
     tokens_per_second: float | None = None
+    mfu: float | None = Field(None, description="Model FLOPs utilisation of node 0's first device (0-1), when its "
+                              "peak FLOP/s is known.")  # fmt: skip
     percent: float | None = None
     eta_seconds: float | None = None
     updated_time: str | None = None

@@ -8,6 +8,8 @@ STEP = "pretrain_step"
 TOTAL_STEPS = "pretrain_total_steps"
 TRAIN_LOSS = "pretrain_train_loss"
 TOKENS_PER_SECOND = "pretrain_tokens_per_second"
+#: Model FLOPs utilisation of the rank's device (0-1); never set (0) where the peak is unknown (CPU).
+MFU = "pretrain_mfu_ratio"
 #: A histogram: the operator reads its `_sum` and `_count` for the ETA.
 STEP_DURATION = "pretrain_step_duration_seconds"
 CHECKPOINT_STEP = "pretrain_checkpoint_last_verified_step"

@@ -140,7 +140,7 @@ class TrainerMetrics:
             names.STEP_DURATION, "Wall time of one optimizer step.", self._label_names,
             buckets=STEP_BUCKETS, registry=self.registry,
         ).labels(**self._labels)  # fmt: skip
-        self.mfu = gauge("pretrain_mfu_ratio", "Model FLOPs utilisation of this rank's device (0-1).")
+        self.mfu = gauge(names.MFU, "Model FLOPs utilisation of this rank's device (0-1).")
         self.mem_allocated = gauge("pretrain_accelerator_memory_allocated_bytes", "Accelerator memory allocated.")
         self.mem_reserved = gauge("pretrain_accelerator_memory_reserved_bytes", "Accelerator memory reserved.")
         self.data_wait = counter("pretrain_dataloader_wait_seconds_total", "Time spent waiting for batches.")

@@ -89,6 +89,9 @@ def progress_from(samples: dict[str, float], now: datetime) -> tuple[dict[str, A
         progress["loss"] = round(loss, 4)
     if tps is not None:
         progress["tokensPerSecond"] = round(tps, 1)
+    mfu = samples.get(names.MFU)
+    if mfu is not None and 0 < mfu <= 1:  # 0: the device's peak is unknown (a CPU), no MFU
+        progress["mfu"] = round(mfu, 4)
     seconds = samples.get(f"{names.STEP_DURATION}_sum")
     count = samples.get(f"{names.STEP_DURATION}_count")
     if seconds and count and total and step is not None:
