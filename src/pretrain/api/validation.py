@@ -279,6 +279,9 @@ def check_spec(spec: PretrainJobSpec, *, check_backends: bool = True) -> Iterato
     yield from _check_data(spec, check_backends)
     yield from _check_checkpoint(spec, check_backends)
     yield from _check_resources(spec)
+    if spec.monitoring.mlflow is not None:
+        yield from _check_uri("spec.monitoring.mlflow.trackingUri", spec.monitoring.mlflow.tracking_uri,
+                              {"http", "https"}, False)  # fmt: skip
 
 
 #: Why a job without checkpoint.uri loses its work on a cluster (shared by validate and the operator).

@@ -23,7 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pretrain.storage.fs import is_local, local_path, upload_dir, with_retries
 
@@ -110,8 +110,19 @@ def _clean(value: Any) -> Any:
     return value
 
 
+class HistoryMirror(Protocol):
+    """Another home of the history's records (metrics/mlflow.py: an MLflow run)."""
+
+    def add(self, record: dict[str, Any]) -> None: ...
+
+    def close(self, *, failed: bool = False) -> None: ...
+
+
 class RunHistory:
     """Rank 0's writer of metrics.jsonl and the TensorBoard scalars; other ranks hold a disabled one."""
+
+    #: Told every record and the close, when the run is tracked elsewhere too (monitoring.mlflow).
+    mirror: HistoryMirror | None = None
 
     def __init__(self, uri: str, workdir: Path, storage_options: dict[str, Any] | None = None, *, enabled: bool = True,
                  tensorboard: bool = False) -> None:  # fmt: skip
@@ -151,6 +162,12 @@ class RunHistory:
             return
         with_retries("read metrics.jsonl", lambda: fs.get_file(root, str(self.path)))
 
+    def records(self) -> list[dict[str, Any]]:
+        """The run's records as they stand (a resumed attempt's include the earlier ones')."""
+        if not self.enabled or not self.path.exists():
+            return []
+        return current_records(parse_history(self.path.read_text(errors="replace")))
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
@@ -167,6 +184,8 @@ class RunHistory:
             os.write(fd, line)
         finally:
             os.close(fd)
+        if self.mirror is not None:
+            self.mirror.add(rec)
         if self._tb is not None and "step" in rec and rec.get("event") is None:
             for key, value in rec.items():
                 tag = TAGS.get(key) or (f"eval/{key[5:]}" if key.startswith("eval_") else None)
@@ -195,6 +214,9 @@ class RunHistory:
         if upload:
             self.sync()
         self.enabled = False
+        if self.mirror is not None:
+            self.mirror.close(failed=not upload)
+            self.mirror = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None

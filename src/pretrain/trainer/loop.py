@@ -29,6 +29,7 @@ from pretrain.api.spec import PretrainJob
 from pretrain.clitools import shown
 from pretrain.contract import ENV_METRICS_HOST, ENV_TERMINATION_GRACE
 from pretrain.metrics.history import RunHistory
+from pretrain.metrics.mlflow import MlflowMirror, RunFile
 from pretrain.metrics.trainer import Labels, TrainerMetrics
 from pretrain.storage.manifest import step_name
 from pretrain.termination import write_done
@@ -130,6 +131,10 @@ class Trainer:
             self.history = RunHistory(store.uri, self.workdir, store.options, enabled=self.rank == 0,
                                       tensorboard=self.spec.monitoring.tensorboard)  # fmt: skip
             closing.callback(quietly(lambda: self.history.close(upload=False), "closing the history"))
+            if self.rank == 0 and self.spec.monitoring.mlflow is not None:
+                run_file = RunFile.beside_checkpoints(store.loc)
+                mirror = MlflowMirror(self.spec.monitoring.mlflow, self.job, run_file)
+                self.history.mirror = mirror.start(self.history.records(), parts.start)
             self.checkpointer.attach(self.history)
             self.sync = StepSync(self.world)
             self.announce(parts)
@@ -369,8 +374,10 @@ class Trainer:
         self.spend("checkpoint", time.monotonic() - t0)
         self.checkpointer.report(self.metrics)
         self.checkpointer.check_errors()
-        self.history.close()
         uri = self.export(parts, final_eval)
+        if uri:
+            self.history.log({"event": "export", "step": step, "uri": uri})
+        self.history.close()
         if self.rank == 0:
             self.write_result(step, parts.steps, final_eval, uri)
         return 0
