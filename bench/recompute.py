@@ -1,9 +1,9 @@
 """Activation recomputation on CPU: peak memory and step time of each mode against none.
 
 Each measurement is a fresh process (so its peak RSS is its own): it builds the model the trainer
-builds (`build_model`, recomputation applied from the spec), runs one warm-up step, then measures
-`steps` forward+backward steps: the seconds per step and how far the peak RSS rose above what the
-process held before its first step (activations, gradients and the autograd graph). Modes are
+builds (`build_model`, recomputation applied from the spec) and runs one step, then `steps` more:
+the seconds per step of those, and how far the peak RSS rose above what the process held before
+its first step (activations, gradients and the autograd graph). Modes are
 interleaved round by round; medians over the rounds, and ratios to "none" from the same run.
 
     python bench/recompute.py [--rounds 3] [--layers 8] [--hidden 256] [--seq 512] [--batch 8]
@@ -25,41 +25,37 @@ MODES = {
 }
 
 
-def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
-    """One process, one mode: {"seconds": per step, "peak_mb": peak RSS rise}."""
-    code = f"""
-import json, resource, time, torch
+CHILD = """
+import json, resource, sys, time, torch
 from pretrain.api import load_job
 from pretrain.data.tokenizer import bytes_tokenizer
 from pretrain.trainer.model import build_model
-torch.set_num_threads({args.threads})
-sets = {
-        [
-            f"model.layers={args.layers}",
-            f"model.hidden={args.hidden}",
-            f"model.heads={args.hidden // 64}",
-            f"model.intermediate={4 * args.hidden}",
-            f"model.maxPositions={args.seq}",
-            f"data.sequenceLength={args.seq}",
-            *MODES[mode],
-        ]!r
-    }
+sets, batch, seq, steps, threads = json.loads(sys.argv[1])
+torch.set_num_threads(threads)
 model = build_model(load_job("examples/tiny-cpu.yaml", sets).spec, bytes_tokenizer())
 model.train()
-ids = torch.randint(0, 256, ({args.batch}, {args.seq}), generator=torch.Generator().manual_seed(0))
+ids = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(0))
 def step():
     model(input_ids=ids, labels=ids).loss.backward()
     model.zero_grad(set_to_none=True)
-step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+step()  # the first step: its peak is the activations' and gradients' (later ones reuse the memory)
 t0 = time.perf_counter()
-for _ in range({args.steps}):
+for _ in range(steps):
     step()
-seconds = (time.perf_counter() - t0) / {args.steps}
+seconds = (time.perf_counter() - t0) / steps
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"seconds": seconds, "peak_mb": (peak - before) / 1024}}))
+print(json.dumps({"seconds": seconds, "peak_mb": (peak - before) / 1024}))
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+
+
+def measure(args: argparse.Namespace, mode: str) -> dict[str, float]:
+    """One process, one mode: {"seconds": per step, "peak_mb": peak RSS rise}."""
+    sets = [f"model.layers={args.layers}", f"model.hidden={args.hidden}", f"model.heads={args.hidden // 64}",
+            f"model.intermediate={4 * args.hidden}", f"model.maxPositions={args.seq}", f"data.sequenceLength={args.seq}",
+            *MODES[mode]]  # fmt: skip
+    argv = json.dumps([sets, args.batch, args.seq, args.steps, args.threads])
+    done = subprocess.run([sys.executable, "-c", CHILD, argv], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"{mode}: the measurement failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
