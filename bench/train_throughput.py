@@ -167,16 +167,18 @@ def mfu(tmp: Path, gpu: list[str], mode: str) -> None:
     ]
     step = statistics.median(r["seconds"] for r in rows if r["step"] > 5)
     tokens = rows[0]["tokens"]
+    from pretrain.trainer.recipe import mfu as model_flops_utilisation
     from pretrain.trainer.recipe import model_flops_per_token
 
     n_params = 124_475_904  # GPT-2 124M with vocabulary 50304, tied embeddings
-    flops = model_flops_per_token(n_params, 12, 768, 1024) * tokens / step
     import torch
 
     from pretrain.metrics.trainer import peak_flops_for
 
-    peak = peak_flops_for(torch.cuda.get_device_name(0)) or float("nan")
-    print(f"GPT-2 124M bf16, compile {mode}: {tokens / step:,.0f} tokens/s, MFU {flops / peak:.3f} on "
+    peak = peak_flops_for(torch.cuda.get_device_name(0))
+    used = model_flops_utilisation(model_flops_per_token(n_params, 12, 768, 1024), tokens / step, 1, peak)
+    shown = f"{used:.3f}" if used is not None else "unknown (no peak FLOP/s for this device)"
+    print(f"GPT-2 124M bf16, compile {mode}: {tokens / step:,.0f} tokens/s, MFU {shown} on "
           f"{torch.cuda.get_device_name(0)}")  # fmt: skip
 
 

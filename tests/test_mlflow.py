@@ -22,6 +22,10 @@ from tests.trainer_runs import Run, command, free_port
 
 MLFLOW = ROOT / ".cache" / "mlflow-venv" / "bin" / "mlflow"
 RUN = ["training.maxSteps=12", "checkpoint.intervalSteps=4", "training.logInterval=1", "training.evalInterval=0"]
+#: Steps of about 0.1 s here (tests/test_soak.py's shape) and 40 of them: the first attempt is still
+#: training seconds after its step-4 checkpoint is committed, so the kill lands mid-run.
+SLOWER = ["training.maxSteps=40", "model.hidden=128", "model.heads=4", "model.intermediate=256",
+          "model.maxPositions=256", "data.sequenceLength=256"]  # fmt: skip
 
 READ_BACK = """
 import json, sys
@@ -101,10 +105,10 @@ def logged_steps(out: Path) -> list[int]:
 @pytest.mark.slow
 def test_two_attempts_are_one_mlflow_run_without_gaps_or_duplicates(tracking: str, tmp_path: Path) -> None:
     """The first attempt is killed -9 once past step 6 with its checkpoint at step 4 committed;
-    the second resumes and finishes: one MLflow run, train/loss at steps 1-12 once each."""
+    the second resumes and finishes: one MLflow run, train/loss at steps 1-40 once each."""
     out = tmp_path / "run"
     out.mkdir()
-    sets = [*RUN, f"monitoring.mlflow.trackingUri={tracking}", "monitoring.mlflow.experiment=two-attempts"]
+    sets = [*RUN, *SLOWER, f"monitoring.mlflow.trackingUri={tracking}", "monitoring.mlflow.experiment=two-attempts"]
     first = subprocess.Popen(command(out, sets, nproc=1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              env=subprocess_env(out), cwd=out, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
@@ -124,10 +128,10 @@ def test_two_attempts_are_one_mlflow_run_without_gaps_or_duplicates(tracking: st
     assert len(runs) == 1, [r["name"] for r in runs]
     run = runs[0]
     assert run["name"] == "tiny-cpu" and run["status"] == "FINISHED"
-    assert [step for step, _ in run["history"]["train/loss"]] == list(range(1, 13))
-    assert run["params"]["training.maxSteps"] == "12" and run["params"]["model.family"] == "gpt2"
+    assert [step for step, _ in run["history"]["train/loss"]] == list(range(1, 41))
+    assert run["params"]["training.maxSteps"] == "40" and run["params"]["model.family"] == "gpt2"
     assert run["tags"]["pretrain.export"].endswith("/checkpoints/final"), run["tags"]
-    assert [step for step, _ in run["history"]["eval/loss"]] == [12]
+    assert [step for step, _ in run["history"]["eval/loss"]] == [40]
 
 
 @pytest.mark.slow

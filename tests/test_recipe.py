@@ -132,3 +132,25 @@ def test_wsd_fields_are_checked() -> None:
     with pytest.raises(SpecError, match=r"decaySteps: 95 is more than the 100 steps leave after warmupSteps \(10\)"):
         spec("training.maxSteps=100", "training.schedule.warmupSteps=10", "training.schedule.decay=wsd",
              "training.schedule.decaySteps=95")  # fmt: skip
+
+
+def test_mfu_is_the_models_flops_over_the_devices_peak() -> None:
+    """One formula (recipe.mfu) for the metric, the log line and the history: GPT-2 124M at
+    1024 tokens is 6N + 12 L H T FLOPs per token; 8 devices at 40,000 tokens/s together."""
+    from pretrain.trainer.recipe import mfu, model_flops_per_token
+
+    per_token = model_flops_per_token(124_000_000, 12, 768, 1024)
+    assert per_token == 6 * 124_000_000 + 12 * 12 * 768 * 1024
+    assert mfu(per_token, 40_000, 8, 1e15) == pytest.approx(per_token * 5_000 / 1e15)
+    assert mfu(per_token, 40_000, 8, None) is None, "no peak (a CPU): no MFU"
+
+
+def test_the_log_line_says_the_mfu_where_it_is_known(caplog: pytest.LogCaptureFixture) -> None:
+    from pretrain.trainer.progress import Progress
+
+    progress = Progress(total=100, start=0, enabled=False)
+    with caplog.at_level("INFO", logger="pretrain.trainer"):
+        progress.log(10, loss=2.5, lr=1e-3, grad_norm=1.0, tokens_per_second=5000.0, mfu=0.4123)
+        progress.log(11, loss=2.5, lr=1e-3, grad_norm=1.0, tokens_per_second=5000.0)
+    first, second = (r.getMessage() for r in caplog.records)
+    assert "tokens/s 5000 mfu 41.2% eta" in first and "mfu" not in second

@@ -38,6 +38,7 @@ from pretrain.trainer.checkpointer import Checkpointer, open_store
 from pretrain.trainer.extensions import build_cpu_op, seed_extension_cache
 from pretrain.trainer.guard import Finding, GuardError, LossGuard, fault_from_env
 from pretrain.trainer.progress import Progress
+from pretrain.trainer.recipe import mfu as model_flops_utilisation
 from pretrain.trainer.setup import Parts, compile_enabled, setup
 from pretrain.trainer.step import StepCall, StepResult, StepSync, train_step
 from pretrain.trainer.watchdog import Watchdog
@@ -301,7 +302,7 @@ class Trainer:
         for row in rows:
             step, seconds = row["step"], row["seconds"]
             self.last_loss = row["loss"]
-            mfu = parts.flops_per_token * tokens / self.world.size / seconds / peak if peak else None
+            mfu = model_flops_utilisation(parts.flops_per_token, tokens / seconds, self.world.size, peak)
             self.metrics.observe_step(step=step, loss=row["loss"], lr=row["lr"], grad_norm=row["grad_norm"],
                                       tokens=tokens, samples=parts.plan.global_batch, seconds=seconds, mfu=mfu)  # fmt: skip
             by_source = self.source_tokens(row.pop("source_rows", None))
@@ -310,7 +311,7 @@ class Trainer:
             self.record({**row, "tokens": tokens})
             if self.rank == 0 and (step % t.log_interval == 0 or step == parts.steps or step == parts.start + 1):
                 self.progress.log(step, loss=row["loss"], lr=row["lr"], grad_norm=row["grad_norm"],
-                                  tokens_per_second=tokens / seconds)  # fmt: skip
+                                  tokens_per_second=tokens / seconds, mfu=mfu)  # fmt: skip
                 self.history.log({"step": step, "loss": row["loss"], "lr": row["lr"], "grad_norm": row["grad_norm"],
                                   "tokens_per_second": tokens / seconds, "mfu": mfu,
                                   "time_spent": {k: round(v, 3) for k, v in self.spent.items()},

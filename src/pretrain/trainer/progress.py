@@ -48,12 +48,14 @@ class Progress:
         if self.bar is not None:
             self.bar.clear()
 
-    def log(self, step: int, *, loss: float, lr: float, grad_norm: float | None, tokens_per_second: float) -> None:
+    def log(self, step: int, *, loss: float, lr: float, grad_norm: float | None, tokens_per_second: float,
+            mfu: float | None = None) -> None:  # fmt: skip
         self.clear()
         gn = f" grad_norm {grad_norm:.3f}" if grad_norm is not None else ""
+        utilisation = f" mfu {mfu:.1%}" if mfu is not None else ""
         log.info(
-            "step %d/%d loss %.4f lr %.3e%s tokens/s %.0f eta %s",
-            step, self.total, loss, lr, gn, tokens_per_second, format_eta(self.eta(step)),
+            "step %d/%d loss %.4f lr %.3e%s tokens/s %.0f%s eta %s",
+            step, self.total, loss, lr, gn, tokens_per_second, utilisation, format_eta(self.eta(step)),
         )  # fmt: skip
         if self.bar is not None:
             self.bar.refresh()

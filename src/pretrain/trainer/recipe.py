@@ -122,3 +122,12 @@ def _decayed(shape: str, progress: float) -> float:
 def model_flops_per_token(n_params: int, layers: int, hidden: int, seq_len: int) -> float:
     """Training FLOPs per token (6N plus attention, as in the PaLM paper's MFU appendix)."""
     return 6.0 * n_params + 12.0 * layers * hidden * seq_len
+
+
+def mfu(flops_per_token: float, tokens_per_second: float, devices: int, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation: the model's FLOPs per second per device over the device's peak
+    (None where the peak is unknown, as on a CPU). The one formula the metric, the log line, the
+    history (and so the report and MLflow) and bench/train_throughput.py use."""
+    if not peak_flops:
+        return None
+    return flops_per_token * tokens_per_second / devices / peak_flops
