@@ -118,7 +118,9 @@ def test_two_attempts_are_one_mlflow_run_without_gaps_or_duplicates(tracking: st
         time.sleep(0.1)
     os.killpg(first.pid, signal.SIGKILL)
     first.wait(60)
+    deadline = time.monotonic() + 60
     while processes_of(out):
+        assert time.monotonic() < deadline, "processes of the killed attempt are left"
         time.sleep(0.2)
     second = Run(out, subprocess.run(command(out, sets, nproc=1), capture_output=True, text=True, timeout=600,
                                      env=subprocess_env(out), cwd=out))  # fmt: skip
