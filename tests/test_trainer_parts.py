@@ -23,7 +23,7 @@ from pretrain.storage.manifest import step_name  # noqa: E402
 from pretrain.trainer import step as step_module  # noqa: E402
 from pretrain.trainer.checkpointer import JOB_FILE, LOADER_FILE, Checkpointer, open_store, rng_file  # noqa: E402
 from pretrain.trainer.evaluator import EVAL_MASK_STREAM, Evaluator  # noqa: E402
-from pretrain.trainer.step import StepResult, StepSync, train_step  # noqa: E402
+from pretrain.trainer.step import StepCall, StepResult, StepSync, train_step  # noqa: E402
 from pretrain.trainer.world import World  # noqa: E402
 from tests.splits import IndexSplit  # noqa: E402
 
@@ -151,7 +151,7 @@ def test_a_step_returns_its_mean_loss_on_the_device_and_sync_reads_it_back(monke
     collate = Collator(objective="clm", vocab_size=64, mask_token_id=None, special_ids=())
     rows = [np.arange(32, dtype=np.int64).reshape(2, 16) % 64, np.ones((2, 16), dtype=np.int64)]
     engine = PlainEngine(model)
-    loss = train_step(engine, rows, collate, step=0, rank=0, to_device=World().to_device)
+    loss = train_step(engine, rows, collate, StepCall(0, 0, World().to_device))
     assert isinstance(loss, torch.Tensor) and loss.dtype == torch.float64 and engine.steps == 2
     sync = StepSync(World())
     monkeypatch.setattr(step_module.time, "monotonic", lambda: sync.last_sync)
