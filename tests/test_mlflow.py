@@ -149,3 +149,28 @@ def test_mlflow_down_for_the_whole_run_costs_a_warning(tmp_path: Path) -> None:
     assert output.count(f"MLflow tracking at {down} failed") == 1, output[-3000:]
     assert output.count("metric point(s) of this run were not sent") == 1, output[-3000:]
     assert len(logged_steps(out)) == 12
+
+
+@pytest.mark.slow
+def test_a_run_made_by_an_attempt_that_died_before_naming_it_is_continued(tracking: str) -> None:
+    """An attempt killed between making the MLflow run and writing its id beside the checkpoints
+    left a run that no file names: the next attempt finds it by its checkpoint-location tag."""
+    from pretrain.api import load_job
+    from pretrain.metrics.mlflow import MlflowMirror, RunFile
+
+    job = load_job(ROOT / "examples" / "tiny-cpu.yaml", [f"monitoring.mlflow.trackingUri={tracking}",
+                                                         "monitoring.mlflow.experiment=orphan"])  # fmt: skip
+    assert job.spec.monitoring.mlflow is not None
+
+    def killed(_: dict[str, Any]) -> None:
+        raise OSError("the attempt died here")
+
+    first = MlflowMirror(job.spec.monitoring.mlflow, job, RunFile(lambda: None, killed, "/ckpt/orphan"))
+    first.start([], 0).close()
+    kept: dict[str, Any] = {}
+    second = RunFile(lambda: kept.get("run"), lambda run: kept.update(run=run), "/ckpt/orphan")
+    MlflowMirror(job.spec.monitoring.mlflow, job, second).start([{"time": 1.0, "step": 1, "loss": 2.0}], 1).close()
+    runs = read_back(tracking, "orphan")
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED", runs
+    assert runs[0]["params"]["training.maxSteps"] == str(job.spec.training.max_steps)
+    assert runs[0]["history"]["train/loss"] == [[1, 2.0]] and kept["run"]["runId"]

@@ -40,8 +40,8 @@ log = logging.getLogger("pretrain.trainer")
 
 #: Credentials, from spec.checkpoint.credentialsSecret's keys (as MLflow's own client reads them).
 ENV_TOKEN, ENV_USER, ENV_PASSWORD = "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
-#: Where the job's MLflow run id is kept, beside the checkpoints.
-RUN_FILE = "mlflow-run.json"
+#: Where the job's MLflow run id is kept, beside the checkpoints; and the run's tag naming them.
+RUN_FILE, HOME_TAG = "mlflow-run.json", "pretrain.checkpoint"
 #: MLflow's limits of one runs/log-batch request, and of a param's value.
 METRICS_PER_BATCH, PARAMS_PER_BATCH, PARAM_VALUE_CHARS = 1000, 100, 6000
 #: How long the end of a run waits for the last records to reach the server.
@@ -127,6 +127,8 @@ class RunFile:
 
     read: Callable[[], dict[str, Any] | None]
     write: Callable[[dict[str, Any]], None]
+    #: The checkpoint location: the run is tagged with it (HOME_TAG), to be found without the file.
+    home: str = ""
 
     @classmethod
     def beside_checkpoints(cls, loc: Location) -> RunFile:
@@ -141,7 +143,7 @@ class RunFile:
                 return None
             return found if isinstance(found, dict) else None
 
-        return cls(read, lambda run: loc.pipe(f"write {RUN_FILE}", path, json.dumps(run).encode()))
+        return cls(read, lambda run: loc.pipe(f"write {RUN_FILE}", path, json.dumps(run).encode()), loc.uri)
 
 
 class MlflowMirror:
@@ -239,30 +241,54 @@ class MlflowMirror:
             log.debug("MLflow still failing: %s", e)
 
     def _open(self) -> None:
-        """The job's MLflow run: the one named beside the checkpoints (made RUNNING again), or a
-        new one with the spec as params; and the run's latest step, below which nothing is sent."""
+        """The job's MLflow run, and the run's latest step (nothing at or below it is sent again):
+        the run named beside the checkpoints, else the experiment's run tagged with this checkpoint
+        location (made by an attempt that died before it could name it), else a new one. The
+        spec goes in as params once, on a run that has none."""
         if self.run_id is not None:
             return
-        known = self.run_file.read()
-        if known and known.get("trackingUri") == self.spec.tracking_uri and known.get("runId"):
-            run = self.rest.call("runs/get", query={"run_id": str(known["runId"])})["run"]
-            self.rest.call("runs/update", {"run_id": known["runId"], "status": "RUNNING"})
-            steps = [int(m.get("step") or 0) for m in run.get("data", {}).get("metrics", [])]
-            self.sent_through = max(steps, default=-1)
-            self.run_id = str(known["runId"])
-            return
         experiment = self._experiment_id()
-        meta = self.job.metadata
-        tags = [{"key": "pretrain.job", "value": f"{meta.namespace or 'default'}/{meta.name}"}]
-        run = self.rest.call("runs/create", {"experiment_id": experiment, "run_name": self.spec.run_name or meta.name,
-                                             "start_time": int(time.time() * 1000), "tags": tags})  # fmt: skip
-        run_id = str(run["run"]["info"]["run_id"])
-        params = flat_params(self.job.model_dump(by_alias=True, exclude_none=True, mode="json")["spec"])
-        for i in range(0, len(params), PARAMS_PER_BATCH):
-            self.rest.call("runs/log-batch", {"run_id": run_id, "params": params[i : i + PARAMS_PER_BATCH]})
-        self.run_file.write({"trackingUri": self.spec.tracking_uri, "experimentId": experiment, "runId": run_id})
+        known = self.run_file.read()
+        run_id = str(known["runId"]) if known and known.get("trackingUri") == self.spec.tracking_uri else None
+        run = self._named(run_id) if run_id else None
+        run = run or self._tagged(experiment)
+        if run is None:
+            meta = self.job.metadata
+            tags = [{"key": "pretrain.job", "value": f"{meta.namespace or 'default'}/{meta.name}"},
+                    {"key": HOME_TAG, "value": self.run_file.home}]  # fmt: skip
+            run = self.rest.call("runs/create", {"experiment_id": experiment, "run_name": self.spec.run_name or meta.name,
+                                                 "start_time": int(time.time() * 1000), "tags": tags})["run"]  # fmt: skip
+        run_id = str(run["info"]["run_id"])
+        if known is None or known.get("runId") != run_id:
+            self.run_file.write({"trackingUri": self.spec.tracking_uri, "experimentId": experiment, "runId": run_id})
+        data = run.get("data") or {}
+        if not data.get("params"):
+            params = flat_params(self.job.model_dump(by_alias=True, exclude_none=True, mode="json")["spec"])
+            for i in range(0, len(params), PARAMS_PER_BATCH):
+                self.rest.call("runs/log-batch", {"run_id": run_id, "params": params[i : i + PARAMS_PER_BATCH]})
+        self.rest.call("runs/update", {"run_id": run_id, "status": "RUNNING"})
+        self.sent_through = max((int(m.get("step") or 0) for m in data.get("metrics") or []), default=-1)
         self.run_id = run_id
         log.info("MLflow: run %s in experiment %s at %s", run_id, self.spec.experiment, self.spec.tracking_uri)
+
+    def _named(self, run_id: str) -> dict[str, Any] | None:
+        """The run `run_id`, or None when the server has no such run (deleted, or another server's)."""
+        try:
+            return dict(self.rest.call("runs/get", query={"run_id": run_id})["run"])
+        except MlflowError as e:
+            if e.code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return None
+
+    def _tagged(self, experiment: str) -> dict[str, Any] | None:
+        """The newest run of `experiment` tagged with this checkpoint location, or None."""
+        if "'" in self.run_file.home:
+            return None  # not expressible in MLflow's filter syntax: a new run
+        found = self.rest.call("runs/search", {"experiment_ids": [experiment], "max_results": 1,
+                                               "filter": f"tags.`{HOME_TAG}` = '{self.run_file.home}'",
+                                               "order_by": ["attributes.start_time DESC"]})  # fmt: skip
+        runs = found.get("runs") or []
+        return dict(runs[0]) if runs else None
 
     def _experiment_id(self) -> str:
         try:
